@@ -1,0 +1,196 @@
+//! Ops, the unit of replication, and their JSON payloads.
+
+use std::fmt;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::hlc::Hlc;
+use crate::ids::Dot;
+use crate::vv::VersionVector;
+
+/// Longest event type, state key or idempotency key, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// A JSON value kept as its validated text, so it is parsed once at the edge of the
+/// system and copied as bytes everywhere else.
+///
+/// Human-readable formats (JSON) see it as the raw JSON value; binary formats (bincode)
+/// see it as a string that is validated again when decoded.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Payload(Box<str>);
+
+/// Text that is not a JSON value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("payload is not valid JSON: {0}")]
+pub struct PayloadError(pub String);
+
+impl Payload {
+    /// Validates `text` as one JSON value.
+    pub fn from_json(text: impl Into<String>) -> Result<Self, PayloadError> {
+        let text = text.into();
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| PayloadError(e.to_string()))?;
+        Ok(Self(text.into_boxed_str()))
+    }
+
+    /// Serializes a value into a payload.
+    pub fn from_value<T: Serialize>(v: &T) -> Self {
+        // Serializing a `Serialize` value into JSON text cannot produce invalid JSON.
+        let text = serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned());
+        Self(text.into_boxed_str())
+    }
+
+    pub fn null() -> Self {
+        Self("null".into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            let raw: &serde_json::value::RawValue = serde_json::from_str(&self.0)
+                .map_err(|e| serde::ser::Error::custom(e.to_string()))?;
+            raw.serialize(s)
+        } else {
+            s.serialize_str(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+            Ok(Self(String::from(raw.get()).into_boxed_str()))
+        } else {
+            let text = String::deserialize(d)?;
+            Payload::from_json(text).map_err(D::Error::custom)
+        }
+    }
+}
+
+/// What an op does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpBody {
+    /// An event appended to the channel's history (`ingest.job.updated`, ...).
+    Event {
+        kind: String,
+        data: Payload,
+        /// A client-chosen key; a second publish with the same key returns the first dot.
+        idempotency_key: Option<String>,
+    },
+    /// Writes `value` to a state key, superseding the siblings covered by `context`.
+    Set {
+        key: String,
+        value: Payload,
+        context: VersionVector,
+    },
+    /// Deletes a state key (a tombstone), superseding the siblings covered by `context`.
+    Delete { key: String, context: VersionVector },
+}
+
+impl OpBody {
+    /// The state key this op writes, if any.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            OpBody::Event { .. } => None,
+            OpBody::Set { key, .. } | OpBody::Delete { key, .. } => Some(key),
+        }
+    }
+
+    /// Checks lengths of the client-chosen names.
+    pub fn validate(&self) -> Result<(), OpError> {
+        let check = |what: &'static str, s: &str| {
+            if s.is_empty() || s.len() > MAX_NAME_LEN {
+                Err(OpError::BadName(what, s.len()))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            OpBody::Event {
+                kind,
+                idempotency_key,
+                ..
+            } => {
+                check("event type", kind)?;
+                if let Some(k) = idempotency_key {
+                    check("idempotency key", k)?;
+                }
+                Ok(())
+            }
+            OpBody::Set { key, .. } | OpBody::Delete { key, .. } => check("state key", key),
+        }
+    }
+}
+
+/// An op invalid before it is even applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    #[error("{0} must be 1 to {MAX_NAME_LEN} bytes, got {1}")]
+    BadName(&'static str, usize),
+}
+
+/// One replicated op: a dot, a timestamp, its causal dependencies and a body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    pub dot: Dot,
+    pub hlc: Hlc,
+    /// What the origin had applied from *other* origins when it made this op (its own
+    /// earlier ops are implied by `dot.seq - 1`). Receivers buffer the op until they
+    /// have applied all of it, which gives causal delivery.
+    pub deps: VersionVector,
+    pub body: OpBody,
+}
+
+/// A message that is fanned out to current subscribers and never stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ephemeral {
+    pub kind: String,
+    pub data: Payload,
+    /// Who sent it (a connection or user id), as the gateway wants it shown.
+    pub from: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_json_and_binary() {
+        let p = Payload::from_json(r#"{"a": [1, 2]}"#).expect("json");
+        assert_eq!(
+            serde_json::to_string(&p).expect("ser"),
+            r#"{"a": [1, 2]}"#
+        );
+        let back: Payload = serde_json::from_str(r#"{"a": [1, 2]}"#).expect("de");
+        assert_eq!(back, p);
+        assert!(Payload::from_json("{nope").is_err());
+        let cfg = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&p, cfg).expect("enc");
+        let (dec, _): (Payload, usize) =
+            bincode::serde::decode_from_slice(&bytes, cfg).expect("dec");
+        assert_eq!(dec, p);
+        let bad = bincode::serde::encode_to_vec("{nope", cfg).expect("enc");
+        assert!(bincode::serde::decode_from_slice::<Payload, _>(&bad, cfg).is_err());
+    }
+}

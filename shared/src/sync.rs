@@ -1,0 +1,751 @@
+//! The edge <-> cloud replication state machine, sans-IO.
+//!
+//! A [`Node`] is one replica (an edge or the cloud) with all its channels. The I/O shell
+//! feeds it [`Input`]s with the current time and drains [`Output`]s with [`Node::poll`];
+//! it never reads a clock, opens a socket or touches a disk itself (quinn-proto's
+//! `Connection` is the model).
+//!
+//! **Output contract.** The shell handles outputs in the order they are polled, and
+//! makes every [`Output::Persist`] durable before it transmits any later
+//! [`Output::Send`] or answers a client whose write produced it. A shell may batch
+//! several persists into one flush (group commit) as long as that order holds.
+//!
+//! **Protocol.** On link-up the edge sends `Sync{vv}` for every channel it has local
+//! interest in or unacked local ops for; each side answers a `Sync` with the ops the
+//! other lacks (or a snapshot when they were compacted), the cloud acks ops it has
+//! persisted with its version vector, and forwards every newly applied op to the other
+//! edges subscribed to the channel. Lost frames are repaired by outbox resends and
+//! periodic anti-entropy `Sync`s, so the machine is correct over lossy, duplicating and
+//! reordering links, not only over QUIC's reliable streams.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::{Hlc, HlcClock};
+use crate::ids::{ChannelName, Dot, ReplicaId};
+use crate::op::{Ephemeral, Op};
+use crate::replica::{
+    Applied, ChannelReplica, LocalOutcome, LocalWrite, ReplicaConfig, ReplicaError,
+};
+use crate::state::{Conflict, Register};
+use crate::vv::VersionVector;
+use crate::wire::SyncMsg;
+
+/// Which side this node plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Has at most one upstream (the cloud) and originates ops for its clients.
+    Edge,
+    /// The hub: persists, acks and forwards ops between edges.
+    Cloud,
+}
+
+/// Tunables of the state machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncConfig {
+    pub replica: ReplicaConfig,
+    /// Most ops in one `Ops` frame.
+    pub batch_ops: usize,
+    /// How often the periodic timer fires.
+    pub tick_ms: u64,
+    /// Unacked local ops are sent again after this long without an ack.
+    pub resend_after_ms: u64,
+    /// Each subscribed channel is re-synced at least this often.
+    pub anti_entropy_ms: u64,
+    pub heartbeat_ms: u64,
+    /// Remote clocks further ahead than this are not folded into ours.
+    pub max_drift_ms: u64,
+    /// Keep at most this many ops per channel log (unacked local ops are always kept).
+    pub retention_ops: Option<usize>,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            replica: ReplicaConfig::default(),
+            batch_ops: 256,
+            tick_ms: 250,
+            resend_after_ms: 2_000,
+            anti_entropy_ms: 5_000,
+            heartbeat_ms: 5_000,
+            max_drift_ms: 60_000,
+            retention_ops: None,
+        }
+    }
+}
+
+/// What happens to the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// A link to `peer` is up and authenticated (the shell did the handshake).
+    LinkUp(ReplicaId),
+    LinkDown(ReplicaId),
+    /// A message arrived from a peer.
+    Msg(ReplicaId, SyncMsg),
+    /// The deadline from [`Node::poll_timeout`] passed.
+    Timeout,
+    /// Local subscribers to a channel appeared (`true`) or all left (`false`).
+    Interest(ChannelName, bool),
+}
+
+/// A storage action. See the output contract in the module docs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Persist {
+    /// Append an applied op to the channel's log.
+    Op { channel: ChannelName, op: Op },
+    /// Store the materialized register of a key.
+    Register {
+        channel: ChannelName,
+        key: String,
+        register: Register,
+    },
+    /// Remove keys (collected tombstones).
+    RemoveKeys {
+        channel: ChannelName,
+        keys: Vec<String>,
+    },
+    /// Ops at or below this vector may be absent from the log.
+    Floor {
+        channel: ChannelName,
+        floor: VersionVector,
+    },
+    /// Delete compacted ops from the log.
+    DropOps { channel: ChannelName, dots: Vec<Dot> },
+    /// The upstream has durably got this node's ops up to `seq`: trim the outbox.
+    Acked { channel: ChannelName, seq: u64 },
+}
+
+/// What the node asks the shell to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Send { to: ReplicaId, msg: SyncMsg },
+    Persist(Persist),
+    /// An op applied here, for local subscribers, in causal order.
+    Deliver { channel: ChannelName, op: Op },
+    DeliverEphemeral { channel: ChannelName, msg: Ephemeral },
+    /// Concurrent writes met on a key; keep it for the reconciliation report.
+    Conflict {
+        channel: ChannelName,
+        conflict: Conflict,
+    },
+    /// A snapshot replaced history: subscribers should re-read these keys.
+    SnapshotInstalled {
+        channel: ChannelName,
+        changed: Vec<String>,
+    },
+    /// The upstream acknowledged this node's ops up to `seq` (durable in two places).
+    Acked { channel: ChannelName, seq: u64 },
+    Rtt { peer: ReplicaId, rtt_ms: u64 },
+    /// Something a peer sent was refused; the shell logs it (and may close the link).
+    Warn {
+        peer: Option<ReplicaId>,
+        reason: String,
+    },
+}
+
+/// What storage kept of one channel, to rebuild a node after a restart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DurableChannel {
+    pub state: BTreeMap<String, Register>,
+    /// Retained ops in the order they were applied.
+    pub log: Vec<Op>,
+    pub floor: VersionVector,
+    pub acked: u64,
+}
+
+#[derive(Debug)]
+struct Chan {
+    replica: ChannelReplica,
+    /// Local subscribers exist (edge) — the channel is synced live from upstream.
+    interest: bool,
+    /// Upstream has our ops up to this seq (edge only).
+    acked: u64,
+    last_sent_ms: u64,
+    last_sync_ms: u64,
+}
+
+impl Chan {
+    fn outbox(&self, me: ReplicaId) -> u64 {
+        self.replica.vv().get(me).saturating_sub(self.acked)
+    }
+}
+
+/// What the cloud knows of a connected edge.
+#[derive(Debug, Default, Clone)]
+pub struct PeerInfo {
+    pub interest: BTreeSet<ChannelName>,
+    /// The peer's version vector per channel, as last reported.
+    pub vvs: BTreeMap<ChannelName, VersionVector>,
+    pub rtt_ms: Option<u64>,
+}
+
+/// One replica's replication state machine.
+#[derive(Debug)]
+pub struct Node {
+    me: ReplicaId,
+    role: Role,
+    config: SyncConfig,
+    clock: HlcClock,
+    channels: BTreeMap<ChannelName, Chan>,
+    peers: BTreeMap<ReplicaId, PeerInfo>,
+    out: VecDeque<Output>,
+    next_tick: u64,
+    last_heartbeat: u64,
+}
+
+impl Node {
+    pub fn new(me: ReplicaId, role: Role, config: SyncConfig, now_ms: u64) -> Self {
+        let clock = HlcClock::new(config.max_drift_ms);
+        Self {
+            me,
+            role,
+            next_tick: now_ms + config.tick_ms,
+            config,
+            clock,
+            channels: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            out: VecDeque::new(),
+            last_heartbeat: now_ms,
+        }
+    }
+
+    /// Rebuilds a node from storage after a restart.
+    pub fn restore(
+        me: ReplicaId,
+        role: Role,
+        config: SyncConfig,
+        channels: BTreeMap<ChannelName, DurableChannel>,
+        now_ms: u64,
+    ) -> Self {
+        let mut node = Self::new(me, role, config, now_ms);
+        let mut last = Hlc::ZERO;
+        for (name, d) in channels {
+            let max_hlc = d
+                .log
+                .iter()
+                .map(|op| op.hlc)
+                .chain(d.state.values().flat_map(|r| r.siblings().iter().map(|s| s.hlc)))
+                .max()
+                .unwrap_or(Hlc::ZERO);
+            last = last.max(max_hlc);
+            let replica = ChannelReplica::restore(
+                name.clone(),
+                me,
+                node.config.replica.clone(),
+                d.state,
+                d.log,
+                d.floor,
+            );
+            node.channels.insert(
+                name,
+                Chan {
+                    replica,
+                    interest: false,
+                    acked: d.acked,
+                    last_sent_ms: 0,
+                    last_sync_ms: 0,
+                },
+            );
+        }
+        node.clock = HlcClock::resume(node.config.max_drift_ms, last);
+        node
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.me
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn channel(&self, name: &ChannelName) -> Option<&ChannelReplica> {
+        self.channels.get(name).map(|c| &c.replica)
+    }
+
+    pub fn channels(&self) -> impl Iterator<Item = &ChannelReplica> {
+        self.channels.values().map(|c| &c.replica)
+    }
+
+    /// This node's ops in `channel` that the upstream has acked (edge).
+    pub fn acked(&self, name: &ChannelName) -> u64 {
+        self.channels.get(name).map_or(0, |c| c.acked)
+    }
+
+    /// Local ops not yet acked by the upstream, over all channels (edge).
+    pub fn outbox_len(&self) -> u64 {
+        self.channels.values().map(|c| c.outbox(self.me)).sum()
+    }
+
+    pub fn peers(&self) -> &BTreeMap<ReplicaId, PeerInfo> {
+        &self.peers
+    }
+
+    /// The edge's upstream, when linked.
+    pub fn upstream(&self) -> Option<ReplicaId> {
+        match self.role {
+            Role::Edge => self.peers.keys().next().copied(),
+            Role::Cloud => None,
+        }
+    }
+
+    pub fn poll(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When the shell must call `handle(now, Input::Timeout)` next.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        Some(self.next_tick)
+    }
+
+    fn chan(&mut self, name: &ChannelName) -> &mut Chan {
+        let (me, cfg) = (self.me, &self.config.replica);
+        self.channels.entry(name.clone()).or_insert_with(|| Chan {
+            replica: ChannelReplica::new(name.clone(), me, cfg.clone()),
+            interest: false,
+            acked: 0,
+            last_sent_ms: 0,
+            last_sync_ms: 0,
+        })
+    }
+
+    fn send(&mut self, to: ReplicaId, msg: SyncMsg) {
+        self.out.push_back(Output::Send { to, msg });
+    }
+
+    fn warn(&mut self, peer: Option<ReplicaId>, reason: String) {
+        self.out.push_back(Output::Warn { peer, reason });
+    }
+
+    /// Accepts a write from a local client. Outputs (persist first) are queued.
+    pub fn local(
+        &mut self,
+        now_ms: u64,
+        channel: &ChannelName,
+        write: LocalWrite,
+    ) -> Result<LocalOutcome, ReplicaError> {
+        let hlc = self.clock.now(now_ms);
+        let outcome = self.chan(channel).replica.local(hlc, write)?;
+        if let LocalOutcome::Applied(applied) = &outcome {
+            self.emit_applied(channel, applied);
+            let op = applied.op.clone();
+            match self.role {
+                Role::Edge => {
+                    if let Some(up) = self.upstream() {
+                        self.chan(channel).last_sent_ms = now_ms;
+                        self.send(
+                            up,
+                            SyncMsg::Ops {
+                                channel: channel.clone(),
+                                ops: vec![op],
+                            },
+                        );
+                    }
+                }
+                Role::Cloud => self.forward(channel, &[op], None),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Fans an ephemeral message out to local subscribers and, through the link, to
+    /// other replicas with subscribers.
+    pub fn ephemeral(&mut self, channel: &ChannelName, msg: Ephemeral) {
+        self.out.push_back(Output::DeliverEphemeral {
+            channel: channel.clone(),
+            msg: msg.clone(),
+        });
+        self.relay_ephemeral(channel, msg, None);
+    }
+
+    fn relay_ephemeral(&mut self, channel: &ChannelName, msg: Ephemeral, from: Option<ReplicaId>) {
+        let targets: Vec<ReplicaId> = match self.role {
+            Role::Edge => self.upstream().into_iter().filter(|_| from.is_none()).collect(),
+            Role::Cloud => self
+                .peers
+                .iter()
+                .filter(|(p, info)| Some(**p) != from && info.interest.contains(channel))
+                .map(|(p, _)| *p)
+                .collect(),
+        };
+        for to in targets {
+            self.send(
+                to,
+                SyncMsg::Ephemeral {
+                    channel: channel.clone(),
+                    msg: msg.clone(),
+                },
+            );
+        }
+    }
+
+    /// Forgets a channel with no local interest and nothing left to send (cache
+    /// eviction). Returns false, and keeps it, otherwise.
+    pub fn evict(&mut self, channel: &ChannelName) -> bool {
+        let me = self.me;
+        let removable = self
+            .channels
+            .get(channel)
+            .is_some_and(|c| !c.interest && c.outbox(me) == 0);
+        if removable {
+            self.channels.remove(channel);
+        }
+        removable
+    }
+
+    /// Collects tombstones covered by a causally stable vector (see
+    /// [`ChannelReplica::collect_tombstones`]).
+    pub fn collect_tombstones(&mut self, channel: &ChannelName, stable: &VersionVector) {
+        let Some(c) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let keys = c.replica.collect_tombstones(stable);
+        if !keys.is_empty() {
+            self.out.push_back(Output::Persist(Persist::RemoveKeys {
+                channel: channel.clone(),
+                keys,
+            }));
+        }
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: Input) {
+        match input {
+            Input::LinkUp(peer) => self.link_up(now_ms, peer),
+            Input::LinkDown(peer) => {
+                self.peers.remove(&peer);
+            }
+            Input::Msg(peer, msg) => {
+                if !self.peers.contains_key(&peer) {
+                    self.warn(Some(peer), "message from a peer that is not linked".into());
+                    return;
+                }
+                self.on_msg(now_ms, peer, msg);
+            }
+            Input::Timeout => {
+                if now_ms >= self.next_tick {
+                    self.tick(now_ms);
+                    self.next_tick = now_ms + self.config.tick_ms;
+                }
+            }
+            Input::Interest(channel, on) => self.interest(now_ms, channel, on),
+        }
+    }
+
+    fn link_up(&mut self, now_ms: u64, peer: ReplicaId) {
+        if self.role == Role::Edge {
+            // An edge has one upstream; a new one replaces the old.
+            self.peers.clear();
+        }
+        self.peers.insert(peer, PeerInfo::default());
+        if self.role == Role::Edge {
+            let me = self.me;
+            let wanted: Vec<ChannelName> = self
+                .channels
+                .iter()
+                .filter(|(_, c)| c.interest || c.outbox(me) > 0)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in wanted {
+                self.sync_up(now_ms, peer, &name);
+            }
+        }
+    }
+
+    /// Edge: asks the upstream for what this node lacks and tells it what it has.
+    fn sync_up(&mut self, now_ms: u64, up: ReplicaId, name: &ChannelName) {
+        let c = self.chan(name);
+        c.last_sync_ms = now_ms;
+        let msg = SyncMsg::Sync {
+            channel: name.clone(),
+            vv: c.replica.vv().clone(),
+            subscribe: c.interest,
+            reply: true,
+        };
+        self.send(up, msg);
+    }
+
+    fn interest(&mut self, now_ms: u64, channel: ChannelName, on: bool) {
+        let c = self.chan(&channel);
+        if c.interest == on {
+            return;
+        }
+        c.interest = on;
+        if let Some(up) = self.upstream() {
+            if on {
+                self.sync_up(now_ms, up, &channel);
+            } else {
+                self.send(up, SyncMsg::Unsubscribe { channel });
+            }
+        }
+    }
+
+    fn on_msg(&mut self, now_ms: u64, peer: ReplicaId, msg: SyncMsg) {
+        match msg {
+            SyncMsg::Sync {
+                channel,
+                vv,
+                subscribe,
+                reply,
+            } => {
+                if self.role == Role::Edge && !self.channels.contains_key(&channel) {
+                    return;
+                }
+                if let Some(info) = self.peers.get_mut(&peer) {
+                    if subscribe {
+                        info.interest.insert(channel.clone());
+                    }
+                    info.vvs.insert(channel.clone(), vv.clone());
+                }
+                self.on_ack(&channel, &vv);
+                self.send_missing(peer, &channel, &vv);
+                if reply {
+                    let mine = self.chan(&channel).replica.vv().clone();
+                    self.send(
+                        peer,
+                        SyncMsg::Sync {
+                            channel,
+                            vv: mine,
+                            subscribe: false,
+                            reply: false,
+                        },
+                    );
+                }
+            }
+            SyncMsg::Ops { channel, ops } => self.on_ops(now_ms, peer, channel, ops),
+            SyncMsg::Ack { channel, vv } => self.on_ack(&channel, &vv),
+            SyncMsg::Snapshot { channel, snapshot } => {
+                if self.role == Role::Edge && !self.channels.contains_key(&channel) {
+                    return;
+                }
+                let (changed, applied) = self.chan(&channel).replica.install_snapshot(&snapshot);
+                let floor = self.chan(&channel).replica.floor().clone();
+                for (key, register) in &changed {
+                    self.out.push_back(Output::Persist(Persist::Register {
+                        channel: channel.clone(),
+                        key: key.clone(),
+                        register: register.clone(),
+                    }));
+                }
+                self.out.push_back(Output::Persist(Persist::Floor {
+                    channel: channel.clone(),
+                    floor,
+                }));
+                for a in &applied {
+                    self.emit_applied(&channel, a);
+                }
+                self.out.push_back(Output::SnapshotInstalled {
+                    channel: channel.clone(),
+                    changed: changed.into_iter().map(|(k, _)| k).collect(),
+                });
+                if self.role == Role::Cloud {
+                    let ops: Vec<Op> = applied.into_iter().map(|a| a.op).collect();
+                    self.forward(&channel, &ops, Some(peer));
+                }
+            }
+            SyncMsg::Unsubscribe { channel } => {
+                if let Some(info) = self.peers.get_mut(&peer) {
+                    info.interest.remove(&channel);
+                }
+            }
+            SyncMsg::Ephemeral { channel, msg } => {
+                self.out.push_back(Output::DeliverEphemeral {
+                    channel: channel.clone(),
+                    msg: msg.clone(),
+                });
+                if self.role == Role::Cloud {
+                    self.relay_ephemeral(&channel, msg, Some(peer));
+                }
+            }
+            SyncMsg::Heartbeat { sent_ms } => self.send(peer, SyncMsg::HeartbeatAck { sent_ms }),
+            SyncMsg::HeartbeatAck { sent_ms } => {
+                let rtt_ms = now_ms.saturating_sub(sent_ms);
+                if let Some(info) = self.peers.get_mut(&peer) {
+                    info.rtt_ms = Some(rtt_ms);
+                }
+                self.out.push_back(Output::Rtt { peer, rtt_ms });
+            }
+        }
+    }
+
+    fn on_ops(&mut self, now_ms: u64, peer: ReplicaId, channel: ChannelName, ops: Vec<Op>) {
+        if self.role == Role::Edge && !self.channels.contains_key(&channel) {
+            return;
+        }
+        let mut applied_all = Vec::new();
+        for op in ops {
+            if let Err(e) = self.clock.observe(op.hlc, now_ms) {
+                self.warn(Some(peer), e.to_string());
+            }
+            match self.chan(&channel).replica.receive(op) {
+                Ok(applied) => applied_all.extend(applied),
+                Err(e) => self.warn(Some(peer), format!("{channel}: {e}")),
+            }
+        }
+        for a in &applied_all {
+            self.emit_applied(&channel, a);
+        }
+        if self.role == Role::Cloud {
+            let ops: Vec<Op> = applied_all.into_iter().map(|a| a.op).collect();
+            self.forward(&channel, &ops, Some(peer));
+            let vv = self.chan(&channel).replica.vv().clone();
+            self.send(peer, SyncMsg::Ack { channel, vv });
+        }
+    }
+
+    /// Edge: the upstream has everything in `vv`; trims the outbox.
+    fn on_ack(&mut self, channel: &ChannelName, vv: &VersionVector) {
+        if self.role != Role::Edge {
+            return;
+        }
+        let me = self.me;
+        let Some(c) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let seq = vv.get(me).min(c.replica.vv().get(me));
+        if seq > c.acked {
+            c.acked = seq;
+            let channel = channel.clone();
+            self.out.push_back(Output::Persist(Persist::Acked {
+                channel: channel.clone(),
+                seq,
+            }));
+            self.out.push_back(Output::Acked { channel, seq });
+        }
+    }
+
+    fn emit_applied(&mut self, channel: &ChannelName, a: &Applied) {
+        self.out.push_back(Output::Persist(Persist::Op {
+            channel: channel.clone(),
+            op: a.op.clone(),
+        }));
+        if let Some((key, register)) = &a.register {
+            self.out.push_back(Output::Persist(Persist::Register {
+                channel: channel.clone(),
+                key: key.clone(),
+                register: register.clone(),
+            }));
+        }
+        self.out.push_back(Output::Deliver {
+            channel: channel.clone(),
+            op: a.op.clone(),
+        });
+        if let Some(conflict) = &a.conflict {
+            self.out.push_back(Output::Conflict {
+                channel: channel.clone(),
+                conflict: conflict.clone(),
+            });
+        }
+    }
+
+    /// Cloud: sends newly applied ops to every other peer subscribed to the channel.
+    fn forward(&mut self, channel: &ChannelName, ops: &[Op], from: Option<ReplicaId>) {
+        if ops.is_empty() {
+            return;
+        }
+        let targets: Vec<ReplicaId> = self
+            .peers
+            .iter()
+            .filter(|(p, info)| Some(**p) != from && info.interest.contains(channel))
+            .map(|(p, _)| *p)
+            .collect();
+        for to in targets {
+            for chunk in ops.chunks(self.config.batch_ops.max(1)) {
+                self.send(
+                    to,
+                    SyncMsg::Ops {
+                        channel: channel.clone(),
+                        ops: chunk.to_vec(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Sends `to` what it lacks relative to `since`: ops, or a snapshot.
+    fn send_missing(&mut self, to: ReplicaId, channel: &ChannelName, since: &VersionVector) {
+        let batch = self.config.batch_ops.max(1);
+        let c = self.chan(channel);
+        match c.replica.ops_since(since, usize::MAX) {
+            Ok(ops) => {
+                let frames: Vec<SyncMsg> = ops
+                    .chunks(batch)
+                    .map(|chunk| SyncMsg::Ops {
+                        channel: channel.clone(),
+                        ops: chunk.to_vec(),
+                    })
+                    .collect();
+                for msg in frames {
+                    self.send(to, msg);
+                }
+            }
+            Err(_) => {
+                let snapshot = c.replica.snapshot();
+                self.send(
+                    to,
+                    SyncMsg::Snapshot {
+                        channel: channel.clone(),
+                        snapshot,
+                    },
+                );
+            }
+        }
+    }
+
+    fn tick(&mut self, now_ms: u64) {
+        let me = self.me;
+        let heartbeat = now_ms.saturating_sub(self.last_heartbeat) >= self.config.heartbeat_ms;
+        if heartbeat {
+            self.last_heartbeat = now_ms;
+            let peers: Vec<ReplicaId> = self.peers.keys().copied().collect();
+            for p in peers {
+                self.send(p, SyncMsg::Heartbeat { sent_ms: now_ms });
+            }
+        }
+        if let Some(up) = self.upstream() {
+            let names: Vec<ChannelName> = self.channels.keys().cloned().collect();
+            for name in names {
+                let (cfg_resend, cfg_ae) =
+                    (self.config.resend_after_ms, self.config.anti_entropy_ms);
+                let c = self.chan(&name);
+                let resend = c.outbox(me) > 0 && now_ms.saturating_sub(c.last_sent_ms) >= cfg_resend;
+                let resync = c.interest
+                    && (c.replica.pending_len() > 0
+                        || now_ms.saturating_sub(c.last_sync_ms) >= cfg_ae);
+                if resend {
+                    c.last_sent_ms = now_ms;
+                    let mut since = c.replica.vv().clone();
+                    since.set(me, c.acked);
+                    self.send_missing(up, &name, &since);
+                }
+                if resync {
+                    self.sync_up(now_ms, up, &name);
+                }
+            }
+        }
+        if let Some(max) = self.config.retention_ops {
+            let names: Vec<ChannelName> = self.channels.keys().cloned().collect();
+            for name in names {
+                let role = self.role;
+                let c = self.chan(&name);
+                let keep = (role == Role::Edge).then(|| {
+                    let mut k = c.replica.vv().clone();
+                    k.set(me, c.acked);
+                    k
+                });
+                let dots = c.replica.compact(max, keep.as_ref());
+                if !dots.is_empty() {
+                    let floor = c.replica.floor().clone();
+                    self.out.push_back(Output::Persist(Persist::DropOps {
+                        channel: name.clone(),
+                        dots,
+                    }));
+                    self.out.push_back(Output::Persist(Persist::Floor {
+                        channel: name,
+                        floor,
+                    }));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The edge <-> cloud wire: frame types and their codec.
+//!
+//! A frame on the wire is `[len: u32 big-endian][version: u8][body: bincode 2]`, where
+//! `len` counts the version byte and the body. Decoding checks `len` against the
+//! caller's limit before reading or allocating anything, and never panics.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ChannelName, ReplicaId};
+use crate::op::{Ephemeral, Op};
+use crate::replica::Snapshot;
+use crate::vv::VersionVector;
+
+/// The wire version this build speaks.
+pub const WIRE_VERSION: u8 = 1;
+/// Bytes before the body: length and version.
+pub const HEADER_LEN: usize = 5;
+/// The default hard limit on one frame (length field value), 8 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 8 << 20;
+/// No frame may ever exceed this, whatever a config says.
+pub const ABSOLUTE_MAX_FRAME: usize = 64 << 20;
+
+/// Which side of the link a peer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRole {
+    Edge,
+    Cloud,
+}
+
+/// Messages of the replication state machine (see [`crate::sync`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncMsg {
+    /// "This is my version vector for the channel; send me what I lack." `subscribe`
+    /// registers interest in live ops; `reply` asks for the peer's vector back.
+    Sync {
+        channel: ChannelName,
+        vv: VersionVector,
+        subscribe: bool,
+        reply: bool,
+    },
+    /// Ops in applied (causal) order.
+    Ops { channel: ChannelName, ops: Vec<Op> },
+    /// The sender has durably applied everything in `vv` for the channel.
+    Ack {
+        channel: ChannelName,
+        vv: VersionVector,
+    },
+    /// Full state, when the receiver is behind compacted history.
+    Snapshot {
+        channel: ChannelName,
+        snapshot: Snapshot,
+    },
+    /// No more live ops for this channel, please.
+    Unsubscribe { channel: ChannelName },
+    /// A never-stored message fanned out to subscribers.
+    Ephemeral {
+        channel: ChannelName,
+        msg: Ephemeral,
+    },
+    Heartbeat { sent_ms: u64 },
+    HeartbeatAck { sent_ms: u64 },
+}
+
+/// One frame of protocol version 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Frame {
+    /// First frame from an edge: who it is and its credential.
+    Hello {
+        replica: ReplicaId,
+        role: PeerRole,
+        region: String,
+        software: String,
+        credential: String,
+    },
+    /// The cloud accepted the edge.
+    Welcome { replica: ReplicaId },
+    /// The link is refused or closed, with a stable code and a reason for the logs.
+    Close { code: u16, reason: String },
+    Sync(SyncMsg),
+}
+
+/// A frame tagged with its wire version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Versioned {
+    V1(Frame),
+}
+
+/// Why bytes could not be decoded into a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("incomplete frame: {needed} more bytes needed")]
+    Incomplete { needed: usize },
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Why a frame could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame could not be encoded: {0}")]
+    Encode(String),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<ABSOLUTE_MAX_FRAME>()
+}
+
+/// Appends one encoded frame to `out`. On error `out` is left as it was.
+pub fn encode(frame: &Frame, max: usize, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, WIRE_VERSION]);
+    if let Err(e) = bincode::serde::encode_into_std_write(frame, out, config()) {
+        out.truncate(start);
+        return Err(EncodeError::Encode(e.to_string()));
+    }
+    let len = out.len() - start - 4;
+    let max = max.min(ABSOLUTE_MAX_FRAME);
+    if len > max {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge { len, max });
+    }
+    let len32 = u32::try_from(len).map_err(|_| EncodeError::TooLarge { len, max })?;
+    out[start..start + 4].copy_from_slice(&len32.to_be_bytes());
+    Ok(())
+}
+
+/// Encodes one frame into a fresh buffer.
+pub fn encode_to_vec(frame: &Frame, max: usize) -> Result<Vec<u8>, EncodeError> {
+    let mut v = Vec::new();
+    encode(frame, max, &mut v)?;
+    Ok(v)
+}
+
+/// Reads the length of the frame at the start of `buf`, checking it against `max`.
+/// Returns the total bytes the frame occupies, header included.
+pub fn frame_len(buf: &[u8], max: usize) -> Result<usize, DecodeError> {
+    let Some(head) = buf.get(..4) else {
+        return Err(DecodeError::Incomplete {
+            needed: 4 - buf.len(),
+        });
+    };
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let max = max.min(ABSOLUTE_MAX_FRAME);
+    if len > max {
+        return Err(DecodeError::TooLarge { len, max });
+    }
+    if len == 0 {
+        return Err(DecodeError::Malformed("empty frame".into()));
+    }
+    Ok(4 + len)
+}
+
+/// Decodes the frame at the start of `buf`. Returns it and the bytes it consumed.
+pub fn decode(buf: &[u8], max: usize) -> Result<(Versioned, usize), DecodeError> {
+    let total = frame_len(buf, max)?;
+    let Some(frame) = buf.get(4..total) else {
+        return Err(DecodeError::Incomplete {
+            needed: total - buf.len(),
+        });
+    };
+    let (&version, body) = frame
+        .split_first()
+        .ok_or_else(|| DecodeError::Malformed("no version byte".into()))?;
+    match version {
+        1 => {
+            let (f, used): (Frame, usize) = bincode::serde::decode_from_slice(body, config())
+                .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+            if used != body.len() {
+                return Err(DecodeError::Malformed(format!(
+                    "{} trailing bytes",
+                    body.len() - used
+                )));
+            }
+            Ok((Versioned::V1(f), total))
+        }
+        v => Err(DecodeError::Malformed(format!(
+            "unsupported wire version {v} (this build speaks {WIRE_VERSION})"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_precise() {
+        let f = Frame::Sync(SyncMsg::Heartbeat { sent_ms: 7 });
+        let bytes = encode_to_vec(&f, DEFAULT_MAX_FRAME).expect("enc");
+        assert_eq!(
+            decode(&bytes, DEFAULT_MAX_FRAME),
+            Ok((Versioned::V1(f.clone()), bytes.len()))
+        );
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1], DEFAULT_MAX_FRAME),
+            Err(DecodeError::Incomplete { needed: 1 })
+        ));
+        assert!(matches!(
+            decode(&[0, 0], DEFAULT_MAX_FRAME),
+            Err(DecodeError::Incomplete { needed: 2 })
+        ));
+        assert!(matches!(
+            decode(&[0xff, 0xff, 0xff, 0xff], DEFAULT_MAX_FRAME),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            encode_to_vec(&f, 2),
+            Err(EncodeError::TooLarge { .. })
+        ));
+        let mut wrong_version = bytes.clone();
+        wrong_version[4] = 9;
+        assert!(matches!(
+            decode(&wrong_version, DEFAULT_MAX_FRAME),
+            Err(DecodeError::Malformed(_))
+        ));
+        // A Vec length prefix claiming 2^60 elements must fail without allocating.
+        let mut huge = vec![0, 0, 0, 0, 1, 3, 1];
+        huge.extend_from_slice(&[0xff; 10]);
+        let len = (huge.len() - 4) as u32;
+        huge[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            decode(&huge, DEFAULT_MAX_FRAME),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+}
