@@ -79,8 +79,10 @@ impl Serialize for Payload {
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         if d.is_human_readable() {
-            let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
-            Ok(Self(String::from(raw.get()).into_boxed_str()))
+            // Through `Value`, not `RawValue`: payloads sit inside internally tagged
+            // enums, which serde buffers in a way `RawValue` cannot read from.
+            let v = serde_json::Value::deserialize(d)?;
+            Ok(Self::from_value(&v))
         } else {
             let text = String::deserialize(d)?;
             Payload::from_json(text).map_err(D::Error::custom)
@@ -183,7 +185,7 @@ mod tests {
             r#"{"a": [1, 2]}"#
         );
         let back: Payload = serde_json::from_str(r#"{"a": [1, 2]}"#).expect("de");
-        assert_eq!(back, p);
+        assert_eq!(back.as_str(), r#"{"a":[1,2]}"#);
         assert!(Payload::from_json("{nope").is_err());
         let cfg = bincode::config::standard();
         let bytes = bincode::serde::encode_to_vec(&p, cfg).expect("enc");

@@ -133,6 +133,8 @@ pub enum Output {
     SnapshotInstalled {
         channel: ChannelName,
         changed: Vec<String>,
+        /// The snapshot's version vector: subscribers' tokens jump to at least this.
+        vv: VersionVector,
     },
     /// The upstream acknowledged this node's ops up to `seq` (durable in two places).
     Acked { channel: ChannelName, seq: u64 },
@@ -531,13 +533,14 @@ impl Node {
                     channel: channel.clone(),
                     floor,
                 }));
-                for a in &applied {
-                    self.emit_applied(&channel, a);
-                }
                 self.out.push_back(Output::SnapshotInstalled {
                     channel: channel.clone(),
                     changed: changed.into_iter().map(|(k, _)| k).collect(),
+                    vv: snapshot.vv.clone(),
                 });
+                for a in &applied {
+                    self.emit_applied(&channel, a);
+                }
                 if self.role == Role::Cloud {
                     let ops: Vec<Op> = applied.into_iter().map(|a| a.op).collect();
                     self.forward(&channel, &ops, Some(peer));

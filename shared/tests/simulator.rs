@@ -1,0 +1,59 @@
+//! Seeded simulations of a cloud and several edges under faults.
+//! `SEED=n cargo test -p shared --test simulator` replays one seed;
+//! `SIM_SEEDS=n` changes how many seeds the sweep runs (default 500).
+
+use shared::sim::{run_seed, SimReport};
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn simulated_fleet_converges_and_loses_nothing() {
+    let seeds: Vec<u64> = match env_u64("SEED") {
+        Some(s) => vec![s],
+        None => (0..env_u64("SIM_SEEDS").unwrap_or(500)).collect(),
+    };
+    let mut failures = Vec::new();
+    let mut total = SimReport::default();
+    for &seed in &seeds {
+        match run_seed(seed) {
+            Ok(r) => {
+                total.acked_ops += r.acked_ops;
+                total.deliveries += r.deliveries;
+                total.conflicts += r.conflicts;
+                total.snapshots += r.snapshots;
+                total.crashes += r.crashes;
+                total.partitions += r.partitions;
+                total.dropped += r.dropped;
+                total.messages += r.messages;
+                total.converged_after_ms = total.converged_after_ms.max(r.converged_after_ms);
+            }
+            Err(f) => {
+                eprintln!("{f}");
+                failures.push(f.seed);
+            }
+        }
+    }
+    eprintln!(
+        "{} seeds: {} acked ops checked, {} deliveries, {} conflicts, {} snapshots, {} crashes, {} partition flips, {}/{} frames dropped, slowest convergence {} ms",
+        seeds.len(),
+        total.acked_ops,
+        total.deliveries,
+        total.conflicts,
+        total.snapshots,
+        total.crashes,
+        total.partitions,
+        total.dropped,
+        total.messages,
+        total.converged_after_ms
+    );
+    assert!(
+        failures.is_empty(),
+        "failing seeds (replay each with SEED=n): {failures:?}"
+    );
+    if seeds.len() > 20 {
+        assert!(total.conflicts > 0, "the sweep never produced a concurrent write");
+        assert!(total.crashes > 0 && total.partitions > 0, "the sweep injected no faults");
+    }
+}
