@@ -345,7 +345,12 @@ mod tests {
         )
         .expect("parse");
         match m {
-            ClientMsg::Publish { event, data, ephemeral, .. } => {
+            ClientMsg::Publish {
+                event,
+                data,
+                ephemeral,
+                ..
+            } => {
                 assert_eq!(event, "ingest.job.updated");
                 assert_eq!(data.as_str(), r#"{"id":7}"#);
                 assert!(!ephemeral);

@@ -192,10 +192,7 @@ mod tests {
         assert_eq!(c.namespace(), "project");
         assert_eq!(ChannelName::new("lobby").expect("valid").namespace(), "");
         assert_eq!(ChannelName::new(""), Err(ChannelNameError::Empty));
-        assert_eq!(
-            ChannelName::new("a b"),
-            Err(ChannelNameError::BadChar(' '))
-        );
+        assert_eq!(ChannelName::new("a b"), Err(ChannelNameError::BadChar(' ')));
         assert_eq!(ChannelName::new(":x"), Err(ChannelNameError::BadEdge));
         assert_eq!(
             ChannelName::new("x".repeat(129)),

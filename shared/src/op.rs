@@ -180,10 +180,7 @@ mod tests {
     #[test]
     fn payload_json_and_binary() {
         let p = Payload::from_json(r#"{"a": [1, 2]}"#).expect("json");
-        assert_eq!(
-            serde_json::to_string(&p).expect("ser"),
-            r#"{"a": [1, 2]}"#
-        );
+        assert_eq!(serde_json::to_string(&p).expect("ser"), r#"{"a": [1, 2]}"#);
         let back: Payload = serde_json::from_str(r#"{"a": [1, 2]}"#).expect("de");
         assert_eq!(back.as_str(), r#"{"a":[1,2]}"#);
         assert!(Payload::from_json("{nope").is_err());

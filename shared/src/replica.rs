@@ -60,7 +60,7 @@ pub struct Applied {
 /// Result of a local write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LocalOutcome {
-    Applied(Applied),
+    Applied(Box<Applied>),
     /// An event with this idempotency key was already accepted with this dot.
     Duplicate(Dot),
 }
@@ -260,7 +260,7 @@ impl ChannelReplica {
                 reason: LossReason::SiblingCap,
             });
         }
-        Ok(LocalOutcome::Applied(applied))
+        Ok(LocalOutcome::Applied(Box::new(applied)))
     }
 
     fn absorb_over_cap(

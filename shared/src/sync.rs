@@ -111,7 +111,10 @@ pub enum Persist {
         floor: VersionVector,
     },
     /// Delete compacted ops from the log.
-    DropOps { channel: ChannelName, dots: Vec<Dot> },
+    DropOps {
+        channel: ChannelName,
+        dots: Vec<Dot>,
+    },
     /// The upstream has durably got this node's ops up to `seq`: trim the outbox.
     Acked { channel: ChannelName, seq: u64 },
 }
@@ -119,11 +122,20 @@ pub enum Persist {
 /// What the node asks the shell to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    Send { to: ReplicaId, msg: SyncMsg },
+    Send {
+        to: ReplicaId,
+        msg: SyncMsg,
+    },
     Persist(Persist),
     /// An op applied here, for local subscribers, in causal order.
-    Deliver { channel: ChannelName, op: Op },
-    DeliverEphemeral { channel: ChannelName, msg: Ephemeral },
+    Deliver {
+        channel: ChannelName,
+        op: Op,
+    },
+    DeliverEphemeral {
+        channel: ChannelName,
+        msg: Ephemeral,
+    },
     /// Concurrent writes met on a key; keep it for the reconciliation report.
     Conflict {
         channel: ChannelName,
@@ -137,8 +149,14 @@ pub enum Output {
         vv: VersionVector,
     },
     /// The upstream acknowledged this node's ops up to `seq` (durable in two places).
-    Acked { channel: ChannelName, seq: u64 },
-    Rtt { peer: ReplicaId, rtt_ms: u64 },
+    Acked {
+        channel: ChannelName,
+        seq: u64,
+    },
+    Rtt {
+        peer: ReplicaId,
+        rtt_ms: u64,
+    },
     /// Something a peer sent was refused; the shell logs it (and may close the link).
     Warn {
         peer: Option<ReplicaId>,
@@ -227,7 +245,11 @@ impl Node {
                 .log
                 .iter()
                 .map(|op| op.hlc)
-                .chain(d.state.values().flat_map(|r| r.siblings().iter().map(|s| s.hlc)))
+                .chain(
+                    d.state
+                        .values()
+                        .flat_map(|r| r.siblings().iter().map(|s| s.hlc)),
+                )
                 .max()
                 .unwrap_or(Hlc::ZERO);
             last = last.max(max_hlc);
@@ -277,7 +299,10 @@ impl Node {
 
     /// Local ops not yet acked by the upstream, over all channels (edge).
     pub fn outbox_len(&self) -> u64 {
-        self.channels.values().map(|c| c.outbox(self.me)).sum()
+        match self.role {
+            Role::Edge => self.channels.values().map(|c| c.outbox(self.me)).sum(),
+            Role::Cloud => 0,
+        }
     }
 
     pub fn peers(&self) -> &BTreeMap<ReplicaId, PeerInfo> {
@@ -363,7 +388,11 @@ impl Node {
 
     fn relay_ephemeral(&mut self, channel: &ChannelName, msg: Ephemeral, from: Option<ReplicaId>) {
         let targets: Vec<ReplicaId> = match self.role {
-            Role::Edge => self.upstream().into_iter().filter(|_| from.is_none()).collect(),
+            Role::Edge => self
+                .upstream()
+                .into_iter()
+                .filter(|_| from.is_none())
+                .collect(),
             Role::Cloud => self
                 .peers
                 .iter()
@@ -711,7 +740,8 @@ impl Node {
                 let (cfg_resend, cfg_ae) =
                     (self.config.resend_after_ms, self.config.anti_entropy_ms);
                 let c = self.chan(&name);
-                let resend = c.outbox(me) > 0 && now_ms.saturating_sub(c.last_sent_ms) >= cfg_resend;
+                let resend =
+                    c.outbox(me) > 0 && now_ms.saturating_sub(c.last_sent_ms) >= cfg_resend;
                 let resync = c.interest
                     && (c.replica.pending_len() > 0
                         || now_ms.saturating_sub(c.last_sync_ms) >= cfg_ae);

@@ -133,9 +133,14 @@ mod tests {
     fn round_trip_and_errors() {
         let vv: VersionVector = [(r(1), 5), (r(u64::MAX), u64::MAX)].into_iter().collect();
         let t = encode(&vv);
-        assert!(t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(t
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
         assert_eq!(decode(&t), Ok(vv));
-        assert_eq!(decode(&encode(&VersionVector::new())), Ok(VersionVector::new()));
+        assert_eq!(
+            decode(&encode(&VersionVector::new())),
+            Ok(VersionVector::new())
+        );
         assert_eq!(decode(""), Err(TokenError::Empty));
         assert_eq!(decode("!!"), Err(TokenError::NotBase64));
         assert_eq!(decode("Ag"), Err(TokenError::UnsupportedVersion(2)));
@@ -147,7 +152,9 @@ mod tests {
         assert_eq!(decode(&zero), Err(TokenError::Zero));
         let trailing = URL_SAFE_NO_PAD.encode([1u8, 0, 9]);
         assert_eq!(decode(&trailing), Err(TokenError::Trailing(1)));
-        let overflow = URL_SAFE_NO_PAD.encode([1u8, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 1]);
+        let overflow = URL_SAFE_NO_PAD.encode([
+            1u8, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 1,
+        ]);
         assert_eq!(decode(&overflow), Err(TokenError::Overflow));
         assert_eq!(decode(&"A".repeat(5000)), Err(TokenError::TooLong(5000)));
     }

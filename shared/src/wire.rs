@@ -39,7 +39,10 @@ pub enum SyncMsg {
         reply: bool,
     },
     /// Ops in applied (causal) order.
-    Ops { channel: ChannelName, ops: Vec<Op> },
+    Ops {
+        channel: ChannelName,
+        ops: Vec<Op>,
+    },
     /// The sender has durably applied everything in `vv` for the channel.
     Ack {
         channel: ChannelName,
@@ -51,14 +54,20 @@ pub enum SyncMsg {
         snapshot: Snapshot,
     },
     /// No more live ops for this channel, please.
-    Unsubscribe { channel: ChannelName },
+    Unsubscribe {
+        channel: ChannelName,
+    },
     /// A never-stored message fanned out to subscribers.
     Ephemeral {
         channel: ChannelName,
         msg: Ephemeral,
     },
-    Heartbeat { sent_ms: u64 },
-    HeartbeatAck { sent_ms: u64 },
+    Heartbeat {
+        sent_ms: u64,
+    },
+    HeartbeatAck {
+        sent_ms: u64,
+    },
 }
 
 /// One frame of protocol version 1.
@@ -73,9 +82,14 @@ pub enum Frame {
         credential: String,
     },
     /// The cloud accepted the edge.
-    Welcome { replica: ReplicaId },
+    Welcome {
+        replica: ReplicaId,
+    },
     /// The link is refused or closed, with a stable code and a reason for the logs.
-    Close { code: u16, reason: String },
+    Close {
+        code: u16,
+        reason: String,
+    },
     Sync(SyncMsg),
 }
 

@@ -100,9 +100,18 @@ proptest! {
 #[derive(Clone, Debug)]
 enum Step {
     /// Replica `r` writes; `kind` picks event/set/delete; `ctx` whether it read first.
-    Write { r: usize, key: u8, kind: u8, ctx: bool },
+    Write {
+        r: usize,
+        key: u8,
+        kind: u8,
+        ctx: bool,
+    },
     /// Replica `from` sends all its ops to `to`, in a shuffled order.
-    Gossip { from: usize, to: usize, shuffle: u64 },
+    Gossip {
+        from: usize,
+        to: usize,
+        shuffle: u64,
+    },
 }
 
 fn step_strategy(writers: usize) -> impl Strategy<Value = Step> {
@@ -117,13 +126,21 @@ fn channel() -> ChannelName {
 }
 
 fn cfg(cap: usize) -> ReplicaConfig {
-    ReplicaConfig { sibling_cap: cap, max_pending: 10_000 }
+    ReplicaConfig {
+        sibling_cap: cap,
+        max_pending: 10_000,
+    }
 }
 
 /// Runs a script over `writers` replicas; returns them and every op made.
-fn run_script(steps: &[Step], writers: usize, cap: usize) -> Result<(Vec<ChannelReplica>, Vec<Op>), TestCaseError> {
-    let mut reps: Vec<ChannelReplica> =
-        (0..writers).map(|i| ChannelReplica::new(channel(), rid(i as u64), cfg(cap))).collect();
+fn run_script(
+    steps: &[Step],
+    writers: usize,
+    cap: usize,
+) -> Result<(Vec<ChannelReplica>, Vec<Op>), TestCaseError> {
+    let mut reps: Vec<ChannelReplica> = (0..writers)
+        .map(|i| ChannelReplica::new(channel(), rid(i as u64), cfg(cap)))
+        .collect();
     let mut all = Vec::new();
     let mut wall = 1_000u64;
     for step in steps {
@@ -132,17 +149,44 @@ fn run_script(steps: &[Step], writers: usize, cap: usize) -> Result<(Vec<Channel
             Step::Write { r, key, kind, ctx } => {
                 let key = format!("k{key}");
                 let rep = &mut reps[*r];
-                let context = if *ctx { rep.register(&key).map(|g| g.context().clone()).unwrap_or_default() } else { VersionVector::new() };
-                let w = match kind {
-                    0 => LocalWrite::Event { kind: "e".into(), data: Payload::from_value(&wall), idempotency_key: None },
-                    1 => LocalWrite::Set { key: key.clone(), value: Payload::from_value(&wall), context },
-                    _ => LocalWrite::Delete { key: key.clone(), context },
+                let context = if *ctx {
+                    rep.register(&key)
+                        .map(|g| g.context().clone())
+                        .unwrap_or_default()
+                } else {
+                    VersionVector::new()
                 };
-                let hlc = Hlc::new(wall, 0);
-                match rep.local(hlc, w).map_err(|e| TestCaseError::fail(e.to_string()))? {
+                let w = match kind {
+                    0 => LocalWrite::Event {
+                        kind: "e".into(),
+                        data: Payload::from_value(&wall),
+                        idempotency_key: None,
+                    },
+                    1 => LocalWrite::Set {
+                        key: key.clone(),
+                        value: Payload::from_value(&wall),
+                        context,
+                    },
+                    _ => LocalWrite::Delete {
+                        key: key.clone(),
+                        context,
+                    },
+                };
+                // A coarse clock, so that writes of different replicas tie on HLC
+                // and the origin must break the tie.
+                let hlc = Hlc::new(wall / 4, 0);
+                match rep
+                    .local(hlc, w)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?
+                {
                     LocalOutcome::Applied(a) => {
                         if let Some(reg) = rep.register(&key).filter(|_| *kind != 0) {
-                            prop_assert!(reg.siblings().len() <= cap, "sibling cap {} exceeded: {}", cap, reg.siblings().len());
+                            prop_assert!(
+                                reg.siblings().len() <= cap,
+                                "sibling cap {} exceeded: {}",
+                                cap,
+                                reg.siblings().len()
+                            );
                         }
                         all.push(a.op);
                     }
@@ -153,7 +197,9 @@ fn run_script(steps: &[Step], writers: usize, cap: usize) -> Result<(Vec<Channel
                 let mut ops: Vec<Op> = reps[*from].log().cloned().collect();
                 ops.shuffle(&mut SmallRng::seed_from_u64(*shuffle));
                 for op in ops {
-                    reps[*to].receive(op).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    reps[*to]
+                        .receive(op)
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 }
             }
         }
@@ -208,8 +254,8 @@ proptest! {
     ) {
         let (mut reps, all) = run_script(&steps, 3, cap)?;
         let mut snap_target = ChannelReplica::new(channel(), rid(50), cfg(cap));
-        for i in 0..3 {
-            let (_, _) = snap_target.install_snapshot(&reps[i].snapshot());
+        for r in &reps {
+            let (_, _) = snap_target.install_snapshot(&r.snapshot());
         }
         for from in 0..3 {
             for to in 0..3 {
@@ -259,20 +305,43 @@ proptest! {
 fn concurrent_writes_keep_siblings_and_lww_winner() {
     let mut a = ChannelReplica::new(channel(), rid(1), cfg(4));
     let mut b = ChannelReplica::new(channel(), rid(2), cfg(4));
-    let set = |v: u32| LocalWrite::Set { key: "k".into(), value: Payload::from_value(&v), context: VersionVector::new() };
-    let LocalOutcome::Applied(x) = a.local(Hlc::new(10, 0), set(1)).expect("a") else { panic!("dup") };
-    let LocalOutcome::Applied(y) = b.local(Hlc::new(20, 0), set(2)).expect("b") else { panic!("dup") };
+    let set = |v: u32| LocalWrite::Set {
+        key: "k".into(),
+        value: Payload::from_value(&v),
+        context: VersionVector::new(),
+    };
+    let LocalOutcome::Applied(x) = a.local(Hlc::new(10, 0), set(1)).expect("a") else {
+        panic!("dup")
+    };
+    let LocalOutcome::Applied(y) = b.local(Hlc::new(20, 0), set(2)).expect("b") else {
+        panic!("dup")
+    };
     let ra = a.receive(y.op.clone()).expect("recv");
     assert!(ra[0].conflict.is_some(), "concurrent write is recorded");
     b.receive(x.op.clone()).expect("recv");
     for r in [&a, &b] {
         let reg = r.register("k").expect("key");
         assert_eq!(reg.siblings().len(), 2);
-        assert_eq!(reg.winner().and_then(|s| s.value.clone()), Some(Payload::from_value(&2u32)));
+        assert_eq!(
+            reg.winner().and_then(|s| s.value.clone()),
+            Some(Payload::from_value(&2u32))
+        );
     }
     // A write that read both siblings supersedes them.
     let ctx = a.register("k").expect("key").context().clone();
-    let LocalOutcome::Applied(z) = a.local(Hlc::new(30, 0), LocalWrite::Set { key: "k".into(), value: Payload::from_value(&3u32), context: ctx }).expect("a") else { panic!("dup") };
+    let LocalOutcome::Applied(z) = a
+        .local(
+            Hlc::new(30, 0),
+            LocalWrite::Set {
+                key: "k".into(),
+                value: Payload::from_value(&3u32),
+                context: ctx,
+            },
+        )
+        .expect("a")
+    else {
+        panic!("dup")
+    };
     b.receive(z.op).expect("recv");
     assert_eq!(b.register("k").expect("key").siblings().len(), 1);
     assert_eq!(a.state(), b.state());
@@ -281,19 +350,36 @@ fn concurrent_writes_keep_siblings_and_lww_winner() {
 #[test]
 fn idempotency_key_returns_first_dot() {
     let mut a = ChannelReplica::new(channel(), rid(1), cfg(4));
-    let ev = || LocalWrite::Event { kind: "ingest.job.created".into(), data: Payload::null(), idempotency_key: Some("job-7".into()) };
-    let LocalOutcome::Applied(first) = a.local(Hlc::new(1, 0), ev()).expect("first") else { panic!("dup") };
-    assert_eq!(a.local(Hlc::new(2, 0), ev()).expect("second"), LocalOutcome::Duplicate(first.op.dot));
+    let ev = || LocalWrite::Event {
+        kind: "ingest.job.created".into(),
+        data: Payload::null(),
+        idempotency_key: Some("job-7".into()),
+    };
+    let LocalOutcome::Applied(first) = a.local(Hlc::new(1, 0), ev()).expect("first") else {
+        panic!("dup")
+    };
+    assert_eq!(
+        a.local(Hlc::new(2, 0), ev()).expect("second"),
+        LocalOutcome::Duplicate(first.op.dot)
+    );
 }
 
 #[test]
 fn causal_buffering_holds_ops_until_deps_arrive() {
     let mut a = ChannelReplica::new(channel(), rid(1), cfg(4));
     let mut b = ChannelReplica::new(channel(), rid(2), cfg(4));
-    let ev = |n: u32| LocalWrite::Event { kind: "e".into(), data: Payload::from_value(&n), idempotency_key: None };
-    let LocalOutcome::Applied(a1) = a.local(Hlc::new(1, 0), ev(1)).expect("a1") else { panic!() };
+    let ev = |n: u32| LocalWrite::Event {
+        kind: "e".into(),
+        data: Payload::from_value(&n),
+        idempotency_key: None,
+    };
+    let LocalOutcome::Applied(a1) = a.local(Hlc::new(1, 0), ev(1)).expect("a1") else {
+        panic!()
+    };
     b.receive(a1.op.clone()).expect("b gets a1");
-    let LocalOutcome::Applied(b1) = b.local(Hlc::new(2, 0), ev(2)).expect("b1") else { panic!() };
+    let LocalOutcome::Applied(b1) = b.local(Hlc::new(2, 0), ev(2)).expect("b1") else {
+        panic!()
+    };
     assert_eq!(b1.op.deps, VersionVector::from(a1.op.dot));
     let mut c = ChannelReplica::new(channel(), rid(3), cfg(4));
     assert!(c.receive(b1.op.clone()).expect("buffered").is_empty());
@@ -304,6 +390,10 @@ fn causal_buffering_holds_ops_until_deps_arrive() {
     // A malformed op from a peer is refused, not applied.
     let mut bad = a1.op.clone();
     bad.dot = Dot::new(rid(9), 1);
-    bad.body = OpBody::Set { key: String::new(), value: Payload::null(), context: VersionVector::new() };
+    bad.body = OpBody::Set {
+        key: String::new(),
+        value: Payload::null(),
+        context: VersionVector::new(),
+    };
     assert!(c.receive(bad).is_err());
 }

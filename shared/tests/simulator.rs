@@ -53,7 +53,13 @@ fn simulated_fleet_converges_and_loses_nothing() {
         "failing seeds (replay each with SEED=n): {failures:?}"
     );
     if seeds.len() > 20 {
-        assert!(total.conflicts > 0, "the sweep never produced a concurrent write");
-        assert!(total.crashes > 0 && total.partitions > 0, "the sweep injected no faults");
+        assert!(
+            total.conflicts > 0,
+            "the sweep never produced a concurrent write"
+        );
+        assert!(
+            total.crashes > 0 && total.partitions > 0,
+            "the sweep injected no faults"
+        );
     }
 }
