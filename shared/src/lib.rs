@@ -10,9 +10,11 @@
 //! - [`op`]: ops and payloads; [`state`]: multi-value registers; [`replica`]: one
 //!   channel at one replica (log, causal buffer, state, snapshots, compaction).
 //! - [`sync`]: the edge <-> cloud replication state machine.
+//! - [`codec`]: the binary encoding (bincode 2) used by storage and the wire.
 //! - [`wire`]: edge <-> cloud frames and codec; [`client`]: the client JSON protocol.
 
 pub mod client;
+pub mod codec;
 pub mod hlc;
 pub mod ids;
 pub mod op;
@@ -31,5 +33,5 @@ pub use ids::{ChannelName, Dot, ReplicaId};
 pub use op::{Ephemeral, Op, OpBody, Payload};
 pub use replica::{ChannelReplica, LocalOutcome, LocalWrite, ReplicaConfig};
 pub use state::{Conflict, Register, Sibling};
-pub use sync::{Input, Node, Output, Persist, Role, SyncConfig};
+pub use sync::{Input, Node, Output, Persist, Retention, Role, SyncConfig};
 pub use vv::VersionVector;

@@ -184,12 +184,10 @@ mod tests {
         let back: Payload = serde_json::from_str(r#"{"a": [1, 2]}"#).expect("de");
         assert_eq!(back.as_str(), r#"{"a":[1,2]}"#);
         assert!(Payload::from_json("{nope").is_err());
-        let cfg = bincode::config::standard();
-        let bytes = bincode::serde::encode_to_vec(&p, cfg).expect("enc");
-        let (dec, _): (Payload, usize) =
-            bincode::serde::decode_from_slice(&bytes, cfg).expect("dec");
+        let bytes = crate::codec::to_bytes(&p).expect("enc");
+        let dec: Payload = crate::codec::from_bytes(&bytes).expect("dec");
         assert_eq!(dec, p);
-        let bad = bincode::serde::encode_to_vec("{nope", cfg).expect("enc");
-        assert!(bincode::serde::decode_from_slice::<Payload, _>(&bad, cfg).is_err());
+        let bad = crate::codec::to_bytes("{nope").expect("enc");
+        assert!(crate::codec::from_bytes::<Payload>(&bad).is_err());
     }
 }

@@ -429,11 +429,19 @@ impl ChannelReplica {
     /// Drops the oldest ops until at most `max_ops` remain, never dropping an op that
     /// `keep` does not cover (e.g. local ops the cloud has not acked). Returns the
     /// dropped dots; the floor rises to cover them.
-    pub fn compact(&mut self, max_ops: usize, keep: Option<&VersionVector>) -> Vec<Dot> {
+    /// Ops whose HLC wall time is below `min_wall_ms` are dropped too.
+    pub fn compact(
+        &mut self,
+        max_ops: Option<usize>,
+        min_wall_ms: Option<u64>,
+        keep: Option<&VersionVector>,
+    ) -> Vec<Dot> {
         let mut dropped = Vec::new();
-        while self.log.len() > max_ops {
+        loop {
             let Some(front) = self.log.front() else { break };
-            if keep.is_some_and(|k| !k.covers(front.dot)) {
+            let too_many = max_ops.is_some_and(|m| self.log.len() > m);
+            let too_old = min_wall_ms.is_some_and(|m| front.hlc.wall_ms < m);
+            if !(too_many || too_old) || keep.is_some_and(|k| !k.covers(front.dot)) {
                 break;
             }
             if let Some(op) = self.log.pop_front() {

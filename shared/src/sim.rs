@@ -57,7 +57,10 @@ impl SimConfig {
         sync.replica.sibling_cap = rng.random_range(2..=4);
         sync.batch_ops = rng.random_range(1..=16);
         if rng.random_bool(0.3) {
-            sync.retention_ops = Some(rng.random_range(5..=40));
+            sync.retention.max_ops = Some(rng.random_range(5..=40));
+        }
+        if rng.random_bool(0.1) {
+            sync.retention.max_age_ms = Some(rng.random_range(500..=3_000));
         }
         Self {
             seed,

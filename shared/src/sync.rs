@@ -56,8 +56,23 @@ pub struct SyncConfig {
     pub heartbeat_ms: u64,
     /// Remote clocks further ahead than this are not folded into ours.
     pub max_drift_ms: u64,
-    /// Keep at most this many ops per channel log (unacked local ops are always kept).
-    pub retention_ops: Option<usize>,
+    /// History kept per channel log (unacked local ops are always kept).
+    pub retention: Retention,
+    /// Overrides of `retention` per namespace (the part of the name before `:`).
+    pub namespace_retention: BTreeMap<String, Retention>,
+}
+
+/// How much history a channel keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    pub max_ops: Option<usize>,
+    pub max_age_ms: Option<u64>,
+}
+
+impl Retention {
+    fn is_unbounded(&self) -> bool {
+        self.max_ops.is_none() && self.max_age_ms.is_none()
+    }
 }
 
 impl Default for SyncConfig {
@@ -70,7 +85,8 @@ impl Default for SyncConfig {
             anti_entropy_ms: 5_000,
             heartbeat_ms: 5_000,
             max_drift_ms: 60_000,
-            retention_ops: None,
+            retention: Retention::default(),
+            namespace_retention: BTreeMap::new(),
         }
     }
 }
@@ -756,28 +772,36 @@ impl Node {
                 }
             }
         }
-        if let Some(max) = self.config.retention_ops {
-            let names: Vec<ChannelName> = self.channels.keys().cloned().collect();
-            for name in names {
-                let role = self.role;
-                let c = self.chan(&name);
-                let keep = (role == Role::Edge).then(|| {
-                    let mut k = c.replica.vv().clone();
-                    k.set(me, c.acked);
-                    k
-                });
-                let dots = c.replica.compact(max, keep.as_ref());
-                if !dots.is_empty() {
-                    let floor = c.replica.floor().clone();
-                    self.out.push_back(Output::Persist(Persist::DropOps {
-                        channel: name.clone(),
-                        dots,
-                    }));
-                    self.out.push_back(Output::Persist(Persist::Floor {
-                        channel: name,
-                        floor,
-                    }));
-                }
+        let names: Vec<ChannelName> = self.channels.keys().cloned().collect();
+        for name in names {
+            let policy = self
+                .config
+                .namespace_retention
+                .get(name.namespace())
+                .unwrap_or(&self.config.retention)
+                .clone();
+            if policy.is_unbounded() {
+                continue;
+            }
+            let role = self.role;
+            let c = self.chan(&name);
+            let keep = (role == Role::Edge).then(|| {
+                let mut k = c.replica.vv().clone();
+                k.set(me, c.acked);
+                k
+            });
+            let min_wall = policy.max_age_ms.map(|age| now_ms.saturating_sub(age));
+            let dots = c.replica.compact(policy.max_ops, min_wall, keep.as_ref());
+            if !dots.is_empty() {
+                let floor = c.replica.floor().clone();
+                self.out.push_back(Output::Persist(Persist::DropOps {
+                    channel: name.clone(),
+                    dots,
+                }));
+                self.out.push_back(Output::Persist(Persist::Floor {
+                    channel: name,
+                    floor,
+                }));
             }
         }
     }

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec;
 use crate::ids::{ChannelName, ReplicaId};
 use crate::op::{Ephemeral, Op};
 use crate::replica::Snapshot;
@@ -18,7 +19,7 @@ pub const HEADER_LEN: usize = 5;
 /// The default hard limit on one frame (length field value), 8 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 8 << 20;
 /// No frame may ever exceed this, whatever a config says.
-pub const ABSOLUTE_MAX_FRAME: usize = 64 << 20;
+pub const ABSOLUTE_MAX_FRAME: usize = codec::DECODE_LIMIT;
 
 /// Which side of the link a peer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,15 +120,11 @@ pub enum EncodeError {
     Encode(String),
 }
 
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<ABSOLUTE_MAX_FRAME>()
-}
-
 /// Appends one encoded frame to `out`. On error `out` is left as it was.
 pub fn encode(frame: &Frame, max: usize, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let start = out.len();
     out.extend_from_slice(&[0, 0, 0, 0, WIRE_VERSION]);
-    if let Err(e) = bincode::serde::encode_into_std_write(frame, out, config()) {
+    if let Err(e) = codec::write_into(frame, out) {
         out.truncate(start);
         return Err(EncodeError::Encode(e.to_string()));
     }
@@ -181,14 +178,8 @@ pub fn decode(buf: &[u8], max: usize) -> Result<(Versioned, usize), DecodeError>
         .ok_or_else(|| DecodeError::Malformed("no version byte".into()))?;
     match version {
         1 => {
-            let (f, used): (Frame, usize) = bincode::serde::decode_from_slice(body, config())
-                .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-            if used != body.len() {
-                return Err(DecodeError::Malformed(format!(
-                    "{} trailing bytes",
-                    body.len() - used
-                )));
-            }
+            let f: Frame =
+                codec::from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
             Ok((Versioned::V1(f), total))
         }
         v => Err(DecodeError::Malformed(format!(
