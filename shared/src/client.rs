@@ -177,6 +177,12 @@ pub enum ClientMsg {
         #[serde(default)]
         data: Option<Payload>,
     },
+    /// Lists the channel's current members.
+    Members {
+        #[serde(default)]
+        id: Option<u64>,
+        channel: String,
+    },
     Ping {
         #[serde(default)]
         id: Option<u64>,
@@ -241,6 +247,10 @@ pub enum ServerMsg {
         channel: String,
         /// Where the replay ended; live ops follow.
         token: String,
+        /// How many ops the replay before this message carried.
+        replayed: usize,
+        /// History older than the replay was compacted: re-read state with `get`.
+        truncated: bool,
     },
     Unsubscribed {
         id: Option<u64>,
@@ -282,8 +292,17 @@ pub enum ServerMsg {
     Presence {
         channel: String,
         action: PresenceAction,
+        /// The connection's client id (what `signal.to` addresses).
         client: String,
+        /// The authenticated subject (`sub` of the token).
+        subject: String,
         data: Option<Payload>,
+    },
+    /// The current members of a channel, answering a presence request.
+    Members {
+        id: Option<u64>,
+        channel: String,
+        members: Vec<Member>,
     },
     Signal {
         channel: String,
@@ -298,6 +317,14 @@ pub enum ServerMsg {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// One present client of a channel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub client: String,
+    pub subject: String,
+    pub data: Option<Payload>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

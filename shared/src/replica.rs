@@ -437,8 +437,7 @@ impl ChannelReplica {
         keep: Option<&VersionVector>,
     ) -> Vec<Dot> {
         let mut dropped = Vec::new();
-        loop {
-            let Some(front) = self.log.front() else { break };
+        while let Some(front) = self.log.front() {
             let too_many = max_ops.is_some_and(|m| self.log.len() > m);
             let too_old = min_wall_ms.is_some_and(|m| front.hlc.wall_ms < m);
             if !(too_many || too_old) || keep.is_some_and(|k| !k.covers(front.dot)) {

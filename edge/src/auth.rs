@@ -1,0 +1,430 @@
+//! Authentication and rights: JWTs (HS256 and EdDSA) for clients, hashed API keys for
+//! backend services, one rights model for both.
+
+use std::collections::HashMap;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shared::client::ErrorCode;
+use shared::ChannelName;
+
+use crate::config::AuthConfig;
+
+/// What a principal may do on a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Subscribe,
+    Publish,
+    /// Write state keys (reading state needs `subscribe`).
+    State,
+    Presence,
+}
+
+impl Action {
+    pub const ALL: [Action; 4] = [
+        Action::Subscribe,
+        Action::Publish,
+        Action::State,
+        Action::Presence,
+    ];
+}
+
+/// A grant: the actions allowed on channels matching a pattern.
+///
+/// Patterns: `*` matches every channel; `project:42` matches exactly; a pattern ending
+/// in `*` matches by prefix (`project:42/*`, `project:*`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Right {
+    pub channels: String,
+    pub actions: Vec<Action>,
+}
+
+impl Right {
+    pub fn matches(&self, channel: &ChannelName) -> bool {
+        let c = channel.as_str();
+        match self.channels.strip_suffix('*') {
+            Some(prefix) => c.starts_with(prefix),
+            None => c == self.channels,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.channels.is_empty() {
+            return Err("a right needs a channel pattern".into());
+        }
+        if self.channels[..self.channels.len() - 1].contains('*') {
+            return Err(format!(
+                "pattern {:?}: '*' is only allowed at the end",
+                self.channels
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Who is asking, and what they may do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub subject: String,
+    pub rights: Vec<Right>,
+    /// Unix seconds after which the credential is no longer valid.
+    pub expires_at: Option<u64>,
+}
+
+impl Principal {
+    pub fn allows(&self, channel: &ChannelName, action: Action) -> bool {
+        self.rights
+            .iter()
+            .any(|r| r.actions.contains(&action) && r.matches(channel))
+    }
+
+    /// Fails with `TokenExpired` once the credential's expiry has passed.
+    pub fn check_fresh(&self, now_secs: u64) -> Result<(), AuthError> {
+        match self.expires_at {
+            Some(exp) if now_secs > exp => Err(AuthError::new(
+                ErrorCode::TokenExpired,
+                "token expired; reconnect with a fresh token",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the right and the expiry together.
+    pub fn require(
+        &self,
+        channel: &ChannelName,
+        action: Action,
+        now_secs: u64,
+    ) -> Result<(), AuthError> {
+        self.check_fresh(now_secs)?;
+        if self.allows(channel, action) {
+            Ok(())
+        } else {
+            Err(AuthError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{} may not {} on {channel}",
+                    self.subject,
+                    serde_json::to_value(action)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                ),
+            ))
+        }
+    }
+}
+
+/// A refused credential or action, with its stable code.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct AuthError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl AuthError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The JWT claims Outpost reads.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default)]
+    pub rights: Vec<Right>,
+}
+
+/// Verifies tokens and API keys.
+pub struct Authenticator {
+    hs256: Option<DecodingKey>,
+    eddsa: Option<DecodingKey>,
+    audience: Option<String>,
+    issuer: Option<String>,
+    leeway: u64,
+    anonymous: Option<Vec<Right>>,
+    api_keys: HashMap<[u8; 32], (String, Vec<Right>)>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("hs256", &self.hs256.is_some())
+            .field("eddsa", &self.eddsa.is_some())
+            .field("api_keys", &self.api_keys.len())
+            .finish()
+    }
+}
+
+/// Prefix that marks an API key (as opposed to a JWT).
+pub const API_KEY_PREFIX: &str = "opk_";
+
+impl Authenticator {
+    pub fn new(cfg: &AuthConfig) -> Result<Self, String> {
+        let eddsa = match &cfg.ed25519_public_key {
+            None => None,
+            Some(v) => {
+                let pem = if v.contains("-----BEGIN") {
+                    v.clone()
+                } else {
+                    std::fs::read_to_string(v)
+                        .map_err(|e| format!("auth.ed25519_public_key: cannot read {v}: {e}"))?
+                };
+                Some(
+                    DecodingKey::from_ed_pem(pem.as_bytes())
+                        .map_err(|e| format!("auth.ed25519_public_key: {e}"))?,
+                )
+            }
+        };
+        let mut api_keys = HashMap::new();
+        for k in &cfg.api_keys {
+            let bytes = hex::decode(&k.sha256)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| format!("auth.api_keys.{}: sha256 must be 64 hex digits", k.name))?;
+            api_keys.insert(bytes, (k.name.clone(), k.rights.clone()));
+        }
+        Ok(Self {
+            hs256: cfg
+                .hs256_secret
+                .as_ref()
+                .map(|s| DecodingKey::from_secret(s.as_bytes())),
+            eddsa,
+            audience: cfg.audience.clone(),
+            issuer: cfg.issuer.clone(),
+            leeway: cfg.leeway_secs,
+            anonymous: cfg.allow_anonymous.then(|| cfg.anonymous_rights.clone()),
+            api_keys,
+        })
+    }
+
+    /// Verifies a credential: an API key (`opk_...`), a JWT, or none (anonymous, when
+    /// allowed).
+    pub fn verify(&self, credential: Option<&str>) -> Result<Principal, AuthError> {
+        match credential.map(str::trim).filter(|c| !c.is_empty()) {
+            None => match &self.anonymous {
+                Some(rights) => Ok(Principal {
+                    subject: "anonymous".into(),
+                    rights: rights.clone(),
+                    expires_at: None,
+                }),
+                None => Err(AuthError::new(
+                    ErrorCode::Unauthorized,
+                    "a token is required (connect with {\"type\":\"connect\",\"token\":...}, ?token= or Authorization: Bearer)",
+                )),
+            },
+            Some(c) if c.starts_with(API_KEY_PREFIX) => self.verify_api_key(c),
+            Some(c) => self.verify_jwt(c),
+        }
+    }
+
+    fn verify_api_key(&self, key: &str) -> Result<Principal, AuthError> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        match self.api_keys.get(&digest) {
+            Some((name, rights)) => Ok(Principal {
+                subject: format!("apikey:{name}"),
+                rights: rights.clone(),
+                expires_at: None,
+            }),
+            None => Err(AuthError::new(ErrorCode::Unauthorized, "unknown API key")),
+        }
+    }
+
+    fn verify_jwt(&self, token: &str) -> Result<Principal, AuthError> {
+        let unauthorized = |m: String| AuthError::new(ErrorCode::Unauthorized, m);
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| unauthorized(format!("malformed token: {e}")))?;
+        // Each algorithm has its own key; a token never chooses which key checks it
+        // beyond its family (no HS/RS confusion, no `none`).
+        let key = match header.alg {
+            Algorithm::HS256 => self.hs256.as_ref(),
+            Algorithm::EdDSA => self.eddsa.as_ref(),
+            other => {
+                return Err(unauthorized(format!(
+                    "token algorithm {other:?} is not accepted (use HS256 or EdDSA)"
+                )))
+            }
+        }
+        .ok_or_else(|| {
+            unauthorized(format!(
+                "token algorithm {:?} is not configured on this server",
+                header.alg
+            ))
+        })?;
+        let mut v = Validation::new(header.alg);
+        v.leeway = self.leeway;
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        match &self.audience {
+            Some(aud) => v.set_audience(&[aud]),
+            None => v.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            v.set_issuer(&[iss]);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature => {
+                    AuthError::new(ErrorCode::TokenExpired, "token expired")
+                }
+                ErrorKind::ImmatureSignature => {
+                    AuthError::new(ErrorCode::TokenExpired, "token not valid yet (nbf)")
+                }
+                ErrorKind::InvalidAudience => unauthorized("token audience is not accepted".into()),
+                ErrorKind::InvalidIssuer => unauthorized("token issuer is not accepted".into()),
+                ErrorKind::InvalidSignature => {
+                    unauthorized("token signature does not verify".into())
+                }
+                _ => unauthorized(format!("invalid token: {e}")),
+            }
+        })?;
+        for r in &data.claims.rights {
+            r.validate()
+                .map_err(|e| unauthorized(format!("token rights: {e}")))?;
+        }
+        Ok(Principal {
+            subject: data.claims.sub,
+            rights: data.claims.rights,
+            expires_at: Some(data.claims.exp),
+        })
+    }
+}
+
+/// Signs an HS256 token (dev tokens, tests, `gentoken`).
+pub fn mint_hs256(secret: &str, claims: &Claims) -> Result<String, String> {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The SHA-256 (hex) of an API key, as `auth.api_keys[].sha256` wants it.
+pub fn api_key_hash(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn auth() -> Authenticator {
+        Authenticator::new(&AuthConfig {
+            hs256_secret: Some(SECRET.into()),
+            api_keys: vec![crate::config::ApiKeyConfig {
+                name: "ingest".into(),
+                sha256: api_key_hash("opk_test"),
+                rights: vec![Right {
+                    channels: "project:1*".into(),
+                    actions: vec![Action::Publish],
+                }],
+            }],
+            ..AuthConfig::default()
+        })
+        .expect("auth")
+    }
+
+    fn claims(exp: u64, rights: Vec<Right>) -> Claims {
+        Claims {
+            sub: "u1".into(),
+            exp,
+            nbf: None,
+            aud: None,
+            iss: None,
+            rights,
+        }
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn rights_and_codes() {
+        let a = auth();
+        let ch = |s: &str| ChannelName::new(s).expect("valid");
+        let r = vec![Right {
+            channels: "project:42*".into(),
+            actions: vec![Action::Subscribe],
+        }];
+        let t = mint_hs256(SECRET, &claims(now() + 60, r)).expect("mint");
+        let p = a.verify(Some(&t)).expect("valid");
+        assert!(p.allows(&ch("project:42/canvas"), Action::Subscribe));
+        assert!(!p.allows(&ch("project:42"), Action::Publish));
+        assert!(!p.allows(&ch("project:7"), Action::Subscribe));
+        let old = mint_hs256(SECRET, &claims(now() - 3600, vec![])).expect("mint");
+        assert_eq!(
+            a.verify(Some(&old)).map_err(|e| e.code),
+            Err(ErrorCode::TokenExpired)
+        );
+        let wrong = mint_hs256(
+            "another secret of at least 32 chars!!",
+            &claims(now() + 60, vec![]),
+        )
+        .expect("mint");
+        assert_eq!(
+            a.verify(Some(&wrong)).map_err(|e| e.code),
+            Err(ErrorCode::Unauthorized)
+        );
+        assert_eq!(
+            a.verify(None).map_err(|e| e.code),
+            Err(ErrorCode::Unauthorized)
+        );
+        assert_eq!(
+            a.verify(Some("opk_nope")).map_err(|e| e.code),
+            Err(ErrorCode::Unauthorized)
+        );
+        let k = a.verify(Some("opk_test")).expect("api key");
+        assert!(k.allows(&ch("project:1"), Action::Publish));
+        assert!(!k.allows(&ch("project:2"), Action::Publish));
+        // alg: none is refused.
+        let none = format!(
+            "{}.{}.",
+            base64url(r#"{"alg":"none","typ":"JWT"}"#),
+            base64url(&format!(r#"{{"sub":"x","exp":{}}}"#, now() + 60))
+        );
+        assert_eq!(
+            a.verify(Some(&none)).map_err(|e| e.code),
+            Err(ErrorCode::Unauthorized)
+        );
+    }
+
+    fn base64url(s: &str) -> String {
+        use std::fmt::Write;
+        // Minimal base64url for the test, without padding.
+        const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let b = s.as_bytes();
+        let mut out = String::new();
+        for chunk in b.chunks(3) {
+            let n =
+                chunk.iter().fold(0u32, |acc, &x| (acc << 8) | x as u32) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                let _ = out.write_char(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}

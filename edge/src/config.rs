@@ -1,0 +1,531 @@
+//! Edge configuration: a TOML file, overridden by `OUTPOST_*` environment variables
+//! (nested keys joined with `__`, e.g. `OUTPOST_LIMITS__MAX_CONNECTIONS=5000`), then by
+//! command-line flags; validated with messages that name the key and the problem.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Action, Right};
+
+/// How an acknowledgement relates to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge after a group-committed flush to disk (sled flush = fsync).
+    Fsync,
+    /// Acknowledge once the OS has the write; a machine crash may lose the last writes.
+    Os,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub durability: Durability,
+    /// How long the group committer waits to gather more writes into one flush.
+    pub commit_window_ms: u64,
+    /// sled's page cache, in MiB.
+    pub cache_mb: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Fsync,
+            commit_window_ms: 1,
+            cache_mb: 64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub name: String,
+    /// Hex SHA-256 of the key; the key itself is never stored.
+    pub sha256: String,
+    pub rights: Vec<Right>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Shared secret for HS256 tokens.
+    pub hs256_secret: Option<String>,
+    /// Ed25519 public key (PEM text, or a path to a PEM file) for EdDSA tokens.
+    pub ed25519_public_key: Option<String>,
+    /// Required `aud` claim, if set.
+    pub audience: Option<String>,
+    /// Required `iss` claim, if set.
+    pub issuer: Option<String>,
+    pub leeway_secs: u64,
+    /// Let clients in without a token, with `anonymous_rights`. Dev only.
+    pub allow_anonymous: bool,
+    pub anonymous_rights: Vec<Right>,
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hs256_secret: None,
+            ed25519_public_key: None,
+            audience: None,
+            issuer: None,
+            leeway_secs: 5,
+            allow_anonymous: false,
+            anonymous_rights: vec![Right {
+                channels: "*".into(),
+                actions: Action::ALL.to_vec(),
+            }],
+            api_keys: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest client message (WebSocket message or REST body), in bytes.
+    pub max_message_bytes: usize,
+    pub max_subscriptions_per_connection: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Sustained publishes (events, state writes) per second per connection.
+    pub publish_rate_per_sec: u32,
+    /// Burst allowance above the rate.
+    pub publish_burst: u32,
+    /// Messages queued for one connection before it is closed as a slow consumer.
+    pub send_queue: usize,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+            max_subscriptions_per_connection: 256,
+            max_connections: 18_000,
+            max_connections_per_ip: 16_000,
+            publish_rate_per_sec: 200,
+            publish_burst: 400,
+            send_queue: 1024,
+            idle_timeout_secs: 90,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Keep at most this many ops per channel (unacked local ops are always kept).
+    pub max_ops: Option<usize>,
+    /// Drop ops older than this.
+    pub max_age_secs: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    pub default: Retention,
+    /// Per-namespace overrides, keyed by the part of the channel name before `:`.
+    pub namespaces: BTreeMap<String, Retention>,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            default: Retention {
+                max_ops: Some(10_000),
+                max_age_secs: None,
+            },
+            namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// A member that sends nothing for this long is dropped (a `leave` is sent).
+    pub ttl_secs: u64,
+    /// Namespaces where presence is off.
+    pub disabled_namespaces: Vec<String>,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 30,
+            disabled_namespaces: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info,edge=debug`. `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// The whole edge configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeConfig {
+    /// Address of the client gateway (HTTP, WebSocket, SSE).
+    pub listen: SocketAddr,
+    /// sled database and replica id live here.
+    pub data_dir: PathBuf,
+    pub region: String,
+    /// Development conveniences: prints a ready token at start. Never in production.
+    pub dev: bool,
+    /// Seconds between SSE heartbeat comments.
+    pub sse_heartbeat_secs: u64,
+    /// How long shutdown waits for clients to be told to move, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    pub storage: StorageConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub history: HistoryConfig,
+    pub presence: PresenceConfig,
+    pub log: LogConfig,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            data_dir: PathBuf::from("data/edge"),
+            region: "local".into(),
+            dev: false,
+            sse_heartbeat_secs: 15,
+            shutdown_grace_ms: 2_000,
+            storage: StorageConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            history: HistoryConfig::default(),
+            presence: PresenceConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// A configuration that could not be loaded or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(String),
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+/// One problem, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub problem: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.problem)
+    }
+}
+
+impl EdgeConfig {
+    /// Loads defaults, then the file (if any), then `OUTPOST_*` variables, then
+    /// `overrides` (flags), and validates the result.
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
+        let cfg = Self::load_unvalidated(file, overrides)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Like [`EdgeConfig::load`] without the validation (the caller adds to it first).
+    pub fn load_unvalidated(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(EdgeConfig::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist (write one with `outpost-edge genconfig > {}`)",
+                    path.display(),
+                    path.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig
+            .merge(Env::prefixed("OUTPOST_").split("__"))
+            .merge(overrides);
+        let cfg: EdgeConfig = fig.extract().map_err(|e| {
+            ConfigError::Load(
+                e.into_iter()
+                    .map(|e| {
+                        let key = e.path.join(".");
+                        if key.is_empty() {
+                            e.kind.to_string()
+                        } else {
+                            format!("{key}: {}", e.kind)
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text alone (for `checkconfig` and tests).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: EdgeConfig = Figment::from(Serialized::defaults(EdgeConfig::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| {
+                ConfigError::Load(
+                    e.into_iter()
+                        .map(|e| format!("{}: {}", e.path.join("."), e.kind))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        let mut bad = |key: &str, problem: &str| {
+            p.push(Problem {
+                key: key.into(),
+                problem: problem.into(),
+            })
+        };
+        if self.region.is_empty() || self.region.len() > 64 {
+            bad("region", "must be 1 to 64 characters");
+        }
+        let l = &self.limits;
+        if l.max_message_bytes < 256 || l.max_message_bytes > 16 << 20 {
+            bad(
+                "limits.max_message_bytes",
+                "must be between 256 and 16777216",
+            );
+        }
+        if l.max_subscriptions_per_connection == 0 {
+            bad(
+                "limits.max_subscriptions_per_connection",
+                "must be at least 1",
+            );
+        }
+        if l.max_connections == 0 {
+            bad("limits.max_connections", "must be at least 1");
+        }
+        if l.max_connections_per_ip == 0 {
+            bad("limits.max_connections_per_ip", "must be at least 1");
+        }
+        if l.publish_rate_per_sec == 0 {
+            bad("limits.publish_rate_per_sec", "must be at least 1");
+        }
+        if l.publish_burst < l.publish_rate_per_sec.min(1) {
+            bad("limits.publish_burst", "must be at least 1");
+        }
+        if l.send_queue < 16 {
+            bad("limits.send_queue", "must be at least 16");
+        }
+        if l.idle_timeout_secs == 0 {
+            bad("limits.idle_timeout_secs", "must be at least 1");
+        }
+        if self.storage.commit_window_ms > 100 {
+            bad(
+                "storage.commit_window_ms",
+                "must be at most 100 (it delays every ack)",
+            );
+        }
+        if self.sse_heartbeat_secs == 0 {
+            bad("sse_heartbeat_secs", "must be at least 1");
+        }
+        if self.presence.ttl_secs == 0 {
+            bad("presence.ttl_secs", "must be at least 1");
+        }
+        let a = &self.auth;
+        if a.hs256_secret.is_none()
+            && a.ed25519_public_key.is_none()
+            && a.api_keys.is_empty()
+            && !a.allow_anonymous
+        {
+            bad(
+                "auth",
+                "no way to authenticate: set auth.hs256_secret, auth.ed25519_public_key or auth.api_keys (or auth.allow_anonymous for development)",
+            );
+        }
+        if let Some(s) = &a.hs256_secret {
+            if s.len() < 32 {
+                bad("auth.hs256_secret", "must be at least 32 characters");
+            }
+        }
+        for (i, k) in a.api_keys.iter().enumerate() {
+            if k.sha256.len() != 64 || hex::decode(&k.sha256).is_err() {
+                bad(
+                    &format!("auth.api_keys[{i}].sha256"),
+                    "must be 64 hex digits (the SHA-256 of the key)",
+                );
+            }
+        }
+        let rights = a
+            .api_keys
+            .iter()
+            .enumerate()
+            .flat_map(|(i, k)| {
+                k.rights
+                    .iter()
+                    .map(move |r| (format!("auth.api_keys[{i}].rights"), r))
+            })
+            .chain(
+                a.anonymous_rights
+                    .iter()
+                    .map(|r| ("auth.anonymous_rights".to_string(), r)),
+            );
+        for (key, r) in rights {
+            if let Err(e) = r.validate() {
+                bad(&key, &e);
+            }
+        }
+        for (ns, r) in std::iter::once(("default", &self.history.default))
+            .chain(self.history.namespaces.iter().map(|(k, v)| (k.as_str(), v)))
+        {
+            if r.max_ops == Some(0) {
+                bad(&format!("history.{ns}.max_ops"), "must be at least 1");
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(p))
+        }
+    }
+
+    /// The retention that applies to a channel's namespace.
+    pub fn retention(&self, namespace: &str) -> &Retention {
+        self.history
+            .namespaces
+            .get(namespace)
+            .unwrap_or(&self.history.default)
+    }
+}
+
+/// The commented default configuration printed by `genconfig`.
+pub const DEFAULT_TOML: &str = r#"# Outpost edge configuration. Every key is optional; shown are the defaults.
+# Environment variables override the file: OUTPOST_<KEY>, nested keys joined by "__",
+# e.g. OUTPOST_LISTEN=0.0.0.0:7700 or OUTPOST_LIMITS__MAX_CONNECTIONS=5000.
+
+# Client gateway: HTTP, WebSocket (/v1/ws), SSE, REST, /metrics.
+listen = "127.0.0.1:7700"
+# The sled database and the replica id live here.
+data_dir = "data/edge"
+region = "local"
+# Development conveniences (prints a ready token at start). Never in production.
+dev = false
+sse_heartbeat_secs = 15
+shutdown_grace_ms = 2000
+
+[storage]
+# "fsync": ack after a group-committed flush. "os": ack once the OS has the write.
+durability = "fsync"
+commit_window_ms = 1
+cache_mb = 64
+
+[auth]
+# hs256_secret = "at least 32 characters of secret"
+# ed25519_public_key = "/etc/outpost/jwt-ed25519.pub.pem"
+# audience = "outpost"
+# issuer = "https://auth.example.com"
+leeway_secs = 5
+# Clients without a token get anonymous_rights. Development only.
+allow_anonymous = false
+anonymous_rights = [{ channels = "*", actions = ["subscribe", "publish", "state", "presence"] }]
+# Backend services: the SHA-256 (hex) of each key, and its rights.
+# [[auth.api_keys]]
+# name = "ingest"
+# sha256 = "<64 hex digits>"
+# rights = [{ channels = "project:*", actions = ["publish", "state"] }]
+
+[limits]
+max_message_bytes = 65536
+max_subscriptions_per_connection = 256
+max_connections = 18000
+max_connections_per_ip = 16000
+publish_rate_per_sec = 200
+publish_burst = 400
+send_queue = 1024
+idle_timeout_secs = 90
+
+[history.default]
+max_ops = 10000
+# max_age_secs = 86400
+
+# [history.namespaces.cursor]
+# max_ops = 100
+
+[presence]
+ttl_secs = 30
+disabled_namespaces = []
+
+[log]
+# "text" or "json"
+format = "text"
+filter = "info"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_is_the_default() {
+        let parsed: EdgeConfig = Figment::from(Serialized::defaults(EdgeConfig::default()))
+            .merge(Toml::string(DEFAULT_TOML))
+            .extract()
+            .expect("default toml parses");
+        assert_eq!(parsed, EdgeConfig::default());
+        // The default has no auth method configured: validation says so, by key.
+        let err = EdgeConfig::default().validate().expect_err("no auth");
+        assert!(err.to_string().contains("auth:"), "{err}");
+    }
+
+    #[test]
+    fn problems_name_the_key() {
+        let err = EdgeConfig::from_toml(
+            "[auth]\nallow_anonymous = true\n[limits]\nsend_queue = 1\nmax_message_bytes = 1\n",
+        )
+        .expect_err("invalid");
+        let s = err.to_string();
+        assert!(s.contains("limits.send_queue: must be at least 16"), "{s}");
+        assert!(s.contains("limits.max_message_bytes"), "{s}");
+        let err = EdgeConfig::from_toml("[limits]\nsend_queu = 100\n").expect_err("unknown key");
+        assert!(err.to_string().contains("send_queu"), "{err}");
+        let err = EdgeConfig::from_toml("listen = \"nope\"\n").expect_err("bad addr");
+        assert!(err.to_string().contains("listen"), "{err}");
+    }
+}

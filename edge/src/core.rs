@@ -1,0 +1,479 @@
+//! The replication node's I/O shell: owns the sans-IO [`Node`], carries out its outputs
+//! (storage, fan-out, uplink), and runs the group commit.
+//!
+//! Output contract (see `shared::sync`): storage actions are applied to sled at once;
+//! every other output produced after a storage action waits in `post` until the group
+//! committer has flushed it, so nothing that is not durable is ever delivered, sent or
+//! acknowledged. In `os` durability mode the flush is skipped and outputs run at once.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use shared::client::ErrorCode;
+use shared::replica::{LocalOutcome, LocalWrite, NeedSnapshot, ReplicaError};
+use shared::sync::{Input, Node, Output, Role, SyncConfig};
+use shared::wire::SyncMsg;
+use shared::{ChannelName, Ephemeral, Op, Register, ReplicaId, VersionVector};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Durability, EdgeConfig};
+use crate::hub::{ConnHandle, Hub, Replay};
+use crate::storage::{Storage, StorageError};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A request the core refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("storage unavailable: {0}")]
+    Storage(String),
+}
+
+impl CoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CoreError::Replica(ReplicaError::Op(_)) => ErrorCode::BadRequest,
+            CoreError::Replica(_) => ErrorCode::Internal,
+            CoreError::Storage(_) => ErrorCode::StorageUnavailable,
+        }
+    }
+}
+
+impl From<StorageError> for CoreError {
+    fn from(e: StorageError) -> Self {
+        CoreError::Storage(e.to_string())
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct FlushState {
+    flushed: u64,
+    /// Generations up to this failed to flush, with the reason.
+    failed: Option<(u64, String)>,
+}
+
+struct Inner {
+    node: Node,
+    /// Generation of the last storage write applied to sled.
+    written: u64,
+    /// Outputs waiting for their generation to be durable.
+    post: VecDeque<(u64, Output)>,
+}
+
+/// Where `Send` outputs go (the cloud link), when there is one.
+pub type Uplink = mpsc::UnboundedSender<(ReplicaId, SyncMsg)>;
+
+/// The edge's (or cloud's) replica with its storage and subscribers.
+pub struct Core {
+    inner: Mutex<Inner>,
+    pub storage: Storage,
+    pub hub: Hub,
+    pub id: ReplicaId,
+    durability: Durability,
+    commit_window: Duration,
+    flush_wake: Notify,
+    flushed: watch::Sender<FlushState>,
+    uplink: Mutex<Option<Uplink>>,
+    sync_config: SyncConfig,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the replication config from the edge config.
+pub fn sync_config(cfg: &EdgeConfig) -> SyncConfig {
+    let conv = |r: &crate::config::Retention| shared::Retention {
+        max_ops: r.max_ops,
+        max_age_ms: r.max_age_secs.map(|s| s.saturating_mul(1000)),
+    };
+    SyncConfig {
+        retention: conv(&cfg.history.default),
+        namespace_retention: cfg
+            .history
+            .namespaces
+            .iter()
+            .map(|(k, v)| (k.clone(), conv(v)))
+            .collect(),
+        ..SyncConfig::default()
+    }
+}
+
+impl Core {
+    /// Opens storage and rebuilds the node from it.
+    pub fn open(cfg: &EdgeConfig, role: Role) -> Result<Arc<Self>, CoreError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| CoreError::Storage(format!("{}: {e}", cfg.data_dir.display())))?;
+        let storage = Storage::open(&cfg.data_dir, cfg.storage.cache_mb)?;
+        let id = storage.replica_id()?;
+        let channels = storage.load()?;
+        let hub = Hub::default();
+        let mut ops = 0;
+        for (name, d) in &channels {
+            ops += d.log.len();
+            let mut vv = d.floor.clone();
+            for op in &d.log {
+                vv.raise(op.dot.origin, op.dot.seq);
+            }
+            hub.seed_delivered(name, &vv);
+        }
+        tracing::info!(replica = %id, channels = channels.len(), ops, "storage loaded");
+        let sync_cfg = sync_config(cfg);
+        let node = Node::restore(id, role, sync_cfg.clone(), channels, now_ms());
+        Ok(Arc::new(Self {
+            inner: Mutex::new(Inner {
+                node,
+                written: 0,
+                post: VecDeque::new(),
+            }),
+            storage,
+            hub,
+            id,
+            durability: cfg.storage.durability,
+            commit_window: Duration::from_millis(cfg.storage.commit_window_ms),
+            flush_wake: Notify::new(),
+            flushed: watch::Sender::new(FlushState::default()),
+            uplink: Mutex::new(None),
+            sync_config: sync_cfg,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets where `Send` outputs go.
+    pub fn set_uplink(&self, up: Option<Uplink>) {
+        *self.uplink.lock().unwrap_or_else(|p| p.into_inner()) = up;
+    }
+
+    /// Runs the group committer and the replication timer until `shutdown`.
+    pub fn spawn_background(self: &Arc<Self>, shutdown: CancellationToken) {
+        let core = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { core.flusher(stop).await });
+        let core = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => core.handle(Input::Timeout),
+                }
+            }
+        });
+    }
+
+    /// Feeds the node one input and carries out what it asks.
+    pub fn handle(&self, input: Input) {
+        let mut g = self.lock();
+        g.node.handle(now_ms(), input);
+        if let Err(e) = self.drain(&mut g) {
+            tracing::error!(error = %e, "storage failure while handling replication input");
+        }
+    }
+
+    /// Accepts a client write; returns once it is durable (per the durability mode).
+    pub async fn write(
+        &self,
+        channel: &ChannelName,
+        write: LocalWrite,
+    ) -> Result<LocalOutcome, CoreError> {
+        let (outcome, gen) = self.apply(channel, write)?;
+        self.wait_durable(gen).await?;
+        Ok(outcome)
+    }
+
+    /// First half of a write: applies it now (assigning its dot, in call order) and
+    /// returns the generation to wait for with [`Core::wait_durable`] before acking.
+    pub fn apply(
+        &self,
+        channel: &ChannelName,
+        write: LocalWrite,
+    ) -> Result<(LocalOutcome, u64), CoreError> {
+        let mut g = self.lock();
+        let outcome = g.node.local(now_ms(), channel, write)?;
+        self.drain(&mut g)?;
+        Ok((outcome, g.written))
+    }
+
+    /// Fans out a message that is never stored.
+    pub fn ephemeral(&self, channel: &ChannelName, msg: Ephemeral) {
+        let mut g = self.lock();
+        g.node.ephemeral(channel, msg);
+        if let Err(e) = self.drain(&mut g) {
+            tracing::error!(error = %e, "storage failure on ephemeral");
+        }
+    }
+
+    /// Subscribes a connection: replay from `since` (durable ops only), then live.
+    pub fn subscribe(
+        &self,
+        channel: &ChannelName,
+        conn: &ConnHandle,
+        since: &VersionVector,
+    ) -> Replay {
+        let mut g = self.lock();
+        let (replay, first) = match g.node.channel(channel) {
+            Some(r) => {
+                let truncated = matches!(r.ops_since(since, 0), Err(NeedSnapshot { .. }));
+                self.hub.subscribe(channel, conn, since, r.log(), truncated)
+            }
+            None => self
+                .hub
+                .subscribe(channel, conn, since, std::iter::empty(), false),
+        };
+        if first {
+            g.node
+                .handle(now_ms(), Input::Interest(channel.clone(), true));
+            if let Err(e) = self.drain(&mut g) {
+                tracing::error!(error = %e, "storage failure on subscribe");
+            }
+        }
+        replay
+    }
+
+    pub fn unsubscribe(&self, channel: &ChannelName, conn: u64) {
+        let mut g = self.lock();
+        if self.hub.unsubscribe(channel, conn) {
+            g.node
+                .handle(now_ms(), Input::Interest(channel.clone(), false));
+            if let Err(e) = self.drain(&mut g) {
+                tracing::error!(error = %e, "storage failure on unsubscribe");
+            }
+        }
+    }
+
+    /// The register of a state key, if any.
+    pub fn state_get(&self, channel: &ChannelName, key: &str) -> Option<Register> {
+        self.lock()
+            .node
+            .channel(channel)
+            .and_then(|c| c.register(key).cloned())
+    }
+
+    /// All state keys of a channel.
+    pub fn state_all(&self, channel: &ChannelName) -> Vec<(String, Register)> {
+        self.lock()
+            .node
+            .channel(channel)
+            .map(|c| {
+                c.state()
+                    .iter()
+                    .map(|(k, r)| (k.clone(), r.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Durable ops after `since`, at most `limit`; and whether older history is gone.
+    pub fn history(
+        &self,
+        channel: &ChannelName,
+        since: &VersionVector,
+        limit: usize,
+    ) -> (Vec<Op>, bool) {
+        let g = self.lock();
+        let delivered = self.hub.delivered(channel);
+        match g.node.channel(channel) {
+            None => (Vec::new(), false),
+            Some(r) => {
+                let truncated = r.ops_since(since, 0).is_err();
+                let ops = r
+                    .log()
+                    .filter(|op| delivered.covers(op.dot) && !since.covers(op.dot))
+                    .take(limit)
+                    .cloned()
+                    .collect();
+                (ops, truncated)
+            }
+        }
+    }
+
+    /// Reads the node under the lock (status, metrics).
+    pub fn with_node<T>(&self, f: impl FnOnce(&Node) -> T) -> T {
+        f(&self.lock().node)
+    }
+
+    /// Carries out queued outputs: storage now, the rest when durable.
+    fn drain(&self, g: &mut Inner) -> Result<(), CoreError> {
+        let gen = g.written + 1;
+        let mut dirty = false;
+        let mut result = Ok(());
+        while let Some(out) = g.node.poll() {
+            match out {
+                Output::Persist(p) => {
+                    if let Err(e) = self.storage.apply(&p) {
+                        result = Err(e.into());
+                        break;
+                    }
+                    dirty = true;
+                }
+                other => {
+                    if dirty || !g.post.is_empty() {
+                        g.post.push_back((gen, other));
+                    } else {
+                        self.execute(other);
+                    }
+                }
+            }
+        }
+        if dirty {
+            g.written = gen;
+        }
+        if let Err(e) = result {
+            // Memory may now be ahead of disk: rebuild the node from what storage has,
+            // so nothing that is not stored is ever delivered or acknowledged.
+            self.reload(g);
+            return Err(e);
+        }
+        if self.durability == Durability::Os {
+            let written = g.written;
+            self.complete(g, written);
+            self.flushed.send_modify(|s| s.flushed = written);
+        } else if dirty {
+            self.flush_wake.notify_one();
+        }
+        Ok(())
+    }
+
+    fn reload(&self, g: &mut Inner) {
+        g.post.clear();
+        match self.storage.load() {
+            Ok(channels) => {
+                let role = g.node.role();
+                let cfg = self.sync_config.clone();
+                g.node = Node::restore(self.id, role, cfg, channels, now_ms());
+                tracing::warn!("node rebuilt from storage after a storage failure");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot reload storage"),
+        }
+    }
+
+    /// Runs outputs whose generation is durable.
+    fn complete(&self, g: &mut Inner, upto: u64) {
+        while g.post.front().is_some_and(|(gen, _)| *gen <= upto) {
+            if let Some((_, out)) = g.post.pop_front() {
+                self.execute(out);
+            }
+        }
+    }
+
+    fn execute(&self, out: Output) {
+        match out {
+            Output::Deliver { channel, op } => self.hub.deliver(&channel, &op),
+            Output::DeliverEphemeral { channel, msg } => self.hub.ephemeral(&channel, &msg),
+            Output::Send { to, msg } => {
+                if let Some(up) = self
+                    .uplink
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    let _ = up.send((to, msg));
+                }
+            }
+            Output::Conflict { channel, conflict } => {
+                metrics::counter!("outpost_conflicts_total").increment(1);
+                tracing::debug!(%channel, key = %conflict.key, losers = conflict.losers.len(), "concurrent writes");
+            }
+            Output::Persist(_) => {}
+            Output::SnapshotInstalled { channel, .. } => {
+                tracing::info!(%channel, "snapshot installed");
+            }
+            Output::Acked { .. } => {}
+            Output::Rtt { peer, rtt_ms } => {
+                metrics::gauge!("outpost_link_rtt_ms", "peer" => peer.to_string())
+                    .set(rtt_ms as f64);
+            }
+            Output::Warn { peer, reason } => {
+                tracing::warn!(peer = ?peer, %reason, "replication warning");
+            }
+        }
+    }
+
+    /// Second half of a write: resolves once generation `gen` is durable.
+    pub async fn wait_durable(&self, gen: u64) -> Result<(), CoreError> {
+        if self.durability == Durability::Os {
+            return Ok(());
+        }
+        let mut rx = self.flushed.subscribe();
+        let state = rx
+            .wait_for(|s| s.flushed >= gen || s.failed.as_ref().is_some_and(|(f, _)| *f >= gen))
+            .await
+            .map_err(|_| CoreError::Storage("flusher stopped".into()))?
+            .clone();
+        match state.failed {
+            Some((f, reason)) if f >= gen && state.flushed < gen => Err(CoreError::Storage(reason)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The group committer: one flush covers every write made while the previous one ran.
+    async fn flusher(self: Arc<Self>, shutdown: CancellationToken) {
+        if self.durability == Durability::Os {
+            return;
+        }
+        loop {
+            let pending = {
+                let g = self.lock();
+                g.written > self.flushed.borrow().flushed
+            };
+            if !pending {
+                tokio::select! {
+                    _ = self.flush_wake.notified() => {}
+                    _ = shutdown.cancelled() => {
+                        let _ = self.storage.flush().await;
+                        return;
+                    }
+                }
+                if !self.commit_window.is_zero() {
+                    tokio::time::sleep(self.commit_window).await;
+                }
+            }
+            let target = self.lock().written;
+            let started = Instant::now();
+            let res = self.storage.flush().await;
+            metrics::histogram!("outpost_flush_seconds").record(started.elapsed().as_secs_f64());
+            match res {
+                Ok(_) => {
+                    {
+                        let mut g = self.lock();
+                        self.complete(&mut g, target);
+                    }
+                    self.flushed
+                        .send_modify(|s| s.flushed = s.flushed.max(target));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "flush failed");
+                    metrics::counter!("outpost_flush_failures_total").increment(1);
+                    {
+                        let mut g = self.lock();
+                        // Outputs of the failed generations are dropped, never delivered.
+                        g.post.retain(|(gen, _)| *gen > target);
+                        self.reload(&mut g);
+                    }
+                    let reason = e.to_string();
+                    self.flushed
+                        .send_modify(|s| s.failed = Some((target, reason.clone())));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,602 @@
+//! The WebSocket endpoint `/v1/ws`: JSON messages (see `shared::client` and
+//! docs/PROTOCOL.md). One task per connection reads requests, writes replies and
+//! queued pushes, and keeps acks in request order while writes are pipelined.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{FuturesOrdered, SplitSink};
+use futures_util::{Future, SinkExt, StreamExt};
+use serde::Deserialize;
+use shared::client::{self, dot_string, ClientMsg, CloseCode, ErrorCode, ServerMsg};
+use shared::replica::{LocalOutcome, LocalWrite};
+use shared::{ChannelName, Ephemeral};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::rest::{members, since, state_view};
+use super::{channel, credential, now_secs, ApiError, AppState, ConnGuard};
+use crate::auth::{Action, Principal};
+use crate::hub::{ConnHandle, Push};
+
+#[derive(Debug, Default, Deserialize)]
+pub struct WsQuery {
+    pub token: Option<String>,
+}
+
+/// `GET /v1/ws`
+pub async fn upgrade(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    Query(q): Query<WsQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if state.shutdown.is_cancelled() {
+        return ApiError::new(ErrorCode::BadState, "shutting down: use another endpoint")
+            .into_response();
+    }
+    let slot = match state.conns.try_acquire(addr.ip()) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let cred = credential(&headers, q.token.as_deref());
+    // tungstenite's own limit sits above ours, so an oversized message gets our error
+    // code and the connection stays up; far larger frames are refused by tungstenite.
+    let max = state.cfg.limits.max_message_bytes;
+    ws.read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(max * 4 + 4096)
+        .max_frame_size(max * 4 + 4096)
+        .on_upgrade(move |socket| {
+            let span = tracing::info_span!("ws", peer = %addr);
+            async move { Conn::run(state, socket, slot, cred).await }.instrument(span)
+        })
+}
+
+type Ack = Pin<Box<dyn Future<Output = ServerMsg> + Send>>;
+
+struct Conn {
+    state: Arc<AppState>,
+    principal: Option<Principal>,
+    handle: Option<ConnHandle>,
+    queue: Option<mpsc::Receiver<Arc<Push>>>,
+    subs: HashSet<ChannelName>,
+    acks: FuturesOrdered<Ack>,
+    tokens: f64,
+    refilled: Instant,
+    _slot: ConnGuard,
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+
+async fn close(sink: &mut Sink, code: CloseCode, reason: &str) {
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: code as u16,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+fn text(msg: &ServerMsg) -> Message {
+    Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
+}
+
+async fn recv_queue(q: &mut Option<mpsc::Receiver<Arc<Push>>>) -> Option<Arc<Push>> {
+    match q {
+        Some(q) => q.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_ack(acks: &mut FuturesOrdered<Ack>) -> ServerMsg {
+    if acks.is_empty() {
+        return std::future::pending().await;
+    }
+    match acks.next().await {
+        Some(m) => m,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_expiry(exp: Option<u64>) {
+    match exp {
+        Some(exp) => {
+            let left = exp.saturating_sub(now_secs()) + 1;
+            tokio::time::sleep(Duration::from_secs(left)).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+impl Conn {
+    async fn run(state: Arc<AppState>, socket: WebSocket, slot: ConnGuard, cred: Option<String>) {
+        let (mut sink, mut stream) = socket.split();
+        let limits = state.cfg.limits.clone();
+        let mut conn = Conn {
+            state: state.clone(),
+            principal: None,
+            handle: None,
+            queue: None,
+            subs: HashSet::new(),
+            acks: FuturesOrdered::new(),
+            tokens: f64::from(limits.publish_burst),
+            refilled: Instant::now(),
+            _slot: slot,
+        };
+        // A token in the URL or header authenticates at once; otherwise the first
+        // message must be `connect` (unless anonymous access is on).
+        if cred.is_some() || state.cfg.auth.allow_anonymous {
+            match state.principal(cred.as_deref()) {
+                Ok(p) => {
+                    let hello = conn.authenticated(p);
+                    if sink.send(text(&hello)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = sink
+                        .send(text(&ServerMsg::error(None, e.code, &e.message)))
+                        .await;
+                    close(&mut sink, CloseCode::Unauthorized, &e.message).await;
+                    return;
+                }
+            }
+        }
+        let idle = Duration::from_secs(limits.idle_timeout_secs);
+        let mut deadline = tokio::time::Instant::now() + idle;
+        loop {
+            let kill = conn
+                .handle
+                .as_ref()
+                .map(|h| h.kill.clone())
+                .unwrap_or_default();
+            let exp = conn.principal.as_ref().and_then(|p| p.expires_at);
+            tokio::select! {
+                biased;
+                _ = state.shutdown.cancelled() => {
+                    close(&mut sink, CloseCode::GoingAwayResume, "server shutting down: reconnect to another endpoint and resume").await;
+                    break;
+                }
+                _ = kill.cancelled() => {
+                    let code = conn.handle.as_ref().map(ConnHandle::kill_code).unwrap_or(CloseCode::GoingAwayResume);
+                    let reason = match code {
+                        CloseCode::SlowConsumerResume => "slow consumer: reconnect and resume with your tokens",
+                        _ => "go elsewhere and resume",
+                    };
+                    close(&mut sink, code, reason).await;
+                    break;
+                }
+                p = recv_queue(&mut conn.queue) => {
+                    let Some(p) = p else { break };
+                    if sink.feed(Message::Text(p.json.clone())).await.is_err() { break; }
+                    let mut more = 0;
+                    while more < 64 {
+                        match conn.queue.as_mut().map(|q| q.try_recv()) {
+                            Some(Ok(p)) => {
+                                if sink.feed(Message::Text(p.json.clone())).await.is_err() { break; }
+                                more += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    if sink.flush().await.is_err() { break; }
+                }
+                ack = next_ack(&mut conn.acks) => {
+                    if sink.send(text(&ack)).await.is_err() { break; }
+                }
+                m = stream.next() => {
+                    let Some(Ok(m)) = m else { break };
+                    deadline = tokio::time::Instant::now() + idle;
+                    let replies = match m {
+                        Message::Text(t) => conn.on_text(&t),
+                        Message::Binary(_) => vec![ServerMsg::error(None, ErrorCode::BadRequest, "binary messages are not part of the protocol; send JSON text")],
+                        Message::Close(_) => break,
+                        Message::Ping(_) | Message::Pong(_) => Vec::new(),
+                    };
+                    let mut failed = false;
+                    for r in &replies {
+                        if sink.feed(text(r)).await.is_err() { failed = true; break; }
+                    }
+                    if failed || sink.flush().await.is_err() { break; }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    close(&mut sink, CloseCode::IdleTimeout, "idle timeout").await;
+                    break;
+                }
+                _ = sleep_until_expiry(exp) => {
+                    let _ = sink.send(text(&ServerMsg::error(None, ErrorCode::TokenExpired, "token expired"))).await;
+                    close(&mut sink, CloseCode::Unauthorized, "token expired: reconnect with a fresh token").await;
+                    break;
+                }
+            }
+        }
+        conn.cleanup();
+    }
+
+    fn authenticated(&mut self, p: Principal) -> ServerMsg {
+        if self.handle.is_none() {
+            let (handle, queue) = self.state.new_conn(&p.subject);
+            self.handle = Some(handle);
+            self.queue = Some(queue);
+        }
+        self.principal = Some(p);
+        ServerMsg::Connected {
+            client: self
+                .handle
+                .as_ref()
+                .map(|h| h.client.to_string())
+                .unwrap_or_default(),
+            replica: self.state.core.id.to_string(),
+        }
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(h) = &self.handle {
+            for ch in self.subs.drain() {
+                self.state.core.unsubscribe(&ch, h.id);
+            }
+        }
+    }
+
+    fn on_text(&mut self, t: &str) -> Vec<ServerMsg> {
+        let limit = self.state.cfg.limits.max_message_bytes;
+        if t.len() > limit {
+            return vec![ServerMsg::error(
+                None,
+                ErrorCode::MessageTooLarge,
+                format!("message of {} bytes exceeds the limit of {limit}", t.len()),
+            )];
+        }
+        let msg: ClientMsg = match serde_json::from_str(t) {
+            Ok(m) => m,
+            Err(e) => {
+                let id = serde_json::from_str::<serde_json::Value>(t)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(serde_json::Value::as_u64));
+                return vec![ServerMsg::error(
+                    id,
+                    ErrorCode::BadRequest,
+                    format!("not a valid message: {e}"),
+                )];
+            }
+        };
+        if let Some(h) = &self.handle {
+            self.state.core.hub.touch(h.id);
+        }
+        match self.on_msg(msg) {
+            Ok(replies) => replies,
+            Err((id, e)) => {
+                metrics::counter!("outpost_errors_total", "code" => e.code.to_string())
+                    .increment(1);
+                vec![ServerMsg::error(id, e.code, e.message)]
+            }
+        }
+    }
+
+    fn take_token(&mut self) -> bool {
+        let l = &self.state.cfg.limits;
+        let now = Instant::now();
+        let dt = now.duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens =
+            (self.tokens + dt * f64::from(l.publish_rate_per_sec)).min(f64::from(l.publish_burst));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Checks the principal's right on a channel; returns the parsed channel.
+    fn authorize(&self, name: &str, action: Action) -> Result<(ChannelName, &Principal), ApiError> {
+        let p = self.principal.as_ref().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "send {\"type\":\"connect\",\"token\":...} first",
+            )
+        })?;
+        let ch = channel(name)?;
+        p.require(&ch, action, now_secs())?;
+        Ok((ch, p))
+    }
+
+    fn queue_write(
+        &mut self,
+        id: Option<u64>,
+        ch: &ChannelName,
+        w: LocalWrite,
+    ) -> Result<(), ApiError> {
+        if !self.take_token() {
+            return Err(ApiError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} writes per second on this connection",
+                    self.state.cfg.limits.publish_rate_per_sec
+                ),
+            ));
+        }
+        let kind = match &w {
+            LocalWrite::Event { .. } => "event",
+            LocalWrite::Set { .. } => "set",
+            LocalWrite::Delete { .. } => "delete",
+        };
+        metrics::counter!("outpost_ops_in_total", "kind" => kind, "via" => "ws").increment(1);
+        let (outcome, gen) = self.state.core.apply(ch, w)?;
+        let dot = match outcome {
+            LocalOutcome::Applied(a) => a.op.dot,
+            LocalOutcome::Duplicate(d) => d,
+        };
+        let core = self.state.core.clone();
+        self.acks.push_back(Box::pin(async move {
+            match core.wait_durable(gen).await {
+                Ok(()) => ServerMsg::Ack {
+                    id,
+                    dot: Some(dot_string(dot)),
+                },
+                Err(e) => ServerMsg::error(id, e.code(), e.to_string()),
+            }
+        }));
+        Ok(())
+    }
+
+    fn on_msg(&mut self, msg: ClientMsg) -> Result<Vec<ServerMsg>, (Option<u64>, ApiError)> {
+        match msg {
+            ClientMsg::Connect { token } => {
+                let p = self
+                    .state
+                    .principal(token.as_deref())
+                    .map_err(|e| (None, e))?;
+                Ok(vec![self.authenticated(p)])
+            }
+            ClientMsg::Ping { id } => Ok(vec![ServerMsg::Pong { id }]),
+            ClientMsg::Subscribe {
+                id,
+                channel,
+                since: tok,
+            } => self
+                .subscribe(&channel, tok.as_deref(), id)
+                .map_err(|e| (id, e)),
+            ClientMsg::Unsubscribe { id, channel } => {
+                let ch = self::channel(&channel).map_err(|e| (id, e))?;
+                if self.subs.remove(&ch) {
+                    if let Some(h) = &self.handle {
+                        self.state.core.unsubscribe(&ch, h.id);
+                    }
+                }
+                Ok(vec![ServerMsg::Unsubscribed { id, channel }])
+            }
+            ClientMsg::Publish {
+                id,
+                channel,
+                event,
+                data,
+                ephemeral,
+                key,
+            } => {
+                let (ch, p) = self
+                    .authorize(&channel, Action::Publish)
+                    .map_err(|e| (id, e))?;
+                if ephemeral {
+                    let from = self
+                        .handle
+                        .as_ref()
+                        .map(|h| h.client.to_string())
+                        .or(Some(p.subject.clone()));
+                    if !self.take_token() {
+                        return Err((
+                            id,
+                            ApiError::new(
+                                ErrorCode::RateLimited,
+                                "too many messages per second on this connection",
+                            ),
+                        ));
+                    }
+                    self.state.core.ephemeral(
+                        &ch,
+                        Ephemeral {
+                            kind: event,
+                            data,
+                            from,
+                        },
+                    );
+                    return Ok(if id.is_some() {
+                        vec![ServerMsg::Ack { id, dot: None }]
+                    } else {
+                        Vec::new()
+                    });
+                }
+                self.queue_write(
+                    id,
+                    &ch,
+                    LocalWrite::Event {
+                        kind: event,
+                        data,
+                        idempotency_key: key,
+                    },
+                )
+                .map_err(|e| (id, e))?;
+                Ok(Vec::new())
+            }
+            ClientMsg::Set {
+                id,
+                channel,
+                key,
+                value,
+                context,
+            } => {
+                let (ch, _) = self
+                    .authorize(&channel, Action::State)
+                    .map_err(|e| (id, e))?;
+                let context = since(context.as_deref()).map_err(|e| (id, e))?;
+                self.queue_write(
+                    id,
+                    &ch,
+                    LocalWrite::Set {
+                        key,
+                        value,
+                        context,
+                    },
+                )
+                .map_err(|e| (id, e))?;
+                Ok(Vec::new())
+            }
+            ClientMsg::Delete {
+                id,
+                channel,
+                key,
+                context,
+            } => {
+                let (ch, _) = self
+                    .authorize(&channel, Action::State)
+                    .map_err(|e| (id, e))?;
+                let context = since(context.as_deref()).map_err(|e| (id, e))?;
+                self.queue_write(id, &ch, LocalWrite::Delete { key, context })
+                    .map_err(|e| (id, e))?;
+                Ok(Vec::new())
+            }
+            ClientMsg::Get {
+                id,
+                channel,
+                key,
+                siblings,
+            } => {
+                let (ch, _) = self
+                    .authorize(&channel, Action::Subscribe)
+                    .map_err(|e| (id, e))?;
+                let reg = self.state.core.state_get(&ch, &key);
+                Ok(vec![state_view(id, &ch, &key, reg.as_ref(), siblings)])
+            }
+            ClientMsg::Presence { id, channel, data } => {
+                let (ch, _) = self
+                    .authorize(&channel, Action::Presence)
+                    .map_err(|e| (id, e))?;
+                if self
+                    .state
+                    .cfg
+                    .presence
+                    .disabled_namespaces
+                    .iter()
+                    .any(|n| n == ch.namespace())
+                {
+                    return Err((
+                        id,
+                        ApiError::new(
+                            ErrorCode::Forbidden,
+                            format!("presence is off in namespace {:?}", ch.namespace()),
+                        ),
+                    ));
+                }
+                if !self.subs.contains(&ch) {
+                    return Err((
+                        id,
+                        ApiError::new(
+                            ErrorCode::BadState,
+                            "subscribe to the channel before joining its presence",
+                        ),
+                    ));
+                }
+                if let Some(h) = &self.handle {
+                    self.state.core.hub.presence(&ch, h, data);
+                }
+                Ok(if id.is_some() {
+                    vec![ServerMsg::Ack { id, dot: None }]
+                } else {
+                    Vec::new()
+                })
+            }
+            ClientMsg::Members { id, channel } => {
+                let (ch, _) = self
+                    .authorize(&channel, Action::Subscribe)
+                    .map_err(|e| (id, e))?;
+                Ok(vec![ServerMsg::Members {
+                    id,
+                    channel: ch.to_string(),
+                    members: members(&self.state, &ch),
+                }])
+            }
+            ClientMsg::Signal {
+                id,
+                channel,
+                to,
+                data,
+            } => {
+                let (ch, _) = self
+                    .authorize(&channel, Action::Presence)
+                    .map_err(|e| (id, e))?;
+                if !self.subs.contains(&ch) {
+                    return Err((
+                        id,
+                        ApiError::new(
+                            ErrorCode::BadState,
+                            "subscribe to the channel before signalling in it",
+                        ),
+                    ));
+                }
+                let from = self
+                    .handle
+                    .as_ref()
+                    .map(|h| h.client.to_string())
+                    .unwrap_or_default();
+                if !self.state.core.hub.signal(&ch, &from, &to, &data) {
+                    return Err((
+                        id,
+                        ApiError::new(ErrorCode::NotFound, format!("{to} is not in {ch} here")),
+                    ));
+                }
+                Ok(if id.is_some() {
+                    vec![ServerMsg::Ack { id, dot: None }]
+                } else {
+                    Vec::new()
+                })
+            }
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        name: &str,
+        tok: Option<&str>,
+        id: Option<u64>,
+    ) -> Result<Vec<ServerMsg>, ApiError> {
+        let (ch, _) = self.authorize(name, Action::Subscribe)?;
+        let since = since(tok)?;
+        let max = self.state.cfg.limits.max_subscriptions_per_connection;
+        if !self.subs.contains(&ch) && self.subs.len() >= max {
+            return Err(ApiError::new(
+                ErrorCode::TooManySubscriptions,
+                format!("at most {max} subscriptions per connection"),
+            ));
+        }
+        let Some(h) = self.handle.clone() else {
+            return Err(ApiError::new(ErrorCode::Unauthorized, "connect first"));
+        };
+        if self.subs.contains(&ch) {
+            self.state.core.unsubscribe(&ch, h.id);
+        }
+        let replay = self.state.core.subscribe(&ch, &h, &since);
+        self.subs.insert(ch.clone());
+        let mut out: Vec<ServerMsg> = replay
+            .ops
+            .iter()
+            .map(|(op, t)| client::op_message(ch.as_str(), op, t.clone()))
+            .collect();
+        out.push(ServerMsg::Subscribed {
+            id,
+            channel: ch.to_string(),
+            token: replay.token,
+            replayed: replay.ops.len(),
+            truncated: replay.truncated,
+        });
+        Ok(out)
+    }
+}

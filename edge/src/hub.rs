@@ -1,0 +1,398 @@
+//! Fan-out to local subscribers: per channel, the connections subscribed, what has been
+//! delivered (durable ops only), and presence.
+//!
+//! A message is rendered to JSON once per channel and shared (`Arc`) by every
+//! subscriber whose resume token is the channel's; a subscriber that resumed from a
+//! token ahead of this replica gets its own rendering and is spared ops it already has.
+//! Queues are bounded: a subscriber whose queue is full is killed as a slow consumer
+//! (it reconnects and resumes with its token; the log has everything).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use shared::client::{self, CloseCode, PresenceAction, ServerMsg};
+use shared::{token, ChannelName, Ephemeral, Op, Payload, VersionVector};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub type ConnId = u64;
+
+/// One message for a connection.
+#[derive(Debug)]
+pub struct Push {
+    /// Rendered once, shared by reference count (a WebSocket text frame as is).
+    pub json: Utf8Bytes,
+    /// The resume token after this message (ops only; SSE puts it in `id:`).
+    pub token: Option<Arc<str>>,
+    /// SSE event name.
+    pub event: &'static str,
+}
+
+/// Why a connection was killed by the hub.
+pub const KILL_NONE: u8 = 0;
+pub const KILL_SLOW: u8 = 1;
+
+/// A connection as the hub sees it.
+#[derive(Clone, Debug)]
+pub struct ConnHandle {
+    pub id: ConnId,
+    /// The id other clients use to address it (signals) and see it by (presence).
+    pub client: Arc<str>,
+    pub subject: Arc<str>,
+    pub tx: mpsc::Sender<Arc<Push>>,
+    pub kill: CancellationToken,
+    pub kill_reason: Arc<AtomicU8>,
+}
+
+impl ConnHandle {
+    fn push(&self, p: Arc<Push>) -> bool {
+        match self.tx.try_send(p) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.kill_reason.store(KILL_SLOW, Ordering::Relaxed);
+                self.kill.cancel();
+                metrics::counter!("outpost_slow_consumer_closes_total").increment(1);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// The close code a killed connection should send.
+    pub fn kill_code(&self) -> CloseCode {
+        match self.kill_reason.load(Ordering::Relaxed) {
+            KILL_SLOW => CloseCode::SlowConsumerResume,
+            _ => CloseCode::GoingAwayResume,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Sub {
+    conn: ConnHandle,
+    /// Set when the subscriber's token is ahead of `delivered` on some origin.
+    ahead: Option<VersionVector>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PresenceEntry {
+    pub conn: ConnId,
+    pub subject: Arc<str>,
+    pub data: Option<Payload>,
+    pub seen: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Chan {
+    subs: HashMap<ConnId, Sub>,
+    delivered: VersionVector,
+    presence: HashMap<Arc<str>, PresenceEntry>,
+}
+
+/// Local subscribers of every channel.
+#[derive(Debug, Default)]
+pub struct Hub {
+    inner: Mutex<HashMap<ChannelName, Chan>>,
+}
+
+fn json(msg: &ServerMsg) -> Utf8Bytes {
+    serde_json::to_string(msg)
+        .unwrap_or_else(|_| r#"{"type":"error","code":"internal"}"#.into())
+        .into()
+}
+
+/// What a new subscription must replay before it goes live.
+#[derive(Debug)]
+pub struct Replay {
+    /// `(op, token after it)`, in order.
+    pub ops: Vec<(Op, String)>,
+    /// The subscriber's token at the end of the replay.
+    pub token: String,
+    /// The replay could not go back as far as asked: history was compacted.
+    pub truncated: bool,
+}
+
+impl Hub {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ChannelName, Chan>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seeds what counts as delivered for a channel restored from disk.
+    pub fn seed_delivered(&self, channel: &ChannelName, vv: &VersionVector) {
+        self.lock()
+            .entry(channel.clone())
+            .or_default()
+            .delivered
+            .merge(vv);
+    }
+
+    /// What has been delivered (is durable) on a channel.
+    pub fn delivered(&self, channel: &ChannelName) -> VersionVector {
+        self.lock()
+            .get(channel)
+            .map(|c| c.delivered.clone())
+            .unwrap_or_default()
+    }
+
+    /// Registers a subscriber and computes its replay from `log` (the replica's retained
+    /// log in applied order), atomically with respect to deliveries (the caller holds
+    /// the core lock). Returns whether this is the channel's first subscriber.
+    pub fn subscribe<'a>(
+        &self,
+        channel: &ChannelName,
+        conn: &ConnHandle,
+        since: &VersionVector,
+        log: impl Iterator<Item = &'a Op>,
+        truncated: bool,
+    ) -> (Replay, bool) {
+        let mut g = self.lock();
+        let ch = g.entry(channel.clone()).or_default();
+        let first = ch.subs.is_empty();
+        let mut vv = since.clone();
+        let mut ops = Vec::new();
+        for op in log {
+            if ch.delivered.covers(op.dot) && !vv.covers(op.dot) {
+                vv.raise(op.dot.origin, op.dot.seq);
+                ops.push((op.clone(), token::encode(&vv)));
+            }
+        }
+        vv.merge(&ch.delivered);
+        let ahead = (vv != ch.delivered).then(|| vv.clone());
+        ch.subs.insert(
+            conn.id,
+            Sub {
+                conn: conn.clone(),
+                ahead,
+            },
+        );
+        metrics::gauge!("outpost_subscriptions").increment(1.0);
+        (
+            Replay {
+                ops,
+                token: token::encode(&vv),
+                truncated,
+            },
+            first,
+        )
+    }
+
+    /// Removes a subscription; returns whether the channel has no subscriber left, and
+    /// presence leaves to announce.
+    pub fn unsubscribe(&self, channel: &ChannelName, conn: ConnId) -> bool {
+        let mut g = self.lock();
+        let Some(ch) = g.get_mut(channel) else {
+            return false;
+        };
+        if ch.subs.remove(&conn).is_some() {
+            metrics::gauge!("outpost_subscriptions").decrement(1.0);
+        }
+        let left: Vec<Arc<str>> = ch
+            .presence
+            .iter()
+            .filter(|(_, p)| p.conn == conn)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for client in left {
+            if let Some(p) = ch.presence.remove(&client) {
+                Self::broadcast_presence(ch, channel, PresenceAction::Leave, &client, &p);
+            }
+        }
+        ch.subs.is_empty()
+    }
+
+    /// Delivers a durable op to the channel's subscribers.
+    pub fn deliver(&self, channel: &ChannelName, op: &Op) {
+        let mut g = self.lock();
+        let ch = g.entry(channel.clone()).or_default();
+        ch.delivered.raise(op.dot.origin, op.dot.seq);
+        if ch.subs.is_empty() {
+            return;
+        }
+        let shared_token: Arc<str> = token::encode(&ch.delivered).into();
+        let shared = Arc::new(Push {
+            json: json(&client::op_message(
+                channel.as_str(),
+                op,
+                shared_token.to_string(),
+            )),
+            token: Some(shared_token),
+            event: "op",
+        });
+        let mut dead = Vec::new();
+        let mut delivered_n = 0u64;
+        for (id, sub) in ch.subs.iter_mut() {
+            let push = match &mut sub.ahead {
+                None => shared.clone(),
+                Some(ahead) => {
+                    if ahead.covers(op.dot) {
+                        continue;
+                    }
+                    ahead.merge(&ch.delivered);
+                    if *ahead == ch.delivered {
+                        sub.ahead = None;
+                        shared.clone()
+                    } else {
+                        let t = token::encode(ahead);
+                        Arc::new(Push {
+                            json: json(&client::op_message(channel.as_str(), op, t.clone())),
+                            token: Some(t.into()),
+                            event: "op",
+                        })
+                    }
+                }
+            };
+            if sub.conn.push(push) {
+                delivered_n += 1;
+            } else {
+                dead.push(*id);
+            }
+        }
+        metrics::counter!("outpost_ops_out_total").increment(delivered_n);
+        for id in dead {
+            if ch.subs.remove(&id).is_some() {
+                metrics::gauge!("outpost_subscriptions").decrement(1.0);
+            }
+        }
+    }
+
+    /// Fans out a message that is never stored.
+    pub fn ephemeral(&self, channel: &ChannelName, msg: &Ephemeral) {
+        let g = self.lock();
+        let Some(ch) = g.get(channel) else { return };
+        let push = Arc::new(Push {
+            json: json(&ServerMsg::Ephemeral {
+                channel: channel.to_string(),
+                event: msg.kind.clone(),
+                data: msg.data.clone(),
+                from: msg.from.clone(),
+            }),
+            token: None,
+            event: "ephemeral",
+        });
+        for sub in ch.subs.values() {
+            sub.conn.push(push.clone());
+        }
+    }
+
+    /// Sends a WebRTC signal to the member `to` of the channel. False if not here.
+    pub fn signal(&self, channel: &ChannelName, from: &str, to: &str, data: &Payload) -> bool {
+        let g = self.lock();
+        let Some(ch) = g.get(channel) else {
+            return false;
+        };
+        let Some(sub) = ch.subs.values().find(|s| &*s.conn.client == to) else {
+            return false;
+        };
+        sub.conn.push(Arc::new(Push {
+            json: json(&ServerMsg::Signal {
+                channel: channel.to_string(),
+                from: from.to_owned(),
+                data: data.clone(),
+            }),
+            token: None,
+            event: "signal",
+        }))
+    }
+
+    /// Joins or refreshes a presence entry; announces joins and changes.
+    pub fn presence(&self, channel: &ChannelName, conn: &ConnHandle, data: Option<Payload>) {
+        let mut g = self.lock();
+        let ch = g.entry(channel.clone()).or_default();
+        let entry = PresenceEntry {
+            conn: conn.id,
+            subject: conn.subject.clone(),
+            data,
+            seen: Instant::now(),
+        };
+        let action = match ch.presence.get(&conn.client) {
+            None => Some(PresenceAction::Join),
+            Some(old) if old.data != entry.data => Some(PresenceAction::Update),
+            Some(_) => None,
+        };
+        ch.presence.insert(conn.client.clone(), entry.clone());
+        if let Some(action) = action {
+            Self::broadcast_presence(ch, channel, action, &conn.client, &entry);
+        }
+    }
+
+    /// Marks every presence entry of a connection as alive.
+    pub fn touch(&self, conn: ConnId) {
+        let now = Instant::now();
+        let mut g = self.lock();
+        for ch in g.values_mut() {
+            for p in ch.presence.values_mut().filter(|p| p.conn == conn) {
+                p.seen = now;
+            }
+        }
+    }
+
+    /// Drops presence entries not refreshed within `ttl`, announcing the leaves.
+    pub fn expire_presence(&self, ttl: std::time::Duration) {
+        let mut g = self.lock();
+        for (name, ch) in g.iter_mut() {
+            let stale: Vec<Arc<str>> = ch
+                .presence
+                .iter()
+                .filter(|(_, p)| p.seen.elapsed() > ttl)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for client in stale {
+                if let Some(p) = ch.presence.remove(&client) {
+                    Self::broadcast_presence(ch, name, PresenceAction::Leave, &client, &p);
+                }
+            }
+        }
+    }
+
+    /// Current members of a channel: (client, subject, data).
+    pub fn members(&self, channel: &ChannelName) -> Vec<(String, String, Option<Payload>)> {
+        let g = self.lock();
+        let mut v: Vec<_> = g
+            .get(channel)
+            .map(|ch| {
+                ch.presence
+                    .iter()
+                    .map(|(c, p)| (c.to_string(), p.subject.to_string(), p.data.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        v
+    }
+
+    fn broadcast_presence(
+        ch: &Chan,
+        channel: &ChannelName,
+        action: PresenceAction,
+        client: &str,
+        entry: &PresenceEntry,
+    ) {
+        let push = Arc::new(Push {
+            json: json(&ServerMsg::Presence {
+                channel: channel.to_string(),
+                action,
+                client: client.to_owned(),
+                subject: entry.subject.to_string(),
+                data: entry.data.clone(),
+            }),
+            token: None,
+            event: "presence",
+        });
+        for sub in ch.subs.values() {
+            sub.conn.push(push.clone());
+        }
+    }
+
+    /// Tells every subscriber to go elsewhere (shutdown, drain).
+    pub fn kill_all(&self) {
+        let g = self.lock();
+        for ch in g.values() {
+            for sub in ch.subs.values() {
+                sub.conn.kill.cancel();
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Outpost edge node: the I/O shell around the replication core.
+//!
+//! - [`config`]: TOML + environment + flags, validated.
+//! - [`storage`]: sled; [`core`]: the node, group commit, output execution.
+//! - [`hub`]: fan-out to local subscribers, presence.
+//! - [`auth`]: JWT and API keys; [`gateway`]: WebSocket, SSE and REST (axum).
+//!
+//! [`run`] serves the gateway on a listener until a shutdown token fires.
+
+pub mod auth;
+pub mod config;
+pub mod core;
+pub mod gateway;
+pub mod hub;
+pub mod storage;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::sync::Role;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::config::EdgeConfig;
+use crate::core::Core;
+use crate::gateway::AppState;
+
+/// Why the edge could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Core(#[from] crate::core::CoreError),
+    #[error("auth configuration: {0}")]
+    Auth(String),
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A started server, for callers that embed it (the cloud, tests).
+#[derive(Debug)]
+pub struct Running {
+    pub core: Arc<Core>,
+    pub state: Arc<AppState>,
+}
+
+/// Opens storage and builds the gateway state for a replica in `role`.
+pub fn build(
+    cfg: EdgeConfig,
+    role: Role,
+    shutdown: CancellationToken,
+) -> Result<Running, RunError> {
+    let cfg = Arc::new(cfg);
+    let auth = Authenticator::new(&cfg.auth).map_err(RunError::Auth)?;
+    let core = Core::open(&cfg, role)?;
+    core.spawn_background(shutdown.clone());
+    let state = Arc::new(AppState::new(
+        core.clone(),
+        auth,
+        cfg.clone(),
+        shutdown.clone(),
+    ));
+    // Presence expiry.
+    let hub_state = state.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let ttl = Duration::from_secs(hub_state.cfg.presence.ttl_secs);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => hub_state.core.hub.expire_presence(ttl),
+            }
+        }
+    });
+    Ok(Running { core, state })
+}
+
+/// Serves the client gateway on `listener` until `shutdown` fires, then closes
+/// clients with a "go elsewhere and resume" code and flushes storage.
+pub async fn serve(running: &Running, listener: TcpListener) -> Result<(), RunError> {
+    let state = running.state.clone();
+    let shutdown = state.shutdown.clone();
+    let app = gateway::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let grace = Duration::from_millis(state.cfg.shutdown_grace_ms);
+    let stop = shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            stop.cancelled().await;
+            // Connections see the token and close themselves with 4101.
+        })
+        .await?;
+    // Give connection tasks a moment to send their close frames, then make sure
+    // everything acknowledged is on disk.
+    tokio::time::sleep(grace.min(Duration::from_millis(200))).await;
+    running
+        .core
+        .storage
+        .flush()
+        .await
+        .map_err(|e| RunError::Core(e.into()))?;
+    tracing::info!("edge stopped");
+    Ok(())
+}
+
+/// Runs an edge: storage, gateway, background tasks, until `shutdown`.
+pub async fn run(
+    cfg: EdgeConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let running = build(cfg, Role::Edge, shutdown)?;
+    serve(&running, listener).await
+}

@@ -1,0 +1,252 @@
+//! Durable storage in sled: per-channel op logs in applied order (the local arrival
+//! index), a dot index, materialized state, per-channel metadata (floor, acked), and
+//! the replica id. One database per data dir.
+//!
+//! Writes are applied to sled's in-memory tree by [`Storage::apply`] and become
+//! durable at the next [`Storage::flush`] (the group commit).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use shared::codec;
+use shared::sync::{DurableChannel, Persist};
+use shared::{ChannelName, Dot, ReplicaId, VersionVector};
+
+/// A storage failure. Nothing that failed here was acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage I/O: {0}")]
+    Io(#[from] sled::Error),
+    #[error("storage holds undecodable data at {what}: {err}")]
+    Corrupt {
+        what: String,
+        err: codec::CodecError,
+    },
+    #[error("encoding: {0}")]
+    Encode(codec::CodecError),
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct ChanMeta {
+    floor: VersionVector,
+    acked: u64,
+}
+
+/// The edge's sled database.
+pub struct Storage {
+    db: sled::Db,
+    /// `channel \0 arrival(u64 BE)` -> op
+    log: sled::Tree,
+    /// `channel \0 origin(u64 BE) seq(u64 BE)` -> arrival(u64 BE)
+    dots: sled::Tree,
+    /// `channel \0 key` -> register
+    state: sled::Tree,
+    /// `channel` -> ChanMeta
+    chans: sled::Tree,
+    known: Mutex<HashSet<ChannelName>>,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage").finish_non_exhaustive()
+    }
+}
+
+fn prefix(channel: &ChannelName) -> Vec<u8> {
+    let mut k = Vec::with_capacity(channel.as_str().len() + 17);
+    k.extend_from_slice(channel.as_str().as_bytes());
+    k.push(0);
+    k
+}
+
+fn dot_key(channel: &ChannelName, dot: Dot) -> Vec<u8> {
+    let mut k = prefix(channel);
+    k.extend_from_slice(&dot.origin.get().to_be_bytes());
+    k.extend_from_slice(&dot.seq.to_be_bytes());
+    k
+}
+
+impl Storage {
+    pub fn open(dir: &Path, cache_mb: u64) -> Result<Self, StorageError> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(cache_mb.saturating_mul(1 << 20))
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        Ok(Self {
+            log: db.open_tree("log")?,
+            dots: db.open_tree("dots")?,
+            state: db.open_tree("state")?,
+            chans: db.open_tree("chans")?,
+            db,
+            known: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The replica id kept in this data dir, created on first start.
+    pub fn replica_id(&self) -> Result<ReplicaId, StorageError> {
+        if let Some(v) = self.db.get("replica_id")? {
+            let raw = <[u8; 8]>::try_from(v.as_ref()).map_err(|_| StorageError::Corrupt {
+                what: "replica_id".into(),
+                err: codec::CodecError::Decode("not 8 bytes".into()),
+            })?;
+            if let Some(id) = ReplicaId::new(u64::from_be_bytes(raw)) {
+                return Ok(id);
+            }
+        }
+        let id = loop {
+            let raw = getrandom::u64().map_err(|e| {
+                StorageError::Io(sled::Error::Io(std::io::Error::other(e.to_string())))
+            })?;
+            if let Some(id) = ReplicaId::new(raw) {
+                break id;
+            }
+        };
+        self.db.insert("replica_id", &id.get().to_be_bytes())?;
+        self.db.flush()?;
+        Ok(id)
+    }
+
+    /// Everything kept, per channel, to rebuild the replication node.
+    pub fn load(&self) -> Result<BTreeMap<ChannelName, DurableChannel>, StorageError> {
+        let mut out = BTreeMap::new();
+        for item in self.chans.iter() {
+            let (k, v) = item?;
+            let name = String::from_utf8(k.to_vec())
+                .ok()
+                .and_then(|s| ChannelName::new(s).ok())
+                .ok_or_else(|| StorageError::Corrupt {
+                    what: "channel name".into(),
+                    err: codec::CodecError::Decode(format!("{k:?}")),
+                })?;
+            let meta: ChanMeta = decode(&v, "channel meta")?;
+            let p = prefix(&name);
+            let mut log = Vec::new();
+            for item in self.log.scan_prefix(&p) {
+                let (_, v) = item?;
+                log.push(decode(&v, "op")?);
+            }
+            let mut state = BTreeMap::new();
+            for item in self.state.scan_prefix(&p) {
+                let (k, v) = item?;
+                let key = String::from_utf8_lossy(&k[p.len()..]).into_owned();
+                state.insert(key, decode(&v, "register")?);
+            }
+            self.known
+                .lock()
+                .map(|mut g| g.insert(name.clone()))
+                .unwrap_or_default();
+            out.insert(
+                name,
+                DurableChannel {
+                    state,
+                    log,
+                    floor: meta.floor,
+                    acked: meta.acked,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    fn ensure_channel(&self, channel: &ChannelName) -> Result<(), StorageError> {
+        let fresh = self
+            .known
+            .lock()
+            .map(|mut g| g.insert(channel.clone()))
+            .unwrap_or(true);
+        if fresh && !self.chans.contains_key(channel.as_str())? {
+            self.chans.insert(
+                channel.as_str(),
+                codec::to_bytes(&ChanMeta::default()).map_err(StorageError::Encode)?,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn update_meta(
+        &self,
+        channel: &ChannelName,
+        f: impl FnOnce(&mut ChanMeta),
+    ) -> Result<(), StorageError> {
+        let mut meta: ChanMeta = match self.chans.get(channel.as_str())? {
+            Some(v) => decode(&v, "channel meta")?,
+            None => ChanMeta::default(),
+        };
+        f(&mut meta);
+        self.chans.insert(
+            channel.as_str(),
+            codec::to_bytes(&meta).map_err(StorageError::Encode)?,
+        )?;
+        Ok(())
+    }
+
+    /// Applies one storage action (durable at the next flush).
+    pub fn apply(&self, p: &Persist) -> Result<(), StorageError> {
+        match p {
+            Persist::Op { channel, op } => {
+                self.ensure_channel(channel)?;
+                let arrival = self.db.generate_id()?;
+                let mut k = prefix(channel);
+                k.extend_from_slice(&arrival.to_be_bytes());
+                self.log
+                    .insert(k, codec::to_bytes(op).map_err(StorageError::Encode)?)?;
+                self.dots
+                    .insert(dot_key(channel, op.dot), &arrival.to_be_bytes())?;
+            }
+            Persist::Register {
+                channel,
+                key,
+                register,
+            } => {
+                self.ensure_channel(channel)?;
+                let mut k = prefix(channel);
+                k.extend_from_slice(key.as_bytes());
+                self.state
+                    .insert(k, codec::to_bytes(register).map_err(StorageError::Encode)?)?;
+            }
+            Persist::RemoveKeys { channel, keys } => {
+                for key in keys {
+                    let mut k = prefix(channel);
+                    k.extend_from_slice(key.as_bytes());
+                    self.state.remove(k)?;
+                }
+            }
+            Persist::Floor { channel, floor } => {
+                self.update_meta(channel, |m| m.floor = floor.clone())?;
+            }
+            Persist::DropOps { channel, dots } => {
+                for dot in dots {
+                    if let Some(arrival) = self.dots.remove(dot_key(channel, *dot))? {
+                        let mut k = prefix(channel);
+                        k.extend_from_slice(&arrival);
+                        self.log.remove(k)?;
+                    }
+                }
+            }
+            Persist::Acked { channel, seq } => {
+                self.update_meta(channel, |m| m.acked = m.acked.max(*seq))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable (fsync).
+    pub async fn flush(&self) -> Result<usize, StorageError> {
+        Ok(self.db.flush_async().await?)
+    }
+
+    /// Bytes on disk, for metrics.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) -> Result<T, StorageError> {
+    codec::from_bytes(v).map_err(|err| StorageError::Corrupt {
+        what: what.into(),
+        err,
+    })
+}
