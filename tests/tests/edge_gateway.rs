@@ -1,0 +1,685 @@
+//! The edge on its own (local processing mode), driven the way users drive it: real
+//! processes, real sockets, WebSocket + SSE + REST clients.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use edge::auth::Action;
+use outpost_tests::{admin_token, publish, token, Edge, Sse, Ws, API_KEY, SECRET};
+use serde_json::{json, Value};
+
+fn seq(op: &Value) -> u64 {
+    op["dot"]
+        .as_str()
+        .and_then(|d| d.rsplit(':').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn n(op: &Value) -> i64 {
+    op["data"]["n"].as_i64().unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_publish_reaches_websocket_and_sse_subscribers_in_order() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(dir.path(), "")?;
+    let t = admin_token();
+    let http = reqwest::Client::new();
+    let mut ws = Ws::connect(&edge, &t).await?;
+    ws.subscribe("project:1", None).await?;
+    let mut sse = Sse::open(&http, &edge, &t, "project:1", None)
+        .await?
+        .map_err(|e| anyhow::anyhow!("sse refused: {e:?}"))?;
+    let first = sse.next().await?;
+    ensure!(first.event == "subscribed", "first SSE event: {first:?}");
+    for i in 0..50 {
+        let (status, ack) = publish(
+            &http,
+            &edge,
+            API_KEY,
+            "project:1",
+            json!({"event": "ingest.job.updated", "data": {"n": i}}),
+        )
+        .await?;
+        ensure!(
+            status == 200 && ack["type"] == "ack",
+            "publish {i}: {status} {ack}"
+        );
+    }
+    for i in 0..50 {
+        let w = ws.recv_until(|m| m["type"] == "op").await?;
+        ensure!(n(&w) == i && seq(&w) == i as u64 + 1, "ws got {w} at {i}");
+        ensure!(w["event"] == "ingest.job.updated");
+        let (s, id) = sse.next_op().await?;
+        ensure!(n(&s) == i, "sse got {s} at {i}");
+        ensure!(
+            id.as_deref() == s["token"].as_str(),
+            "SSE id is the resume token"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_token_replays_exactly_what_was_missed_then_goes_live() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(dir.path(), "")?;
+    let t = admin_token();
+    let http = reqwest::Client::new();
+    let mut ws = Ws::connect(&edge, &t).await?;
+    ws.subscribe("project:2", None).await?;
+    for i in 0..5 {
+        publish(
+            &http,
+            &edge,
+            &t,
+            "project:2",
+            json!({"event": "e", "data": {"n": i}}),
+        )
+        .await?;
+    }
+    let mut last = String::new();
+    for i in 0..5 {
+        let op = ws.recv_until(|m| m["type"] == "op").await?;
+        ensure!(n(&op) == i);
+        last = op["token"].as_str().unwrap_or_default().to_owned();
+    }
+    drop(ws);
+    for i in 5..12 {
+        publish(
+            &http,
+            &edge,
+            &t,
+            "project:2",
+            json!({"event": "e", "data": {"n": i}}),
+        )
+        .await?;
+    }
+    let mut ws = Ws::connect(&edge, &t).await?;
+    let (replay, sub) = ws.subscribe("project:2", Some(&last)).await?;
+    let got: Vec<i64> = replay.iter().map(n).collect();
+    ensure!(got == (5..12).collect::<Vec<_>>(), "replayed {got:?}");
+    ensure!(sub["replayed"] == 7 && sub["truncated"] == false, "{sub}");
+    publish(
+        &http,
+        &edge,
+        &t,
+        "project:2",
+        json!({"event": "e", "data": {"n": 12}}),
+    )
+    .await?;
+    let live = ws.recv_until(|m| m["type"] == "op").await?;
+    ensure!(n(&live) == 12, "live {live}");
+    // SSE resumes the same way, with Last-Event-ID.
+    let mut sse = Sse::open(&http, &edge, &t, "project:2", Some(&last))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    for i in 5..13 {
+        let (op, _) = sse.next_op().await?;
+        ensure!(n(&op) == i, "sse resume got {op} for {i}");
+    }
+    // A token from the future (ahead of this replica) is not an error: nothing is
+    // replayed and ops it already covers are not sent again.
+    let bad = http
+        .get(edge.url("/v1/channels/project:2/history?since=!!"))
+        .bearer_auth(&t)
+        .send()
+        .await?;
+    ensure!(bad.status() == 400);
+    let body: Value = bad.json().await?;
+    ensure!(body["error"]["code"] == "bad_resume_token", "{body}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_right_after_acks_loses_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut edge = Edge::start(dir.path(), "")?;
+    let t = admin_token();
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for w in 0..10 {
+        let (http, url, t) = (
+            http.clone(),
+            edge.url("/v1/channels/project:3/events"),
+            t.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut dots = Vec::new();
+            for i in 0..20 {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&t)
+                    .json(&json!({"event": "ingest.job.updated", "data": {"w": w, "i": i}}))
+                    .send()
+                    .await?;
+                let v: Value = r.json().await?;
+                if let Some(d) = v["dot"].as_str() {
+                    dots.push(d.to_owned());
+                }
+            }
+            anyhow::Ok(dots)
+        }));
+    }
+    let mut acked = BTreeSet::new();
+    for task in tasks {
+        acked.extend(task.await??);
+    }
+    // A state write too.
+    let put = http
+        .put(edge.url("/v1/channels/project:3/state/config"))
+        .bearer_auth(&t)
+        .json(&json!({"value": {"mode": "fast"}}))
+        .send()
+        .await?;
+    ensure!(put.status() == 200);
+    edge.kill9();
+    ensure!(acked.len() == 200, "acked {}", acked.len());
+    edge.restart()?;
+    let h: Value = http
+        .get(edge.url("/v1/channels/project:3/history?limit=1000"))
+        .bearer_auth(&t)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let have: BTreeSet<String> = h["ops"]
+        .as_array()
+        .context("ops")?
+        .iter()
+        .filter_map(|o| o["dot"].as_str().map(str::to_owned))
+        .collect();
+    let lost: Vec<_> = acked.difference(&have).collect();
+    ensure!(lost.is_empty(), "acked but lost after kill -9: {lost:?}");
+    let s: Value = http
+        .get(edge.url("/v1/channels/project:3/state/config"))
+        .bearer_auth(&t)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(s["value"]["mode"] == "fast", "{s}");
+    Ok(())
+}
+
+fn jwt_with(
+    alg: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::EncodingKey,
+    rights: Value,
+) -> String {
+    let now = edge::core::now_ms() / 1000;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &json!({"sub": "mallory", "exp": now + 600, "rights": rights}),
+        key,
+    )
+    .unwrap_or_default()
+}
+
+async fn ws_refused(edge: &Edge, token: &str) -> Result<String> {
+    let url = format!("{}?token={token}", edge.ws_url());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    use futures_util::StreamExt;
+    let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await?
+        .context("ended")??;
+    let v: Value = serde_json::from_str(m.to_text()?)?;
+    ensure!(v["type"] == "error", "expected an error, got {v}");
+    Ok(v["code"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_with_their_codes_and_projects_stay_isolated() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(dir.path(), "")?;
+    let http = reqwest::Client::new();
+    let all = json!([{"channels": "*", "actions": ["subscribe", "publish", "state", "presence"]}]);
+    // Garbage, expired, wrong algorithm, wrong key, HS/EdDSA key confusion.
+    ensure!(ws_refused(&edge, "not-a-jwt").await? == "unauthorized");
+    ensure!(ws_refused(&edge, &token("u", "*", &Action::ALL, -3600)).await? == "token_expired");
+    let hs384 = jwt_with(
+        jsonwebtoken::Algorithm::HS384,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        all.clone(),
+    );
+    ensure!(ws_refused(&edge, &hs384).await? == "unauthorized");
+    let other = jwt_with(
+        jsonwebtoken::Algorithm::HS256,
+        &jsonwebtoken::EncodingKey::from_secret(b"some other secret that is long enough"),
+        all.clone(),
+    );
+    ensure!(ws_refused(&edge, &other).await? == "unauthorized");
+    let public_pem = std::fs::read(outpost_tests::fixture("test-ed25519.pub.pem"))?;
+    let confused = jwt_with(
+        jsonwebtoken::Algorithm::HS256,
+        &jsonwebtoken::EncodingKey::from_secret(&public_pem),
+        all.clone(),
+    );
+    ensure!(ws_refused(&edge, &confused).await? == "unauthorized");
+    // The asymmetric algorithm works with the right key.
+    let private_pem = std::fs::read(outpost_tests::fixture("test-ed25519.key.pem"))?;
+    let eddsa = jwt_with(
+        jsonwebtoken::Algorithm::EdDSA,
+        &jsonwebtoken::EncodingKey::from_ed_pem(&private_pem)?,
+        json!([{"channels": "project:1", "actions": ["subscribe"]}]),
+    );
+    let mut ok = Ws::connect(&edge, &eddsa).await?;
+    ok.subscribe("project:1", None).await?;
+
+    // Project isolation: a token for project:1 sees nothing of project:2, anywhere.
+    let admin = admin_token();
+    publish(
+        &http,
+        &edge,
+        &admin,
+        "project:2",
+        json!({"event": "secret", "data": 42}),
+    )
+    .await?;
+    let p1 = token("alice", "project:1", &Action::ALL, 600);
+    let mut ws = Ws::connect(&edge, &p1).await?;
+    let r = ws
+        .request(json!({"type": "subscribe", "channel": "project:2"}), 1)
+        .await?;
+    ensure!(r["code"] == "forbidden", "{r}");
+    let r = ws
+        .request(
+            json!({"type": "get", "channel": "project:2", "key": "k"}),
+            2,
+        )
+        .await?;
+    ensure!(r["code"] == "forbidden", "{r}");
+    let r = ws
+        .request(
+            json!({"type": "publish", "channel": "project:2", "event": "x"}),
+            3,
+        )
+        .await?;
+    ensure!(r["code"] == "forbidden", "{r}");
+    let r = ws
+        .request(json!({"type": "members", "channel": "project:2"}), 4)
+        .await?;
+    ensure!(r["code"] == "forbidden", "{r}");
+    // project:10 is another project, not a sub-channel of project:1.
+    let r = ws
+        .request(json!({"type": "subscribe", "channel": "project:10"}), 5)
+        .await?;
+    ensure!(r["code"] == "forbidden", "{r}");
+    match Sse::open(&http, &edge, &p1, "project:2", None).await? {
+        Ok(_) => anyhow::bail!("SSE on another project was allowed"),
+        Err((status, body)) => ensure!(status == 403 && body["error"]["code"] == "forbidden"),
+    }
+    for path in [
+        "/v1/channels/project:2/history",
+        "/v1/channels/project:2/state",
+        "/v1/channels/project:2/state/k",
+        "/v1/channels/project:2/presence",
+    ] {
+        let r = http.get(edge.url(path)).bearer_auth(&p1).send().await?;
+        ensure!(r.status() == 403, "{path}: {}", r.status());
+    }
+    let (status, body) = publish(&http, &edge, &p1, "project:2", json!({"event": "x"})).await?;
+    ensure!(
+        status == 403 && body["error"]["code"] == "forbidden",
+        "{status} {body}"
+    );
+    // No credential at all; an unknown API key.
+    let r = http
+        .get(edge.url("/v1/channels/project:1/history"))
+        .send()
+        .await?;
+    ensure!(r.status() == 401);
+    let (status, _) = publish(
+        &http,
+        &edge,
+        "opk_unknown",
+        "project:1",
+        json!({"event": "x"}),
+    )
+    .await?;
+    ensure!(status == 401);
+    // The API key may publish to project:* but not subscribe to other namespaces.
+    let (status, _) = publish(&http, &edge, API_KEY, "user:7", json!({"event": "x"})).await?;
+    ensure!(status == 403);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_input_gets_codes_and_everything_stays_up() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(dir.path(), "[limits]\nmax_message_bytes = 4096\n")?;
+    let t = admin_token();
+    let http = reqwest::Client::new();
+    let mut ws = Ws::connect(&edge, &t).await?;
+    ws.send_raw("this is not json").await?;
+    let e = ws.recv().await?;
+    ensure!(e["code"] == "bad_request", "{e}");
+    ws.send_raw(r#"{"type":"publish","id":7}"#).await?;
+    let e = ws.recv().await?;
+    ensure!(e["code"] == "bad_request" && e["id"] == 7, "{e}");
+    let big =
+        json!({"type": "publish", "channel": "project:1", "event": "x", "data": "y".repeat(6000)});
+    ws.send(big).await?;
+    let e = ws.recv().await?;
+    ensure!(e["code"] == "message_too_large", "{e}");
+    let r = ws
+        .request(json!({"type": "subscribe", "channel": "bad name!"}), 9)
+        .await?;
+    ensure!(r["code"] == "bad_channel", "{r}");
+    let r = ws
+        .request(
+            json!({"type": "subscribe", "channel": "project:1", "since": "%%%"}),
+            10,
+        )
+        .await?;
+    ensure!(r["code"] == "bad_resume_token", "{r}");
+    let pong = ws.request(json!({"type": "ping"}), 11).await?;
+    ensure!(pong["type"] == "pong", "connection still healthy: {pong}");
+    // A frame far beyond any limit closes that connection only.
+    let mut huge = Ws::connect(&edge, &t).await?;
+    let _ = huge.send_raw(&"z".repeat(1 << 20)).await;
+    let _ = huge.close_code(Duration::from_secs(5)).await;
+    // REST: oversized body, invalid JSON, bad channel.
+    let r = http
+        .post(edge.url("/v1/channels/project:1/events"))
+        .bearer_auth(&t)
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"event":"x","data":"{}"}}"#,
+            "y".repeat(10_000)
+        ))
+        .send()
+        .await?;
+    ensure!(r.status() == 413);
+    let v: Value = r.json().await?;
+    ensure!(v["error"]["code"] == "message_too_large", "{v}");
+    let r = http
+        .post(edge.url("/v1/channels/project:1/events"))
+        .bearer_auth(&t)
+        .body("{oops")
+        .send()
+        .await?;
+    ensure!(r.status() == 400);
+    let r = http
+        .post(edge.url("/v1/channels/no%20spaces/events"))
+        .bearer_auth(&t)
+        .json(&json!({"event": "x"}))
+        .send()
+        .await?;
+    let v: Value = r.json().await?;
+    ensure!(v["error"]["code"] == "bad_channel", "{v}");
+    // Still serving.
+    let pong = ws.request(json!({"type": "ping"}), 12).await?;
+    ensure!(pong["type"] == "pong");
+    ensure!(http.get(edge.url("/healthz")).send().await?.status() == 200);
+    let m = http.get(edge.url("/metrics")).send().await?.text().await?;
+    ensure!(m.contains("outpost_errors_total"), "metrics: {m}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_is_closed_with_resume_code_and_resumes_without_loss() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(
+        dir.path(),
+        "[limits]\nsend_queue = 16\nmax_message_bytes = 65536\n[storage]\ndurability = \"os\"\n",
+    )?;
+    let t = admin_token();
+    let http = reqwest::Client::new();
+    const N: i64 = 500;
+    let mut slow = Ws::connect(&edge, &t).await?;
+    slow.subscribe("project:slow", None).await?;
+    let mut fast = Ws::connect(&edge, &t).await?;
+    fast.subscribe("project:slow", None).await?;
+    let fast_task = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < N as usize {
+            let op = fast.recv_until(|m| m["type"] == "op").await?;
+            got.push(n(&op));
+        }
+        anyhow::Ok(got)
+    });
+    let blob = "x".repeat(48_000);
+    for i in 0..N {
+        let (status, _) = publish(
+            &http,
+            &edge,
+            &t,
+            "project:slow",
+            json!({"event": "blob", "data": {"n": i, "blob": blob}}),
+        )
+        .await?;
+        ensure!(status == 200);
+    }
+    let fast_got = fast_task.await??;
+    ensure!(
+        fast_got == (0..N).collect::<Vec<_>>(),
+        "fast consumer was affected"
+    );
+    // The slow one now reads: some ops, then the close telling it to resume.
+    let mut got = Vec::new();
+    let mut last_token = None;
+    let code = loop {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        match tokio::time::timeout(Duration::from_secs(10), slow.ws.next()).await? {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t)?;
+                if v["type"] == "op" {
+                    got.push(n(&v));
+                    last_token = v["token"].as_str().map(str::to_owned);
+                }
+            }
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("slow consumer ended without a close frame: {other:?}"),
+        }
+    };
+    ensure!(code == Some(4100), "close code {code:?}");
+    ensure!(
+        (got.len() as i64) < N,
+        "the slow consumer was never cut off"
+    );
+    let mut again = Ws::connect(&edge, &t).await?;
+    let (replay, _) = again
+        .subscribe("project:slow", last_token.as_deref())
+        .await?;
+    got.extend(replay.iter().map(n));
+    ensure!(
+        got == (0..N).collect::<Vec<_>>(),
+        "slow consumer lost or reordered ops after resume"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_signals_and_state_with_siblings() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(dir.path(), "")?;
+    let http = reqwest::Client::new();
+    let a_tok = token("alice", "project:7*", &Action::ALL, 600);
+    let b_tok = token("bob", "project:7*", &Action::ALL, 600);
+    let mut a = Ws::connect(&edge, &a_tok).await?;
+    let mut b = Ws::connect(&edge, &b_tok).await?;
+    a.subscribe("project:7", None).await?;
+    b.subscribe("project:7", None).await?;
+    let r = a
+        .request(
+            json!({"type": "presence", "channel": "project:7", "data": {"color": "red"}}),
+            1,
+        )
+        .await?;
+    ensure!(r["type"] == "ack", "{r}");
+    let j = b.recv_until(|m| m["type"] == "presence").await?;
+    ensure!(
+        j["action"] == "join" && j["subject"] == "alice" && j["client"] == a.client.as_str(),
+        "{j}"
+    );
+    let m = b
+        .request(json!({"type": "members", "channel": "project:7"}), 2)
+        .await?;
+    ensure!(m["members"][0]["data"]["color"] == "red", "{m}");
+    let r = b
+        .request(json!({"type": "signal", "channel": "project:7", "to": a.client, "data": {"sdp": "offer"}}), 3)
+        .await?;
+    ensure!(r["type"] == "ack", "{r}");
+    let s = a.recv_until(|m| m["type"] == "signal").await?;
+    ensure!(
+        s["from"] == b.client.as_str() && s["data"]["sdp"] == "offer",
+        "{s}"
+    );
+    let r = b
+        .request(
+            json!({"type": "signal", "channel": "project:7", "to": "nobody", "data": {}}),
+            4,
+        )
+        .await?;
+    ensure!(r["code"] == "not_found", "{r}");
+    // Ephemeral messages reach subscribers and are not stored.
+    b.send(json!({"type": "publish", "channel": "project:7", "event": "cursor", "data": {"x": 1}, "ephemeral": true}))
+        .await?;
+    let e = a.recv_until(|m| m["type"] == "ephemeral").await?;
+    ensure!(e["data"]["x"] == 1 && e["from"] == b.client.as_str(), "{e}");
+    let h: Value = http
+        .get(edge.url("/v1/channels/project:7/history"))
+        .bearer_auth(&a_tok)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        h["ops"].as_array().is_some_and(Vec::is_empty),
+        "ephemeral was stored: {h}"
+    );
+    drop(a);
+    let l = b.recv_until(|m| m["type"] == "presence").await?;
+    ensure!(l["action"] == "leave", "{l}");
+    // Two blind writes are concurrent: both stay, the later one wins the read.
+    for v in [1, 2] {
+        let r = b
+            .request(
+                json!({"type": "set", "channel": "project:7", "key": "title", "value": v}),
+                10 + v,
+            )
+            .await?;
+        ensure!(r["type"] == "ack", "{r}");
+    }
+    let g = b
+        .request(
+            json!({"type": "get", "channel": "project:7", "key": "title", "siblings": true}),
+            20,
+        )
+        .await?;
+    ensure!(g["value"] == 2 && g["conflict"] == true, "{g}");
+    ensure!(g["siblings"].as_array().map(Vec::len) == Some(2), "{g}");
+    // A write with the context it read supersedes both.
+    let ctx = g["context"].as_str().unwrap_or_default().to_owned();
+    b.request(
+        json!({"type": "set", "channel": "project:7", "key": "title", "value": 3, "context": ctx}),
+        21,
+    )
+    .await?;
+    let g = b
+        .request(
+            json!({"type": "get", "channel": "project:7", "key": "title", "siblings": true}),
+            22,
+        )
+        .await?;
+    ensure!(g["value"] == 3 && g["conflict"] == false, "{g}");
+    let d = http
+        .delete(edge.url(&format!(
+            "/v1/channels/project:7/state/title?context={}",
+            g["context"].as_str().unwrap_or_default()
+        )))
+        .bearer_auth(&b_tok)
+        .send()
+        .await?;
+    ensure!(d.status() == 200);
+    let s: Value = http
+        .get(edge.url("/v1/channels/project:7/state/title"))
+        .bearer_auth(&b_tok)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(s["deleted"] == true && s["value"].is_null(), "{s}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_websocket_clients() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(dir.path(), "")?;
+    let t = admin_token();
+    let http = reqwest::Client::new();
+    let rss_before = edge.rss_kib()?;
+    let mut clients = Vec::new();
+    for _ in 0..1000 {
+        let mut c = Ws::connect(&edge, &t).await?;
+        c.subscribe("project:crowd", None).await?;
+        clients.push(c);
+    }
+    let rss_after = edge.rss_kib()?;
+    eprintln!(
+        "1000 subscribed WebSocket clients: RSS {rss_before} -> {rss_after} KiB ({:.1} KiB each)",
+        (rss_after.saturating_sub(rss_before)) as f64 / 1000.0
+    );
+    for i in 0..3 {
+        publish(
+            &http,
+            &edge,
+            &t,
+            "project:crowd",
+            json!({"event": "e", "data": {"n": i}}),
+        )
+        .await?;
+    }
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        tasks.push(tokio::spawn(async move {
+            for i in 0..3 {
+                let op = c.recv_until(|m| m["type"] == "op").await?;
+                ensure!(n(&op) == i);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_tells_clients_to_resume_elsewhere_and_keeps_data() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut edge = Edge::start(dir.path(), "")?;
+    let t = admin_token();
+    let http = reqwest::Client::new();
+    let mut ws = Ws::connect(&edge, &t).await?;
+    ws.subscribe("project:9", None).await?;
+    let (_, ack) = publish(
+        &http,
+        &edge,
+        &t,
+        "project:9",
+        json!({"event": "e", "data": {"n": 0}}),
+    )
+    .await?;
+    let status = edge.terminate()?;
+    ensure!(status.success(), "exit status {status}");
+    let code = ws.close_code(Duration::from_secs(5)).await?;
+    ensure!(code == Some(4101), "close code {code:?}");
+    edge.restart()?;
+    let h: Value = http
+        .get(edge.url("/v1/channels/project:9/history"))
+        .bearer_auth(&t)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(h["ops"][0]["dot"] == ack["dot"], "{h} vs {ack}");
+    Ok(())
+}
