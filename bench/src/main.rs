@@ -82,9 +82,8 @@ fn unix_ns() -> u64 {
         .unwrap_or(0)
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(url: &str, token: &str) -> Result<Ws> {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("{url}?token={token}")).await?;
@@ -107,7 +106,9 @@ async fn next_json(ws: &mut Ws) -> Result<Value> {
 
 async fn subscribe(ws: &mut Ws, channel: &str) -> Result<()> {
     ws.send(Message::Text(
-        json!({"type": "subscribe", "channel": channel}).to_string().into(),
+        json!({"type": "subscribe", "channel": channel})
+            .to_string()
+            .into(),
     ))
     .await?;
     loop {
@@ -163,7 +164,11 @@ async fn main() -> Result<()> {
             size,
             ephemeral,
         } => {
-            let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?));
+            let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+                1_000,
+                60_000_000_000,
+                3,
+            )?));
             let delivered = Arc::new(AtomicU64::new(0));
             let total = rate * secs;
             let mut tasks = Vec::new();
@@ -175,7 +180,9 @@ async fn main() -> Result<()> {
                     let mut local = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3)?;
                     let mut n = 0;
                     while n < total {
-                        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await else {
+                        let Ok(Some(m)) =
+                            tokio::time::timeout(Duration::from_secs(10), ws.next()).await
+                        else {
                             break;
                         };
                         let Message::Text(t) = m? else { continue };
@@ -186,7 +193,9 @@ async fn main() -> Result<()> {
                         }
                     }
                     delivered.fetch_add(n, Ordering::Relaxed);
-                    hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.add(&local)?;
+                    hist.lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .add(&local)?;
                     anyhow::Ok(())
                 }));
             }

@@ -1,21 +1,144 @@
-//! The Outpost cloud binary. The coordinator arrives with the cloud issue; until then
-//! this parses its command line only.
+//! `outpost-cloud`: parses flags, starts tracing, loads config, calls `cloud::start`.
 
-use clap::Parser;
+use std::path::PathBuf;
 
-/// Outpost cloud coordinator: the hub replica that edges sync with over QUIC.
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edge::config::{CloudConfig, HubConfig, LogFormat};
+use figment::providers::Serialized;
+use figment::Figment;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+/// Outpost cloud coordinator: the hub replica edges sync with over QUIC. Serves the
+/// same client API as the edges.
 #[derive(Debug, Parser)]
 #[command(name = "outpost-cloud", version)]
 struct Cli {
-    /// Configuration file (TOML).
-    #[arg(long, short)]
-    config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, clap::Args, Serialize, Default)]
+struct RunArgs {
+    /// Configuration file (TOML): the edge's keys plus a [hub] section.
+    #[arg(long, short, global = true)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Client gateway address (HTTP, WebSocket, SSE). Port 0 picks a free port.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// QUIC address edges connect to (overrides hub.listen).
+    #[arg(long)]
+    #[serde(skip)]
+    quic_listen: Option<std::net::SocketAddr>,
+    /// Development mode: self-signed certificate, dev JWT secret in the data dir.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    dev: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the cloud (the default).
+    Run,
+    /// Validate a configuration file and exit.
+    Checkconfig { file: PathBuf },
+}
+
+fn init_tracing(cfg: &CloudConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.filter));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    anyhow::bail!(
-        "the cloud coordinator is not built yet (config: {:?}); see the project's issues",
-        cli.config
+    match cli.cmd {
+        Some(Cmd::Checkconfig { file }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let cfg = CloudConfig::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            if cfg.hub.is_none() {
+                anyhow::bail!("{}: hub: the cloud needs a [hub] section", file.display());
+            }
+            println!("{}: ok", file.display());
+            return Ok(());
+        }
+        Some(Cmd::Run) | None => {}
+    }
+    let mut cfg = CloudConfig::load_unvalidated(
+        cli.run.config.as_deref(),
+        Figment::from(Serialized::defaults(&cli.run)),
     )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let hub = cfg.hub.get_or_insert_with(HubConfig::default);
+    if let Some(q) = cli.run.quic_listen {
+        hub.listen = q;
+    }
+    if cfg.dev && cfg.auth.hs256_secret.is_none() {
+        std::fs::create_dir_all(&cfg.data_dir)?;
+        let path = cfg.data_dir.join("dev-jwt-secret");
+        let secret = match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim().len() >= 32 => s.trim().to_owned(),
+            _ => {
+                let s = format!("dev-{:016x}{:016x}", getrandom::u64()?, getrandom::u64()?);
+                std::fs::write(&path, &s)?;
+                s
+            }
+        };
+        cfg.auth.hs256_secret = Some(secret);
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    init_tracing(&cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        let http = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let shutdown = CancellationToken::new();
+        let started = cloud::start(cfg, http, shutdown.clone()).await?;
+        println!("outpost-cloud listening on http://{}", started.http_addr()?);
+        println!("outpost-cloud quic on {}", started.quic_addr);
+        println!("outpost-cloud certificate sha256 {}", started.fingerprint);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            stop.cancel();
+        });
+        started.serve().await?;
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

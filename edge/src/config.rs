@@ -191,6 +191,92 @@ impl Default for LogConfig {
     }
 }
 
+/// How an edge reaches the cloud (`[uplink]`). Without it the edge runs on its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// QUIC addresses of cloud endpoints, tried in order.
+    pub endpoints: Vec<SocketAddr>,
+    /// The name the cloud's certificate is issued for (TLS server name).
+    pub server_name: String,
+    /// This edge's credential (the cloud keeps its SHA-256 in `[[hub.edges]]`).
+    pub token: String,
+    /// Production: a CA bundle (PEM) that the cloud's certificate chains to.
+    pub ca: Option<PathBuf>,
+    /// Development: the SHA-256 (hex) of the cloud's self-signed certificate to pin.
+    pub pin_sha256: Option<String>,
+    /// Reconnect backoff bounds, in milliseconds (exponential with full jitter).
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+    /// QUIC keep-alive and idle timeout, in milliseconds.
+    pub keepalive_ms: u64,
+    pub idle_timeout_ms: u64,
+    /// Largest frame accepted or sent on the link, in bytes.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            server_name: "outpost-cloud".into(),
+            token: String::new(),
+            ca: None,
+            pin_sha256: None,
+            backoff_min_ms: 100,
+            backoff_max_ms: 5_000,
+            keepalive_ms: 2_000,
+            idle_timeout_ms: 10_000,
+            max_frame_bytes: shared::wire::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// An edge the cloud accepts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeCredential {
+    pub name: String,
+    /// Hex SHA-256 of the edge's `uplink.token`.
+    pub token_sha256: String,
+    /// A revoked edge is refused (and disconnected if connected).
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// The cloud's QUIC side (`[hub]`), used by the cloud binary only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// UDP address edges connect to.
+    pub listen: SocketAddr,
+    /// Certificate chain and key (PEM). Without them, dev mode makes a self-signed
+    /// certificate in the data dir and prints its SHA-256 for edges to pin.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Names the dev certificate is issued for.
+    pub dev_cert_names: Vec<String>,
+    pub edges: Vec<EdgeCredential>,
+    pub keepalive_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_frame_bytes: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7800)),
+            cert: None,
+            key: None,
+            dev_cert_names: vec!["outpost-cloud".into(), "localhost".into()],
+            edges: Vec::new(),
+            keepalive_ms: 2_000,
+            idle_timeout_ms: 10_000,
+            max_frame_bytes: shared::wire::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
 /// The whole edge configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -212,7 +298,14 @@ pub struct EdgeConfig {
     pub history: HistoryConfig,
     pub presence: PresenceConfig,
     pub log: LogConfig,
+    /// Edge only: the link to the cloud.
+    pub uplink: Option<UplinkConfig>,
+    /// Cloud only: the QUIC endpoint edges connect to.
+    pub hub: Option<HubConfig>,
 }
+
+/// The cloud reads the same configuration, with `[hub]` instead of `[uplink]`.
+pub type CloudConfig = EdgeConfig;
 
 impl Default for EdgeConfig {
     fn default() -> Self {
@@ -229,6 +322,8 @@ impl Default for EdgeConfig {
             history: HistoryConfig::default(),
             presence: PresenceConfig::default(),
             log: LogConfig::default(),
+            uplink: None,
+            hub: None,
         }
     }
 }
@@ -419,6 +514,65 @@ impl EdgeConfig {
                 bad(&format!("history.{ns}.max_ops"), "must be at least 1");
             }
         }
+        if let Some(u) = &self.uplink {
+            if u.endpoints.is_empty() {
+                bad(
+                    "uplink.endpoints",
+                    "list at least one cloud address (host:port)",
+                );
+            }
+            if u.token.len() < 16 {
+                bad("uplink.token", "must be at least 16 characters");
+            }
+            if u.ca.is_none() && u.pin_sha256.is_none() {
+                bad(
+                    "uplink",
+                    "set uplink.ca (production) or uplink.pin_sha256 (development) so the cloud's certificate can be verified",
+                );
+            }
+            if let Some(pin) = &u.pin_sha256 {
+                if pin.len() != 64 || hex::decode(pin).is_err() {
+                    bad("uplink.pin_sha256", "must be 64 hex digits");
+                }
+            }
+            if u.backoff_min_ms == 0 || u.backoff_max_ms < u.backoff_min_ms {
+                bad(
+                    "uplink.backoff_max_ms",
+                    "backoff_min_ms must be at least 1 and backoff_max_ms at least backoff_min_ms",
+                );
+            }
+            if u.idle_timeout_ms <= u.keepalive_ms {
+                bad(
+                    "uplink.idle_timeout_ms",
+                    "must be longer than uplink.keepalive_ms",
+                );
+            }
+        }
+        if let Some(h) = &self.hub {
+            if h.cert.is_some() != h.key.is_some() {
+                bad("hub.cert", "hub.cert and hub.key go together");
+            }
+            if h.cert.is_none() && !self.dev {
+                bad(
+                    "hub.cert",
+                    "production needs hub.cert and hub.key (or run with --dev for a self-signed certificate)",
+                );
+            }
+            for (i, e) in h.edges.iter().enumerate() {
+                if e.token_sha256.len() != 64 || hex::decode(&e.token_sha256).is_err() {
+                    bad(
+                        &format!("hub.edges[{i}].token_sha256"),
+                        "must be 64 hex digits",
+                    );
+                }
+            }
+            if h.idle_timeout_ms <= h.keepalive_ms {
+                bad(
+                    "hub.idle_timeout_ms",
+                    "must be longer than hub.keepalive_ms",
+                );
+            }
+        }
         if p.is_empty() {
             Ok(())
         } else {
@@ -496,6 +650,19 @@ disabled_namespaces = []
 # "text" or "json"
 format = "text"
 filter = "info"
+
+# The link to the cloud. Without this section the edge runs on its own.
+# [uplink]
+# endpoints = ["127.0.0.1:7800"]        # cloud QUIC addresses, tried in order
+# server_name = "outpost-cloud"          # the name on the cloud's certificate
+# token = "<this edge's secret>"         # the cloud lists its SHA-256 in [[hub.edges]]
+# ca = "/etc/outpost/ca.pem"             # production: verify the cloud against this CA
+# pin_sha256 = "<64 hex digits>"         # development: pin the cloud's self-signed cert
+# backoff_min_ms = 100
+# backoff_max_ms = 5000
+# keepalive_ms = 2000
+# idle_timeout_ms = 10000
+# max_frame_bytes = 8388608
 "#;
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! committer has flushed it, so nothing that is not durable is ever delivered, sent or
 //! acknowledged. In `os` durability mode the flush is skipped and outputs run at once.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -70,8 +70,79 @@ struct Inner {
     post: VecDeque<(u64, Output)>,
 }
 
-/// Where `Send` outputs go (the cloud link), when there is one.
-pub type Uplink = mpsc::UnboundedSender<(ReplicaId, SyncMsg)>;
+/// Where `Send` outputs go: one bounded queue per linked peer. A peer whose queue is
+/// full is disconnected (it resyncs by version vector when it comes back), so a slow
+/// link never makes the node buffer without bound.
+#[derive(Debug, Default)]
+pub struct PeerRouter {
+    peers: Mutex<HashMap<ReplicaId, PeerLink>>,
+}
+
+/// The sending side of one link.
+#[derive(Debug, Clone)]
+pub struct PeerLink {
+    /// Control messages (sync vectors, acks, heartbeats).
+    pub control: mpsc::Sender<SyncMsg>,
+    /// Bulk messages (ops, snapshots, ephemeral).
+    pub data: mpsc::Sender<SyncMsg>,
+    /// Cancelled to drop the link (queue overflow, revocation, shutdown).
+    pub kill: CancellationToken,
+    /// Distinguishes successive links of the same peer.
+    pub epoch: u64,
+}
+
+impl PeerRouter {
+    /// Registers a link, replacing (and killing) an older one of the same peer.
+    pub fn insert(&self, peer: ReplicaId, link: PeerLink) {
+        if let Some(old) = self.lock().insert(peer, link) {
+            old.kill.cancel();
+        }
+    }
+
+    /// Removes the link if it is still the one of `epoch`.
+    pub fn remove(&self, peer: ReplicaId, epoch: u64) -> bool {
+        let mut g = self.lock();
+        if g.get(&peer).is_some_and(|l| l.epoch == epoch) {
+            g.remove(&peer);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Drops a peer's link (it closes; the peer may come back and resync).
+    pub fn kill(&self, peer: ReplicaId) {
+        if let Some(l) = self.lock().remove(&peer) {
+            l.kill.cancel();
+        }
+    }
+
+    pub fn kill_all(&self) {
+        for (_, l) in self.lock().drain() {
+            l.kill.cancel();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<ReplicaId, PeerLink>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, to: ReplicaId, msg: SyncMsg) {
+        let mut g = self.lock();
+        let Some(link) = g.get(&to) else { return };
+        let tx = if msg.is_control() {
+            &link.control
+        } else {
+            &link.data
+        };
+        if tx.try_send(msg).is_err() {
+            tracing::warn!(peer = %to, "link queue full: dropping the link; it will resync");
+            metrics::counter!("outpost_link_overflows_total").increment(1);
+            link.kill.cancel();
+            g.remove(&to);
+        }
+    }
+}
 
 /// The edge's (or cloud's) replica with its storage and subscribers.
 pub struct Core {
@@ -83,7 +154,8 @@ pub struct Core {
     commit_window: Duration,
     flush_wake: Notify,
     flushed: watch::Sender<FlushState>,
-    uplink: Mutex<Option<Uplink>>,
+    /// Links to peers (the cloud for an edge; the edges for the cloud).
+    pub router: PeerRouter,
     sync_config: SyncConfig,
 }
 
@@ -147,18 +219,13 @@ impl Core {
             commit_window: Duration::from_millis(cfg.storage.commit_window_ms),
             flush_wake: Notify::new(),
             flushed: watch::Sender::new(FlushState::default()),
-            uplink: Mutex::new(None),
+            router: PeerRouter::default(),
             sync_config: sync_cfg,
         }))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Sets where `Send` outputs go.
-    pub fn set_uplink(&self, up: Option<Uplink>) {
-        *self.uplink.lock().unwrap_or_else(|p| p.into_inner()) = up;
     }
 
     /// Runs the group committer and the replication timer until `shutdown`.
@@ -378,16 +445,7 @@ impl Core {
         match out {
             Output::Deliver { channel, op } => self.hub.deliver(&channel, &op),
             Output::DeliverEphemeral { channel, msg } => self.hub.ephemeral(&channel, &msg),
-            Output::Send { to, msg } => {
-                if let Some(up) = self
-                    .uplink
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                {
-                    let _ = up.send((to, msg));
-                }
-            }
+            Output::Send { to, msg } => self.router.send(to, msg),
             Output::Conflict { channel, conflict } => {
                 metrics::counter!("outpost_conflicts_total").increment(1);
                 tracing::debug!(%channel, key = %conflict.key, losers = conflict.losers.len(), "concurrent writes");

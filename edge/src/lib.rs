@@ -12,6 +12,7 @@ pub mod config;
 pub mod core;
 pub mod gateway;
 pub mod hub;
+pub mod link;
 pub mod storage;
 
 use std::net::SocketAddr;
@@ -104,12 +105,25 @@ pub async fn serve(running: &Running, listener: TcpListener) -> Result<(), RunEr
     Ok(())
 }
 
-/// Runs an edge: storage, gateway, background tasks, until `shutdown`.
+/// Runs an edge: storage, gateway, the uplink to the cloud (when configured),
+/// background tasks, until `shutdown`.
 pub async fn run(
     cfg: EdgeConfig,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let running = build(cfg, Role::Edge, shutdown)?;
+    let uplink = cfg.uplink.clone();
+    let region = cfg.region.clone();
+    let running = build(cfg, Role::Edge, shutdown.clone())?;
+    if let Some(up) = uplink {
+        let core = running.core.clone();
+        let status = running.state.uplink.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = link::uplink::run(core, up, region, status, stop).await {
+                tracing::error!(error = %e, "uplink stopped");
+            }
+        });
+    }
     serve(&running, listener).await
 }

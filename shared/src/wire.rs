@@ -86,12 +86,28 @@ pub enum Frame {
     Welcome {
         replica: ReplicaId,
     },
+    /// First frame on the edge's second stream, which carries bulk data (ops,
+    /// snapshots, ephemeral messages); the first stream carries control traffic.
+    DataStream {
+        replica: ReplicaId,
+    },
     /// The link is refused or closed, with a stable code and a reason for the logs.
     Close {
         code: u16,
         reason: String,
     },
     Sync(SyncMsg),
+}
+
+impl SyncMsg {
+    /// Control traffic (handshake, sync vectors, acks, heartbeats) travels on its own
+    /// stream so that it never queues behind bulk data.
+    pub fn is_control(&self) -> bool {
+        !matches!(
+            self,
+            SyncMsg::Ops { .. } | SyncMsg::Snapshot { .. } | SyncMsg::Ephemeral { .. }
+        )
+    }
 }
 
 /// A frame tagged with its wire version.

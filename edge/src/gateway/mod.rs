@@ -32,6 +32,8 @@ pub struct AppState {
     pub conns: Arc<ConnLimiter>,
     pub shutdown: CancellationToken,
     pub metrics: PrometheusHandle,
+    /// The edge's link to the cloud, when it has one.
+    pub uplink: Arc<Mutex<crate::link::uplink::UplinkStatus>>,
     next_conn: AtomicU64,
 }
 
@@ -58,6 +60,7 @@ impl AppState {
             cfg,
             shutdown,
             metrics: metrics_handle(),
+            uplink: Arc::default(),
             next_conn: AtomicU64::new(1),
         }
     }

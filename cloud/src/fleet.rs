@@ -1,0 +1,86 @@
+//! The edge registry: who is connected, since when, from where, how far behind.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use serde::Serialize;
+use shared::ReplicaId;
+
+/// What the cloud knows about one edge.
+#[derive(Debug, Clone, Serialize)]
+pub struct EdgeEntry {
+    pub replica: String,
+    pub name: String,
+    pub region: String,
+    pub software: String,
+    pub remote: SocketAddr,
+    pub connected: bool,
+    /// Unix milliseconds.
+    pub connected_since: u64,
+    pub last_seen: u64,
+    pub rtt_ms: Option<u64>,
+    pub links: u64,
+}
+
+/// Every edge that has connected since the cloud started.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    edges: Mutex<BTreeMap<ReplicaId, EdgeEntry>>,
+}
+
+impl Fleet {
+    pub fn connected(
+        &self,
+        id: ReplicaId,
+        name: &str,
+        region: &str,
+        software: &str,
+        remote: SocketAddr,
+    ) {
+        let now = edge::core::now_ms();
+        let mut g = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+        let links = g.get(&id).map_or(0, |e| e.links) + 1;
+        g.insert(
+            id,
+            EdgeEntry {
+                replica: id.to_string(),
+                name: name.into(),
+                region: region.into(),
+                software: software.into(),
+                remote,
+                connected: true,
+                connected_since: now,
+                last_seen: now,
+                rtt_ms: None,
+                links,
+            },
+        );
+        metrics::gauge!("outpost_edges_connected")
+            .set(g.values().filter(|e| e.connected).count() as f64);
+    }
+
+    pub fn seen(&self, id: ReplicaId, rtt_ms: u64) {
+        let mut g = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = g.get_mut(&id) {
+            e.last_seen = edge::core::now_ms();
+            e.rtt_ms = Some(rtt_ms);
+        }
+    }
+
+    pub fn disconnected(&self, id: ReplicaId) {
+        let mut g = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = g.get_mut(&id) {
+            e.connected = false;
+        }
+        metrics::gauge!("outpost_edges_connected")
+            .set(g.values().filter(|e| e.connected).count() as f64);
+    }
+
+    pub fn list(&self) -> Vec<EdgeEntry> {
+        self.edges
+            .lock()
+            .map(|g| g.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}

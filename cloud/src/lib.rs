@@ -1,0 +1,105 @@
+//! Outpost cloud coordinator: a full replica (the same core and storage as an edge, in
+//! the `Cloud` role) that accepts edges over QUIC, persists and acks their ops, and
+//! forwards each op to every other edge subscribed to its channel. It serves the same
+//! client API as the edges (the edge crate's gateway, not a copy), so clients whose
+//! edge died can fall back to it.
+
+pub mod fleet;
+pub mod hub;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use edge::config::CloudConfig;
+use edge::link::tls::{self, Identity};
+use shared::sync::Role;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Why the cloud could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    #[error("the cloud needs a [hub] section (QUIC listen address, certificate, edges)")]
+    NoHub,
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("QUIC endpoint on {addr}: {err}")]
+    Quic {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
+    #[error(transparent)]
+    Node(#[from] edge::RunError),
+}
+
+/// A started cloud: addresses known, not yet serving HTTP.
+#[derive(Debug)]
+pub struct Started {
+    pub quic_addr: SocketAddr,
+    /// SHA-256 of the certificate edges see (what they pin in dev mode).
+    pub fingerprint: String,
+    pub fleet: Arc<fleet::Fleet>,
+    running: edge::Running,
+    http: TcpListener,
+}
+
+/// Opens storage, the QUIC endpoint and the gateway state.
+pub async fn start(
+    cfg: CloudConfig,
+    http: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<Started, CloudError> {
+    let hub_cfg = cfg.hub.clone().ok_or(CloudError::NoHub)?;
+    let identity = match (&hub_cfg.cert, &hub_cfg.key) {
+        (Some(c), Some(k)) => Identity::load(c, k)?,
+        _ => Identity::dev(&cfg.data_dir, &hub_cfg.dev_cert_names)?,
+    };
+    let fingerprint = identity.fingerprint();
+    let server = tls::server_config(identity, &hub_cfg)?;
+    let socket = tls::udp_socket(hub_cfg.listen).map_err(|err| CloudError::Quic {
+        addr: hub_cfg.listen,
+        err,
+    })?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|err| CloudError::Quic {
+        addr: hub_cfg.listen,
+        err,
+    })?;
+    let quic_addr = endpoint.local_addr().map_err(|err| CloudError::Quic {
+        addr: hub_cfg.listen,
+        err,
+    })?;
+    let running = edge::build(cfg, Role::Cloud, shutdown.clone())?;
+    let fleet = Arc::new(fleet::Fleet::default());
+    tokio::spawn(hub::accept_loop(
+        endpoint,
+        running.core.clone(),
+        fleet.clone(),
+        hub_cfg,
+        shutdown,
+    ));
+    Ok(Started {
+        quic_addr,
+        fingerprint,
+        fleet,
+        running,
+        http,
+    })
+}
+
+impl Started {
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+
+    /// Serves the client API until shutdown.
+    pub async fn serve(self) -> Result<(), CloudError> {
+        edge::serve(&self.running, self.http).await?;
+        Ok(())
+    }
+}
