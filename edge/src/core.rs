@@ -248,6 +248,9 @@ impl Core {
 
     /// Feeds the node one input and carries out what it asks.
     pub fn handle(&self, input: Input) {
+        if !matches!(input, Input::Timeout) {
+            tracing::trace!(?input, "input");
+        }
         let mut g = self.lock();
         g.node.handle(now_ms(), input);
         if let Err(e) = self.drain(&mut g) {
@@ -379,6 +382,10 @@ impl Core {
 
     /// Carries out queued outputs: storage now, the rest when durable.
     fn drain(&self, g: &mut Inner) -> Result<(), CoreError> {
+        // An output waits for the newest generation written before it was produced:
+        // the storage writes of this drain (if any came first), or whatever is still
+        // queued. It never waits for a generation that has not been written, which
+        // would stall it until some unrelated write came along.
         let gen = g.written + 1;
         let mut dirty = false;
         let mut result = Ok(());
@@ -392,8 +399,11 @@ impl Core {
                     dirty = true;
                 }
                 other => {
-                    if dirty || !g.post.is_empty() {
+                    if dirty {
                         g.post.push_back((gen, other));
+                    } else if !g.post.is_empty() {
+                        let wait = g.written;
+                        g.post.push_back((wait, other));
                     } else {
                         self.execute(other);
                     }
@@ -445,7 +455,10 @@ impl Core {
         match out {
             Output::Deliver { channel, op } => self.hub.deliver(&channel, &op),
             Output::DeliverEphemeral { channel, msg } => self.hub.ephemeral(&channel, &msg),
-            Output::Send { to, msg } => self.router.send(to, msg),
+            Output::Send { to, msg } => {
+                tracing::trace!(peer = %to, ?msg, "send");
+                self.router.send(to, msg)
+            }
             Output::Conflict { channel, conflict } => {
                 metrics::counter!("outpost_conflicts_total").increment(1);
                 tracing::debug!(%channel, key = %conflict.key, losers = conflict.losers.len(), "concurrent writes");

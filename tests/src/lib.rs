@@ -95,45 +95,23 @@ impl Edge {
     }
 
     fn spawn(dir: &Path, config: PathBuf) -> Result<Self> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("edge.log"))?;
-        let mut child = Command::new(bin("outpost-edge")?)
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("spawning outpost-edge")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(a) = line.strip_prefix("outpost-edge listening on http://") {
-                        let _ = tx.send(a.trim().to_owned());
-                        sent = true;
-                    }
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a.parse()?,
-            Err(_) => {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(dir.join("edge.log")).unwrap_or_default();
-                bail!("edge did not start within 30 s; its log:\n{log}");
-            }
-        };
+        let (child, lines) = spawn_proc(
+            "outpost-edge",
+            dir,
+            &config,
+            &["outpost-edge listening on http://"],
+        )?;
         Ok(Self {
             child: Some(child),
-            addr,
+            addr: lines[0].parse()?,
             dir: dir.to_owned(),
             config,
         })
+    }
+
+    /// The edge's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("outpost-edge.log")).unwrap_or_default()
     }
 
     /// Starts the same edge again (same data dir, a new port).
@@ -186,6 +164,198 @@ impl Edge {
         let pid = self.pid().ok_or_else(|| anyhow!("not running"))?;
         rss_kib(pid)
     }
+}
+
+/// Spawns a binary with `--config`, stderr to `<dir>/<name>.log`, and waits until its
+/// stdout has printed a line starting with each of `wait_for` (in order); returns the
+/// rest of each such line.
+fn spawn_proc(
+    name: &str,
+    dir: &Path,
+    config: &Path,
+    wait_for: &[&str],
+) -> Result<(Child, Vec<String>)> {
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let mut child = Command::new(bin(name)?)
+        .arg("--config")
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_LOG").unwrap_or_else(|_| "info,quinn=warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("spawning {name}"))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prefixes: Vec<String> = wait_for.iter().map(|s| (*s).to_owned()).collect();
+    std::thread::spawn(move || {
+        let mut next = 0;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(p) = prefixes.get(next) {
+                if let Some(rest) = line.strip_prefix(p.as_str()) {
+                    let _ = tx.send(rest.trim().to_owned());
+                    next += 1;
+                }
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    for _ in wait_for {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("{name} did not start within 30 s; its log:\n{log}");
+            }
+        }
+    }
+    Ok((child, lines))
+}
+
+/// A UDP port that was free a moment ago (for a QUIC listener that must keep its
+/// port across restarts).
+pub fn free_udp_port() -> Result<u16> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    Ok(s.local_addr()?.port())
+}
+
+/// A running `outpost-cloud` process.
+#[derive(Debug)]
+pub struct Cloud {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub quic: SocketAddr,
+    pub fingerprint: String,
+    pub dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Cloud {
+    /// Starts a cloud in dev mode (self-signed certificate) on `quic_port`, accepting
+    /// the edges named with their uplink tokens.
+    pub fn start(dir: &Path, quic_port: u16, edges: &[(&str, &str)], extra: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut base = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nregion = \"cloud\"\ndev = true\nshutdown_grace_ms = 200\n\n[auth]\nhs256_secret = \"{SECRET}\"\n\n[hub]\nlisten = \"127.0.0.1:{quic_port}\"\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n",
+            dir.join("data").display()
+        );
+        for (name, token) in edges {
+            base.push_str(&format!(
+                "\n[[hub.edges]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\n",
+                edge::auth::api_key_hash(token)
+            ));
+        }
+        let config = dir.join("cloud.toml");
+        std::fs::write(&config, merge_toml(&base, extra)?)?;
+        Self::spawn(dir, config)
+    }
+
+    fn spawn(dir: &Path, config: PathBuf) -> Result<Self> {
+        let (child, lines) = spawn_proc(
+            "outpost-cloud",
+            dir,
+            &config,
+            &[
+                "outpost-cloud listening on http://",
+                "outpost-cloud quic on ",
+                "outpost-cloud certificate sha256 ",
+            ],
+        )?;
+        Ok(Self {
+            child: Some(child),
+            addr: lines[0].parse()?,
+            quic: lines[1].parse()?,
+            fingerprint: lines[2].clone(),
+            dir: dir.to_owned(),
+            config,
+        })
+    }
+
+    /// TOML for an edge's `[uplink]` to this cloud.
+    pub fn uplink_toml(&self, token: &str) -> String {
+        format!(
+            "[uplink]\nendpoints = [\"{}\"]\ntoken = \"{token}\"\npin_sha256 = \"{}\"\nbackoff_min_ms = 50\nbackoff_max_ms = 500\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n",
+            self.quic, self.fingerprint
+        )
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same cloud again (same data dir, same QUIC port, new HTTP port).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        let mut last = None;
+        // The QUIC port may take a moment to be free again.
+        for _ in 0..20 {
+            match Self::spawn(&self.dir, self.config.clone()) {
+                Ok(again) => {
+                    *self = again;
+                    return Ok(());
+                }
+                Err(e) => {
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("restart failed")))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("outpost-cloud.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads a metric's value (summed over label sets) from a Prometheus endpoint.
+pub async fn metric(http: &reqwest::Client, url: &str, name: &str) -> Result<f64> {
+    let text = http.get(url).send().await?.text().await?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum())
 }
 
 impl Drop for Edge {

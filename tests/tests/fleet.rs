@@ -1,0 +1,459 @@
+//! Cloud + edges as real processes over QUIC on loopback: cross-edge delivery, the
+//! cloud going away and coming back, partitions with concurrent writes, edges killed
+//! mid-stream, client failover between endpoints, refused and hostile links.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use outpost_tests::{admin_token, eventually, free_udp_port, metric, publish, Cloud, Edge, Ws};
+use serde_json::{json, Value};
+
+const TOKEN_A: &str = "edge-a-uplink-token-0123456789";
+const TOKEN_B: &str = "edge-b-uplink-token-0123456789";
+
+struct Fleet {
+    cloud: Cloud,
+    a: Edge,
+    b: Edge,
+    _dir: tempfile::TempDir,
+}
+
+fn fleet() -> Result<Fleet> {
+    let dir = match std::env::var("TEST_KEEP_DIR") {
+        Ok(p) => tempfile::Builder::new()
+            .disable_cleanup(true)
+            .tempdir_in(p)?,
+        Err(_) => tempfile::tempdir()?,
+    };
+    let cloud = Cloud::start(
+        &dir.path().join("cloud"),
+        free_udp_port()?,
+        &[("edge-a", TOKEN_A), ("edge-b", TOKEN_B)],
+        "",
+    )?;
+    let a = Edge::start(&dir.path().join("a"), &cloud.uplink_toml(TOKEN_A))?;
+    let b = Edge::start(&dir.path().join("b"), &cloud.uplink_toml(TOKEN_B))?;
+    Ok(Fleet {
+        cloud,
+        a,
+        b,
+        _dir: dir,
+    })
+}
+
+async fn connected(http: &reqwest::Client, cloud: &Cloud, n: f64) -> Result<()> {
+    let url = cloud.url("/metrics");
+    eventually(Duration::from_secs(20), "edges to connect", || async {
+        Ok((metric(http, &url, "outpost_edges_connected").await? == n).then_some(()))
+    })
+    .await
+}
+
+async fn history(http: &reqwest::Client, base: String, channel: &str) -> Result<Vec<Value>> {
+    let v: Value = http
+        .get(format!("{base}/v1/channels/{channel}/history?limit=1000"))
+        .bearer_auth(admin_token())
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["ops"].as_array().cloned().unwrap_or_default())
+}
+
+fn dots(ops: &[Value]) -> BTreeSet<String> {
+    ops.iter()
+        .filter_map(|o| o["dot"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_published_on_edge_a_reaches_a_subscriber_on_edge_b() -> Result<()> {
+    let f = fleet()?;
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let t = admin_token();
+    let mut sub = Ws::connect(&f.b, &t).await?;
+    sub.subscribe("project:x", None).await?;
+    let mut publ = Ws::connect(&f.a, &t).await?;
+    // Warm-up: the first op also waits for B's interest to reach the cloud.
+    publ.request(
+        json!({"type": "publish", "channel": "project:x", "event": "warm"}),
+        1,
+    )
+    .await?;
+    sub.recv_until(|m| m["type"] == "op").await?;
+    let mut lat = Vec::new();
+    for i in 0..200u64 {
+        let sent = Instant::now();
+        publ.send(
+            json!({"type": "publish", "channel": "project:x", "event": "e", "data": {"n": i}}),
+        )
+        .await?;
+        let op = sub.recv_until(|m| m["type"] == "op").await?;
+        lat.push(sent.elapsed().as_secs_f64() * 1000.0);
+        ensure!(op["data"]["n"] == i, "out of order: {op} at {i}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    lat.sort_by(f64::total_cmp);
+    eprintln!(
+        "edge A -> cloud -> edge B publish->deliver over {} ops (debug build, fsync on both hops): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        lat.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
+impl Fleet {
+    /// The tail of every log, for a failing test's report.
+    fn logs(&self) -> String {
+        let tail = |s: String| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "--- cloud log\n{}\n--- edge A log\n{}\n--- edge B log\n{}",
+            tail(self.cloud.log()),
+            tail(self.a.log()),
+            tail(self.b.log())
+        )
+    }
+}
+
+/// Runs a fleet test; on failure, attaches the processes' logs to the error.
+async fn with_logs<F>(f: &mut Fleet, body: F) -> Result<()>
+where
+    F: for<'a> FnOnce(
+        &'a mut Fleet,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>,
+{
+    let r = body(f).await;
+    r.map_err(|e| e.context(f.logs()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_keep_serving_without_the_cloud_and_converge_when_it_returns() -> Result<()> {
+    let mut f = fleet()?;
+    with_logs(&mut f, |f| Box::pin(cloud_outage(f))).await
+}
+
+async fn cloud_outage(f: &mut Fleet) -> Result<()> {
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let t = admin_token();
+    let mut sub_a = Ws::connect(&f.a, &t).await?;
+    sub_a.subscribe("project:p", None).await?;
+    let mut sub_b = Ws::connect(&f.b, &t).await?;
+    sub_b.subscribe("project:p", None).await?;
+    f.cloud.kill9();
+    // Writes on both edges are accepted, acked and delivered locally.
+    for i in 0..20 {
+        let (s, _) = publish(
+            &http,
+            &f.a,
+            &t,
+            "project:p",
+            json!({"event": "a", "data": {"n": i}}),
+        )
+        .await?;
+        ensure!(s == 200, "edge A refused a write without the cloud");
+        let (s, _) = publish(
+            &http,
+            &f.b,
+            &t,
+            "project:p",
+            json!({"event": "b", "data": {"n": i}}),
+        )
+        .await?;
+        ensure!(s == 200, "edge B refused a write without the cloud");
+    }
+    // Concurrent writes to one key on both sides of the partition.
+    for (edge, v) in [(&f.a, "from-a"), (&f.b, "from-b")] {
+        let r = http
+            .put(edge.url("/v1/channels/project:p/state/owner"))
+            .bearer_auth(&t)
+            .json(&json!({"value": v}))
+            .send()
+            .await?;
+        ensure!(r.status() == 200);
+    }
+    for i in 0..20 {
+        let op = sub_a
+            .recv_until(|m| m["type"] == "op" && m["event"] == "a")
+            .await?;
+        ensure!(op["data"]["n"] == i);
+        let op = sub_b
+            .recv_until(|m| m["type"] == "op" && m["event"] == "b")
+            .await?;
+        ensure!(op["data"]["n"] == i);
+    }
+    f.cloud.restart()?;
+    // B's subscriber gets A's partition-time ops, in A's order; and vice versa.
+    for i in 0..20 {
+        let op = sub_b
+            .recv_until(|m| m["type"] == "op" && m["event"] == "a")
+            .await?;
+        ensure!(
+            op["data"]["n"] == i,
+            "B saw A's ops out of order: {op} at {i}"
+        );
+        let op = sub_a
+            .recv_until(|m| m["type"] == "op" && m["event"] == "b")
+            .await?;
+        ensure!(
+            op["data"]["n"] == i,
+            "A saw B's ops out of order: {op} at {i}"
+        );
+    }
+    // Everything converges: same history set, same state winner with both siblings.
+    let want = 42; // 20 + 20 events, 2 state writes
+    let ends = [f.cloud.url(""), f.a.url(""), f.b.url("")];
+    for base in &ends {
+        eventually(Duration::from_secs(20), "convergence", || async {
+            Ok((history(&http, base.clone(), "project:p").await?.len() == want).then_some(()))
+        })
+        .await?;
+    }
+    let sets: Vec<BTreeSet<String>> = futures_util::future::try_join_all(
+        ends.iter().map(|b| history(&http, b.clone(), "project:p")),
+    )
+    .await?
+    .iter()
+    .map(|o| dots(o))
+    .collect();
+    ensure!(sets[0] == sets[1] && sets[1] == sets[2], "histories differ");
+    let mut winners = Vec::new();
+    for base in &ends {
+        let s: Value = http
+            .get(format!(
+                "{base}/v1/channels/project:p/state/owner?siblings=true"
+            ))
+            .bearer_auth(&t)
+            .send()
+            .await?
+            .json()
+            .await?;
+        ensure!(
+            s["conflict"] == true,
+            "the concurrent write was not kept: {s}"
+        );
+        ensure!(s["siblings"].as_array().map(Vec::len) == Some(2), "{s}");
+        winners.push(s["value"].clone());
+    }
+    ensure!(
+        winners[0] == winners[1] && winners[1] == winners[2],
+        "winners differ: {winners:?}"
+    );
+    let conflicts = metric(&http, &f.cloud.url("/metrics"), "outpost_conflicts_total").await?;
+    ensure!(conflicts >= 1.0, "the cloud recorded no conflict");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_killed_mid_stream_replays_its_outbox_after_restart() -> Result<()> {
+    let mut f = fleet()?;
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let t = admin_token();
+    // Edge B holds the channel because a client of it subscribes.
+    let mut watcher = Ws::connect(&f.b, &t).await?;
+    watcher.subscribe("project:k", None).await?;
+    let url = f.a.url("/v1/channels/project:k/events");
+    let publisher = {
+        let (http, t) = (http.clone(), t.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..100_000 {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&t)
+                    .json(&json!({"event": "tick", "data": {"n": i}}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 200 => {
+                        let v: Value = r.json().await.unwrap_or_default();
+                        if let Some(d) = v["dot"].as_str() {
+                            acked.push(d.to_owned());
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    f.a.kill9();
+    let acked = publisher.await?;
+    ensure!(
+        acked.len() > 10,
+        "only {} writes were acked before the kill",
+        acked.len()
+    );
+    f.a.restart()?;
+    let want: BTreeSet<String> = acked.into_iter().collect();
+    for base in [f.cloud.url(""), f.b.url("")] {
+        eventually(Duration::from_secs(20), "the outbox to replay", || async {
+            let have = dots(&history(&http, base.clone(), "project:k").await?);
+            Ok(want.is_subset(&have).then_some(()))
+        })
+        .await
+        .with_context(|| format!("acked ops missing at {base} (cloud is {})", f.cloud.url("")))?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_dead_edge_resumes_on_another_endpoint_without_a_gap() -> Result<()> {
+    let mut f = fleet()?;
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let t = admin_token();
+    let mut ws = Ws::connect(&f.a, &t).await?;
+    ws.subscribe("project:f", None).await?;
+    // A backend service publishes through the cloud, 200 events/s.
+    let cloud_url = f.cloud.url("/v1/channels/project:f/events");
+    let publisher = {
+        let (http, t) = (http.clone(), t.clone());
+        tokio::spawn(async move {
+            for i in 0..600 {
+                let _ = http
+                    .post(&cloud_url)
+                    .bearer_auth(&t)
+                    .json(&json!({"event": "job", "data": {"n": i}}))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut got: Vec<i64> = Vec::new();
+    let mut token = None;
+    while got.len() < 100 {
+        let op = ws.recv_until(|m| m["type"] == "op").await?;
+        got.push(op["data"]["n"].as_i64().unwrap_or(-1));
+        token = op["token"].as_str().map(str::to_owned);
+    }
+    f.a.kill9();
+    let killed = Instant::now();
+    // The client notices and moves to the next endpoint with its token.
+    let _ = ws.close_code(Duration::from_secs(5)).await;
+    let mut ws = Ws::connect(&f.b, &t).await?;
+    let (replay, _) = ws.subscribe("project:f", token.as_deref()).await?;
+    let mut first = None;
+    for op in &replay {
+        first.get_or_insert_with(|| killed.elapsed());
+        got.push(op["data"]["n"].as_i64().unwrap_or(-1));
+    }
+    while got.len() < 600 {
+        let op = ws.recv_until(|m| m["type"] == "op").await?;
+        first.get_or_insert_with(|| killed.elapsed());
+        got.push(op["data"]["n"].as_i64().unwrap_or(-1));
+    }
+    publisher.await?;
+    ensure!(
+        got == (0..600).collect::<Vec<_>>(),
+        "gap or disorder after failover"
+    );
+    eprintln!(
+        "failover: edge A killed -> first op delivered by edge B after {:.1} ms",
+        first.unwrap_or_default().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_edges_and_hostile_frames_are_refused_and_others_keep_working() -> Result<()> {
+    let f = fleet()?;
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let dir = tempfile::tempdir()?;
+    // Wrong credential.
+    let wrong = Edge::start(
+        &dir.path().join("wrong"),
+        &f.cloud.uplink_toml("not-a-known-edge-token"),
+    )?;
+    eventually(Duration::from_secs(10), "the refusal", || async {
+        Ok((metric(
+            &http,
+            &wrong.url("/metrics"),
+            "outpost_uplink_refusals_total",
+        )
+        .await?
+            >= 1.0)
+            .then_some(()))
+    })
+    .await?;
+    ensure!(
+        f.cloud.log().contains("refused an unknown edge"),
+        "cloud did not log the refusal"
+    );
+    // A certificate pin that does not match.
+    let bad_pin = f
+        .cloud
+        .uplink_toml(TOKEN_A)
+        .replace(&f.cloud.fingerprint, &"0".repeat(64));
+    let unpinned = Edge::start(&dir.path().join("unpinned"), &bad_pin)?;
+    eventually(Duration::from_secs(10), "the TLS failure", || async {
+        Ok(unpinned
+            .log()
+            .contains("does not match the pinned fingerprint")
+            .then_some(()))
+    })
+    .await?;
+    // Both still serve their own clients.
+    let t = admin_token();
+    let (s, _) = publish(&http, &wrong, &t, "project:z", json!({"event": "local"})).await?;
+    ensure!(s == 200);
+    // Garbage, a bad first frame, and an oversized length on a real QUIC link.
+    let pinned = edge::config::UplinkConfig {
+        endpoints: vec![f.cloud.quic],
+        token: TOKEN_A.into(),
+        pin_sha256: Some(f.cloud.fingerprint.clone()),
+        ..Default::default()
+    };
+    let client = edge::link::tls::client_config(&pinned)?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(client);
+    for (bytes, code) in [
+        (b"\x00\x00\x00\x05\x01garbage!".to_vec(), 4400u32),
+        (vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3], 4413u32),
+    ] {
+        let conn = endpoint.connect(f.cloud.quic, "outpost-cloud")?.await?;
+        let (mut send, _recv) = conn.open_bi().await?;
+        send.write_all(&bytes).await?;
+        let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await?;
+        match reason {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                ensure!(
+                    u64::from(c.error_code) == u64::from(code),
+                    "closed with {c:?}, wanted {code}"
+                )
+            }
+            other => anyhow::bail!("closed with {other:?}, wanted {code}"),
+        }
+    }
+    // UDP garbage at the QUIC port is ignored.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    for _ in 0..100 {
+        udp.send_to(&[0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3], f.cloud.quic)?;
+    }
+    // The real edges still replicate.
+    let mut sub = Ws::connect(&f.b, &t).await?;
+    sub.subscribe("project:still", None).await?;
+    publish(&http, &f.a, &t, "project:still", json!({"event": "alive"})).await?;
+    let op = sub.recv_until(|m| m["type"] == "op").await?;
+    ensure!(op["event"] == "alive");
+    ensure!(metric(&http, &f.cloud.url("/metrics"), "outpost_edges_connected").await? == 2.0);
+    Ok(())
+}
