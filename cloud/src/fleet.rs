@@ -20,6 +20,10 @@ pub struct EdgeEntry {
     pub connected_since: u64,
     pub last_seen: u64,
     pub rtt_ms: Option<u64>,
+    /// Ops the cloud has that the edge lacks (channels it subscribes to).
+    pub lag_ops: u64,
+    /// Unacked local ops the edge reported in its last heartbeat.
+    pub outbox_ops: u64,
     pub links: u64,
 }
 
@@ -53,6 +57,8 @@ impl Fleet {
                 connected_since: now,
                 last_seen: now,
                 rtt_ms: None,
+                lag_ops: 0,
+                outbox_ops: 0,
                 links,
             },
         );
@@ -60,11 +66,18 @@ impl Fleet {
             .set(g.values().filter(|e| e.connected).count() as f64);
     }
 
-    pub fn seen(&self, id: ReplicaId, rtt_ms: u64) {
+    /// Refreshes an edge's live figures (every second while it is connected).
+    pub fn seen(&self, id: ReplicaId, rtt_ms: u64, lag_ops: u64, outbox_ops: u64) {
         let mut g = self.edges.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = g.get_mut(&id) {
             e.last_seen = edge::core::now_ms();
             e.rtt_ms = Some(rtt_ms);
+            e.lag_ops = lag_ops;
+            e.outbox_ops = outbox_ops;
+            let name = e.name.clone();
+            metrics::gauge!("outpost_edge_rtt_ms", "edge" => name.clone()).set(rtt_ms as f64);
+            metrics::gauge!("outpost_edge_lag_ops", "edge" => name.clone()).set(lag_ops as f64);
+            metrics::gauge!("outpost_edge_outbox_ops", "edge" => name).set(outbox_ops as f64);
         }
     }
 

@@ -185,8 +185,7 @@ async fn handle(
     }
     tracing::info!(%remote, edge = %replica, name = %cred.name, %region, %software, "edge connected");
     fleet.connected(replica, &cred.name, &region, &software, remote);
-    let rtt_conn = conn.clone();
-    let rtt_fleet = fleet.clone();
+    let (rtt_conn, rtt_fleet, rtt_core) = (conn.clone(), fleet.clone(), core.clone());
     let rtt_stop = CancellationToken::new();
     let rtt_guard = rtt_stop.clone();
     tokio::spawn(async move {
@@ -194,7 +193,12 @@ async fn handle(
         loop {
             tokio::select! {
                 _ = rtt_stop.cancelled() => return,
-                _ = tick.tick() => rtt_fleet.seen(replica, rtt_conn.rtt().as_millis() as u64),
+                _ = tick.tick() => {
+                    let (lag, outbox) = rtt_core.with_node(|n| {
+                        (n.peer_lag(replica), n.peers().get(&replica).map_or(0, |p| p.outbox))
+                    });
+                    rtt_fleet.seen(replica, rtt_conn.rtt().as_millis() as u64, lag, outbox);
+                }
             }
         }
     });

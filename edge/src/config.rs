@@ -277,6 +277,28 @@ impl Default for HubConfig {
     }
 }
 
+/// The edge's channel cache (`[cache]`): channels without local subscribers and
+/// with nothing left to send are dropped from memory and disk (the cloud has them)
+/// after `ttl_secs`, or sooner, least recently used first, to stay under `max_bytes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub ttl_secs: u64,
+    pub max_bytes: u64,
+    /// How often eviction runs.
+    pub sweep_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 600,
+            max_bytes: 256 << 20,
+            sweep_secs: 10,
+        }
+    }
+}
+
 /// The whole edge configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -298,6 +320,8 @@ pub struct EdgeConfig {
     pub history: HistoryConfig,
     pub presence: PresenceConfig,
     pub log: LogConfig,
+    /// Edge with an uplink only: which channels stay cached.
+    pub cache: CacheConfig,
     /// Edge only: the link to the cloud.
     pub uplink: Option<UplinkConfig>,
     /// Cloud only: the QUIC endpoint edges connect to.
@@ -322,6 +346,7 @@ impl Default for EdgeConfig {
             history: HistoryConfig::default(),
             presence: PresenceConfig::default(),
             log: LogConfig::default(),
+            cache: CacheConfig::default(),
             uplink: None,
             hub: None,
         }
@@ -460,6 +485,9 @@ impl EdgeConfig {
         }
         if self.sse_heartbeat_secs == 0 {
             bad("sse_heartbeat_secs", "must be at least 1");
+        }
+        if self.cache.sweep_secs == 0 {
+            bad("cache.sweep_secs", "must be at least 1");
         }
         if self.presence.ttl_secs == 0 {
             bad("presence.ttl_secs", "must be at least 1");
@@ -650,6 +678,14 @@ disabled_namespaces = []
 # "text" or "json"
 format = "text"
 filter = "info"
+
+# With an uplink: channels without local subscribers and with everything acked are
+# dropped after ttl_secs (or least recently used first above max_bytes); the cloud
+# has them, and the next subscriber fetches them again.
+[cache]
+ttl_secs = 600
+max_bytes = 268435456
+sweep_secs = 10
 
 # The link to the cloud. Without this section the edge runs on its own.
 # [uplink]

@@ -68,6 +68,8 @@ struct Inner {
     written: u64,
     /// Outputs waiting for their generation to be durable.
     post: VecDeque<(u64, Output)>,
+    /// When each channel was last used by a local client (cache eviction).
+    last_used: HashMap<ChannelName, Instant>,
 }
 
 /// Where `Send` outputs go: one bounded queue per linked peer. A peer whose queue is
@@ -211,6 +213,7 @@ impl Core {
                 node,
                 written: 0,
                 post: VecDeque::new(),
+                last_used: HashMap::new(),
             }),
             storage,
             hub,
@@ -277,6 +280,7 @@ impl Core {
         write: LocalWrite,
     ) -> Result<(LocalOutcome, u64), CoreError> {
         let mut g = self.lock();
+        Self::touch(&mut g, channel);
         let outcome = g.node.local(now_ms(), channel, write)?;
         self.drain(&mut g)?;
         Ok((outcome, g.written))
@@ -299,6 +303,7 @@ impl Core {
         since: &VersionVector,
     ) -> Replay {
         let mut g = self.lock();
+        Self::touch(&mut g, channel);
         let (replay, first) = match g.node.channel(channel) {
             Some(r) => {
                 let truncated = matches!(r.ops_since(since, 0), Err(NeedSnapshot { .. }));
@@ -320,6 +325,7 @@ impl Core {
 
     pub fn unsubscribe(&self, channel: &ChannelName, conn: u64) {
         let mut g = self.lock();
+        Self::touch(&mut g, channel);
         if self.hub.unsubscribe(channel, conn) {
             g.node
                 .handle(now_ms(), Input::Interest(channel.clone(), false));
@@ -331,8 +337,9 @@ impl Core {
 
     /// The register of a state key, if any.
     pub fn state_get(&self, channel: &ChannelName, key: &str) -> Option<Register> {
-        self.lock()
-            .node
+        let mut g = self.lock();
+        Self::touch(&mut g, channel);
+        g.node
             .channel(channel)
             .and_then(|c| c.register(key).cloned())
     }
@@ -358,7 +365,8 @@ impl Core {
         since: &VersionVector,
         limit: usize,
     ) -> (Vec<Op>, bool) {
-        let g = self.lock();
+        let mut g = self.lock();
+        Self::touch(&mut g, channel);
         let delivered = self.hub.delivered(channel);
         match g.node.channel(channel) {
             None => (Vec::new(), false),
@@ -373,6 +381,54 @@ impl Core {
                 (ops, truncated)
             }
         }
+    }
+
+    fn touch(g: &mut Inner, channel: &ChannelName) {
+        g.last_used.insert(channel.clone(), Instant::now());
+    }
+
+    /// Drops cached channels: those idle for `ttl`, then least recently used ones
+    /// until the rest fit in `max_bytes`. Only channels without local subscribers and
+    /// with everything acked by the cloud are eligible. Returns what was evicted.
+    pub fn evict(&self, ttl: Duration, max_bytes: u64) -> Vec<ChannelName> {
+        let mut g = self.lock();
+        let mut sizes: Vec<(ChannelName, u64, Option<Instant>)> = g
+            .node
+            .channels()
+            .map(|c| {
+                let name = c.channel().clone();
+                let used = g.last_used.get(&name).copied();
+                (name, c.approx_bytes(), used)
+            })
+            .collect();
+        let mut total: u64 = sizes.iter().map(|(_, b, _)| b).sum();
+        // Oldest first; never-used (restored from disk) count as oldest.
+        sizes.sort_by_key(|(_, _, used)| *used);
+        let mut evicted = Vec::new();
+        for (name, bytes, used) in sizes {
+            let idle = used.is_none_or(|u| u.elapsed() >= ttl);
+            if !(idle || total > max_bytes) || !g.node.can_evict(&name) {
+                continue;
+            }
+            if let Err(e) = self.storage.remove_channel(&name) {
+                tracing::error!(channel = %name, error = %e, "cannot evict");
+                continue;
+            }
+            g.node.evict(&name);
+            g.last_used.remove(&name);
+            self.hub.forget(&name);
+            total = total.saturating_sub(bytes);
+            evicted.push(name);
+        }
+        if !evicted.is_empty() {
+            metrics::counter!("outpost_cache_evictions_total").increment(evicted.len() as u64);
+            tracing::info!(
+                channels = evicted.len(),
+                "evicted idle channels from the cache"
+            );
+        }
+        metrics::gauge!("outpost_cache_bytes").set(total as f64);
+        evicted
     }
 
     /// Reads the node under the lock (status, metrics).

@@ -386,6 +386,16 @@ impl Hub {
         }
     }
 
+    /// Forgets an evicted channel (only when nobody is subscribed or present).
+    pub fn forget(&self, channel: &ChannelName) {
+        let mut g = self.lock();
+        if g.get(channel)
+            .is_some_and(|c| c.subs.is_empty() && c.presence.is_empty())
+        {
+            g.remove(channel);
+        }
+    }
+
     /// Tells every subscriber to go elsewhere (shutdown, drain).
     pub fn kill_all(&self) {
         let g = self.lock();

@@ -116,6 +116,22 @@ pub async fn run(
     let region = cfg.region.clone();
     let running = build(cfg, Role::Edge, shutdown.clone())?;
     if let Some(up) = uplink {
+        let (core, cache, stop) = (
+            running.core.clone(),
+            running.state.cfg.cache.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(cache.sweep_secs));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        core.evict(Duration::from_secs(cache.ttl_secs), cache.max_bytes);
+                    }
+                }
+            }
+        });
         let core = running.core.clone();
         let status = running.state.uplink.clone();
         let stop = shutdown.clone();

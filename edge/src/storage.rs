@@ -233,6 +233,22 @@ impl Storage {
         Ok(())
     }
 
+    /// Deletes everything kept for a channel (cache eviction).
+    pub fn remove_channel(&self, channel: &ChannelName) -> Result<(), StorageError> {
+        let p = prefix(channel);
+        for tree in [&self.log, &self.dots, &self.state] {
+            for item in tree.scan_prefix(&p).keys() {
+                tree.remove(item?)?;
+            }
+        }
+        self.chans.remove(channel.as_str())?;
+        self.known
+            .lock()
+            .map(|mut g| g.remove(channel))
+            .unwrap_or_default();
+        Ok(())
+    }
+
     /// Makes everything applied so far durable (fsync).
     pub async fn flush(&self) -> Result<usize, StorageError> {
         Ok(self.db.flush_async().await?)

@@ -173,6 +173,39 @@ impl ChannelReplica {
         self.log.iter()
     }
 
+    /// A rough count of the bytes this replica holds in memory (log and state).
+    pub fn approx_bytes(&self) -> u64 {
+        fn body(b: &OpBody) -> usize {
+            match b {
+                OpBody::Event { kind, data, .. } => kind.len() + data.len(),
+                OpBody::Set {
+                    key,
+                    value,
+                    context,
+                } => key.len() + value.len() + 16 * context.len(),
+                OpBody::Delete { key, context } => key.len() + 16 * context.len(),
+            }
+        }
+        let log: usize = self
+            .log
+            .iter()
+            .map(|op| 64 + body(&op.body) + 16 * op.deps.len())
+            .sum();
+        let state: usize = self
+            .state
+            .iter()
+            .map(|(k, r)| {
+                k.len()
+                    + 16 * r.context().len()
+                    + r.siblings()
+                        .iter()
+                        .map(|s| 48 + s.value.as_ref().map_or(0, Payload::len))
+                        .sum::<usize>()
+            })
+            .sum();
+        (log + state) as u64
+    }
+
     pub fn pending_len(&self) -> usize {
         self.pending.len()
     }

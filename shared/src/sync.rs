@@ -214,6 +214,8 @@ pub struct PeerInfo {
     /// The peer's version vector per channel, as last reported.
     pub vvs: BTreeMap<ChannelName, VersionVector>,
     pub rtt_ms: Option<u64>,
+    /// The peer's unacked local ops, as it last reported.
+    pub outbox: u64,
 }
 
 /// One replica's replication state machine.
@@ -325,6 +327,28 @@ impl Node {
         &self.peers
     }
 
+    /// Ops this node has that `peer` lacks, over the channels the peer subscribes to
+    /// (as of the vectors it last reported).
+    pub fn peer_lag(&self, peer: ReplicaId) -> u64 {
+        let Some(info) = self.peers.get(&peer) else {
+            return 0;
+        };
+        info.interest
+            .iter()
+            .filter_map(|ch| {
+                let mine = self.channels.get(ch)?.replica.vv();
+                let theirs = info.vvs.get(ch)?;
+                Some(
+                    theirs
+                        .missing_from(mine)
+                        .iter()
+                        .map(|(_, r)| r.end() - r.start() + 1)
+                        .sum::<u64>(),
+                )
+            })
+            .sum()
+    }
+
     /// The edge's upstream, when linked.
     pub fn upstream(&self) -> Option<ReplicaId> {
         match self.role {
@@ -427,14 +451,20 @@ impl Node {
         }
     }
 
-    /// Forgets a channel with no local interest and nothing left to send (cache
-    /// eviction). Returns false, and keeps it, otherwise.
+    /// Whether a channel may be evicted: an edge's channel with no local interest and
+    /// nothing left to send.
+    pub fn can_evict(&self, channel: &ChannelName) -> bool {
+        self.role == Role::Edge
+            && self
+                .channels
+                .get(channel)
+                .is_some_and(|c| !c.interest && c.outbox(self.me) == 0)
+    }
+
+    /// Forgets a channel that [`Node::can_evict`] allows (cache eviction). Returns
+    /// false, and keeps it, otherwise.
     pub fn evict(&mut self, channel: &ChannelName) -> bool {
-        let me = self.me;
-        let removable = self
-            .channels
-            .get(channel)
-            .is_some_and(|c| !c.interest && c.outbox(me) == 0);
+        let removable = self.can_evict(channel);
         if removable {
             self.channels.remove(channel);
         }
@@ -605,7 +635,12 @@ impl Node {
                     self.relay_ephemeral(&channel, msg, Some(peer));
                 }
             }
-            SyncMsg::Heartbeat { sent_ms } => self.send(peer, SyncMsg::HeartbeatAck { sent_ms }),
+            SyncMsg::Heartbeat { sent_ms, outbox } => {
+                if let Some(info) = self.peers.get_mut(&peer) {
+                    info.outbox = outbox;
+                }
+                self.send(peer, SyncMsg::HeartbeatAck { sent_ms })
+            }
             SyncMsg::HeartbeatAck { sent_ms } => {
                 let rtt_ms = now_ms.saturating_sub(sent_ms);
                 if let Some(info) = self.peers.get_mut(&peer) {
@@ -746,8 +781,15 @@ impl Node {
         if heartbeat {
             self.last_heartbeat = now_ms;
             let peers: Vec<ReplicaId> = self.peers.keys().copied().collect();
+            let outbox = self.outbox_len();
             for p in peers {
-                self.send(p, SyncMsg::Heartbeat { sent_ms: now_ms });
+                self.send(
+                    p,
+                    SyncMsg::Heartbeat {
+                        sent_ms: now_ms,
+                        outbox,
+                    },
+                );
             }
         }
         if let Some(up) = self.upstream() {

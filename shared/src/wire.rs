@@ -63,8 +63,10 @@ pub enum SyncMsg {
         channel: ChannelName,
         msg: Ephemeral,
     },
+    /// Liveness and RTT; `outbox` is the sender's count of unacked local ops.
     Heartbeat {
         sent_ms: u64,
+        outbox: u64,
     },
     HeartbeatAck {
         sent_ms: u64,
@@ -210,7 +212,10 @@ mod tests {
 
     #[test]
     fn errors_are_precise() {
-        let f = Frame::Sync(SyncMsg::Heartbeat { sent_ms: 7 });
+        let f = Frame::Sync(SyncMsg::Heartbeat {
+            sent_ms: 7,
+            outbox: 0,
+        });
         let bytes = encode_to_vec(&f, DEFAULT_MAX_FRAME).expect("enc");
         assert_eq!(
             decode(&bytes, DEFAULT_MAX_FRAME),

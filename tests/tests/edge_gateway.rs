@@ -683,3 +683,104 @@ async fn sigterm_tells_clients_to_resume_elsewhere_and_keeps_data() -> Result<()
     ensure!(h["ops"][0]["dot"] == ack["dot"], "{h} vs {ack}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_answer_with_their_codes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(
+        dir.path(),
+        "[limits]\nmax_subscriptions_per_connection = 2\npublish_rate_per_sec = 5\npublish_burst = 5\nmax_connections_per_ip = 3\n",
+    )?;
+    let t = admin_token();
+    let mut ws = Ws::connect(&edge, &t).await?;
+    ws.subscribe("project:l1", None).await?;
+    ws.subscribe("project:l2", None).await?;
+    let r = ws
+        .request(json!({"type": "subscribe", "channel": "project:l3"}), 1)
+        .await?;
+    ensure!(r["code"] == "too_many_subscriptions", "{r}");
+    // A burst of 5 passes, the rest of a fast burst is refused, nothing crashes.
+    let mut codes = Vec::new();
+    for i in 0..12u64 {
+        let r = ws
+            .request(
+                json!({"type": "publish", "channel": "project:l1", "event": "e"}),
+                100 + i,
+            )
+            .await?;
+        codes.push(
+            r["type"].as_str().unwrap_or_default().to_owned()
+                + ":"
+                + r["code"].as_str().unwrap_or(""),
+        );
+    }
+    let acks = codes.iter().filter(|c| c.starts_with("ack")).count();
+    let limited = codes.iter().filter(|c| c.ends_with("rate_limited")).count();
+    ensure!((5..=7).contains(&acks) && acks + limited == 12, "{codes:?}");
+    // Per-IP connection limit: this client already holds one; two more fit, then 429.
+    let _b = Ws::connect(&edge, &t).await?;
+    let _c = Ws::connect(&edge, &t).await?;
+    let refused = tokio_tungstenite::connect_async(format!("{}?token={t}", edge.ws_url())).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            ensure!(resp.status() == 429, "status {}", resp.status());
+            let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default())?;
+            ensure!(body["error"]["code"] == "too_many_connections", "{body}");
+        }
+        other => anyhow::bail!("a fourth connection from one IP was not refused: {other:?}"),
+    }
+    let pong = ws.request(json!({"type": "ping"}), 999).await?;
+    ensure!(pong["type"] == "pong");
+    Ok(())
+}
+
+#[test]
+fn checkconfig_names_the_broken_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bin = outpost_tests::bin("outpost-edge")?;
+    let good = dir.path().join("good.toml");
+    let out = std::process::Command::new(&bin).arg("genconfig").output()?;
+    std::fs::write(&good, &out.stdout)?;
+    std::fs::write(
+        dir.path().join("with-auth.toml"),
+        format!("{}\n", String::from_utf8_lossy(&out.stdout)).replace(
+            "# hs256_secret = \"at least 32 characters of secret\"",
+            "hs256_secret = \"0123456789abcdef0123456789abcdef\"",
+        ),
+    )?;
+    let ok = std::process::Command::new(&bin)
+        .arg("checkconfig")
+        .arg(dir.path().join("with-auth.toml"))
+        .output()?;
+    ensure!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[auth]\nhs256_secret = \"short\"\n[limits]\nsend_queue = 2\n[storage]\ndurability = \"sometimes\"\n",
+    )?;
+    let r = std::process::Command::new(&bin)
+        .arg("checkconfig")
+        .arg(&bad)
+        .output()?;
+    let err = String::from_utf8_lossy(&r.stderr);
+    ensure!(!r.status.success(), "a broken config passed");
+    ensure!(err.contains("storage.durability"), "{err}");
+    std::fs::write(
+        &bad,
+        "[auth]\nhs256_secret = \"short\"\n[limits]\nsend_queue = 2\n",
+    )?;
+    let r = std::process::Command::new(&bin)
+        .arg("checkconfig")
+        .arg(&bad)
+        .output()?;
+    let err = String::from_utf8_lossy(&r.stderr);
+    ensure!(
+        err.contains("auth.hs256_secret") && err.contains("limits.send_queue"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -20,6 +20,11 @@ struct Fleet {
 }
 
 fn fleet() -> Result<Fleet> {
+    fleet_with("")
+}
+
+/// A cloud and two edges; `extra_a` is added to edge A's configuration.
+fn fleet_with(extra_a: &str) -> Result<Fleet> {
     let dir = match std::env::var("TEST_KEEP_DIR") {
         Ok(p) => tempfile::Builder::new()
             .disable_cleanup(true)
@@ -32,7 +37,10 @@ fn fleet() -> Result<Fleet> {
         &[("edge-a", TOKEN_A), ("edge-b", TOKEN_B)],
         "",
     )?;
-    let a = Edge::start(&dir.path().join("a"), &cloud.uplink_toml(TOKEN_A))?;
+    let a = Edge::start(
+        &dir.path().join("a"),
+        &format!("{}\n{extra_a}", cloud.uplink_toml(TOKEN_A)),
+    )?;
     let b = Edge::start(&dir.path().join("b"), &cloud.uplink_toml(TOKEN_B))?;
     Ok(Fleet {
         cloud,
@@ -455,5 +463,64 @@ async fn bad_edges_and_hostile_frames_are_refused_and_others_keep_working() -> R
     let op = sub.recv_until(|m| m["type"] == "op").await?;
     ensure!(op["event"] == "alive");
     ensure!(metric(&http, &f.cloud.url("/metrics"), "outpost_edges_connected").await? == 2.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_channels_are_evicted_and_fetched_again_by_the_next_subscriber() -> Result<()> {
+    let f = fleet_with("[cache]\nttl_secs = 1\nsweep_secs = 1\n")?;
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let t = admin_token();
+    for i in 0..10 {
+        let (s, _) = publish(
+            &http,
+            &f.a,
+            &t,
+            "project:cache",
+            json!({"event": "e", "data": {"n": i}}),
+        )
+        .await?;
+        ensure!(s == 200);
+    }
+    // Acked by the cloud, no local subscriber: evicted after the TTL.
+    let a_metrics = f.a.url("/metrics");
+    eventually(Duration::from_secs(15), "the eviction", || async {
+        Ok(
+            (metric(&http, &a_metrics, "outpost_cache_evictions_total").await? >= 1.0)
+                .then_some(()),
+        )
+    })
+    .await?;
+    ensure!(
+        history(&http, f.a.url(""), "project:cache")
+            .await?
+            .is_empty(),
+        "still cached"
+    );
+    ensure!(
+        history(&http, f.cloud.url(""), "project:cache")
+            .await?
+            .len()
+            == 10
+    );
+    // The next subscriber makes the edge fetch the channel from the cloud.
+    let mut ws = Ws::connect(&f.a, &t).await?;
+    ws.subscribe("project:cache", None).await?;
+    for i in 0..10 {
+        let op = ws.recv_until(|m| m["type"] == "op").await?;
+        ensure!(op["data"]["n"] == i, "{op}");
+    }
+    // The cloud exports per-edge link figures.
+    let m = http
+        .get(f.cloud.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        m.contains("outpost_edge_rtt_ms") && m.contains("outpost_edge_outbox_ops"),
+        "{m}"
+    );
     Ok(())
 }
