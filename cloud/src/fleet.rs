@@ -1,6 +1,6 @@
 //! The edge registry: who is connected, since when, from where, how far behind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
@@ -27,10 +27,26 @@ pub struct EdgeEntry {
     pub links: u64,
 }
 
-/// Every edge that has connected since the cloud started.
+/// Something that happened to the fleet.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetEvent {
+    pub time_ms: u64,
+    pub edge: String,
+    /// `joined`, `left`, `restored`, `healed`, `refused`, `drained`, `revoked`.
+    pub kind: String,
+    pub detail: String,
+}
+
+/// Most events kept.
+const MAX_EVENTS: usize = 2000;
+
+/// Every edge that has connected since the cloud started, and the fleet timeline.
 #[derive(Debug, Default)]
 pub struct Fleet {
     edges: Mutex<BTreeMap<ReplicaId, EdgeEntry>>,
+    events: Mutex<VecDeque<FleetEvent>>,
+    /// When each edge last left, to report how long it was away.
+    left_at: Mutex<HashMap<ReplicaId, u64>>,
 }
 
 impl Fleet {
@@ -43,8 +59,26 @@ impl Fleet {
         remote: SocketAddr,
     ) {
         let now = edge::core::now_ms();
+        let away = self
+            .left_at
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&id))
+            .map(|t| now.saturating_sub(t));
         let mut g = self.edges.lock().unwrap_or_else(|p| p.into_inner());
         let links = g.get(&id).map_or(0, |e| e.links) + 1;
+        match away {
+            Some(ms) => self.event(
+                name,
+                "restored",
+                &format!("link restored after {:.1} s away", ms as f64 / 1000.0),
+            ),
+            None => self.event(
+                name,
+                "joined",
+                &format!("{software} in {region} from {remote}"),
+            ),
+        }
         g.insert(
             id,
             EdgeEntry {
@@ -81,13 +115,51 @@ impl Fleet {
         }
     }
 
-    pub fn disconnected(&self, id: ReplicaId) {
+    pub fn disconnected(&self, id: ReplicaId, reason: &str) {
         let mut g = self.edges.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = g.get_mut(&id) {
             e.connected = false;
+            self.event(&e.name, "left", reason);
+        }
+        if let Ok(mut m) = self.left_at.lock() {
+            m.insert(id, edge::core::now_ms());
         }
         metrics::gauge!("outpost_edges_connected")
             .set(g.values().filter(|e| e.connected).count() as f64);
+    }
+
+    /// Records a timeline event.
+    pub fn event(&self, edge: &str, kind: &str, detail: &str) {
+        let mut g = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if g.len() >= MAX_EVENTS {
+            g.pop_front();
+        }
+        g.push_back(FleetEvent {
+            time_ms: edge::core::now_ms(),
+            edge: edge.into(),
+            kind: kind.into(),
+            detail: detail.into(),
+        });
+    }
+
+    pub fn events_since(&self, since_ms: u64) -> Vec<FleetEvent> {
+        self.events
+            .lock()
+            .map(|g| {
+                g.iter()
+                    .filter(|e| e.time_ms >= since_ms)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Replica id -> edge name, for every edge seen.
+    pub fn names(&self) -> HashMap<ReplicaId, String> {
+        self.edges
+            .lock()
+            .map(|g| g.iter().map(|(id, e)| (*id, e.name.clone())).collect())
+            .unwrap_or_default()
     }
 
     pub fn list(&self) -> Vec<EdgeEntry> {

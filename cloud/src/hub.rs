@@ -13,12 +13,14 @@ use sha2::{Digest, Sha256};
 use shared::wire::{Frame, PeerRole};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::Revocations;
 use crate::fleet::Fleet;
 
 pub async fn accept_loop(
     endpoint: quinn::Endpoint,
     core: Arc<Core>,
     fleet: Arc<Fleet>,
+    revoked: Arc<Revocations>,
     cfg: HubConfig,
     shutdown: CancellationToken,
 ) {
@@ -32,9 +34,10 @@ pub async fn accept_loop(
             },
         };
         let (core, fleet, cfg, stop) = (core.clone(), fleet.clone(), cfg.clone(), shutdown.clone());
+        let revoked = revoked.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            match handle(incoming, core, fleet, cfg, stop).await {
+            match handle(incoming, core, fleet, revoked, cfg, stop).await {
                 Ok(()) => {}
                 Err(e) => tracing::warn!(%remote, error = %e, "edge link ended"),
             }
@@ -76,6 +79,7 @@ async fn handle(
     incoming: quinn::Incoming,
     core: Arc<Core>,
     fleet: Arc<Fleet>,
+    revoked: Arc<Revocations>,
     cfg: Arc<HubConfig>,
     shutdown: CancellationToken,
 ) -> Result<(), LinkError> {
@@ -138,6 +142,11 @@ async fn handle(
     else {
         metrics::counter!("outpost_edge_auth_failures_total", "reason" => "unknown").increment(1);
         tracing::warn!(%remote, edge = %replica, "refused an unknown edge");
+        fleet.event(
+            &replica.to_string(),
+            "refused",
+            &format!("unknown credential from {remote}"),
+        );
         return Err(refuse(
             &conn,
             &mut csend,
@@ -147,7 +156,12 @@ async fn handle(
         )
         .await);
     };
-    if cred.revoked {
+    if cred.revoked || revoked.contains(&cred.name) {
+        fleet.event(
+            &cred.name,
+            "refused",
+            &format!("revoked credential from {remote}"),
+        );
         metrics::counter!("outpost_edge_auth_failures_total", "reason" => "revoked").increment(1);
         tracing::warn!(%remote, edge = %replica, name = %cred.name, "refused a revoked edge");
         return Err(refuse(
@@ -188,12 +202,21 @@ async fn handle(
     let (rtt_conn, rtt_fleet, rtt_core) = (conn.clone(), fleet.clone(), core.clone());
     let rtt_stop = CancellationToken::new();
     let rtt_guard = rtt_stop.clone();
+    let (in0, out0) = (core.received_ops(replica), core.router.sent_ops(replica));
+    let name = cred.name.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut seconds = 0u32;
         loop {
             tokio::select! {
                 _ = rtt_stop.cancelled() => return,
                 _ = tick.tick() => {
+                    seconds += 1;
+                    if seconds == 5 {
+                        let got = rtt_core.received_ops(replica) - in0;
+                        let sent = rtt_core.router.sent_ops(replica) - out0;
+                        rtt_fleet.event(&name, "healed", &format!("first 5 s of the link: {got} ops received, {sent} ops sent"));
+                    }
                     let (lag, outbox) = rtt_core.with_node(|n| {
                         (n.peer_lag(replica), n.peers().get(&replica).map_or(0, |p| p.outbox))
                     });
@@ -215,7 +238,7 @@ async fn handle(
     )
     .await;
     rtt_guard.cancel();
-    fleet.disconnected(replica);
+    fleet.disconnected(replica, &why.to_string());
     tracing::info!(%remote, edge = %replica, reason = %why, "edge disconnected");
     Ok(())
 }

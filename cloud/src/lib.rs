@@ -4,6 +4,7 @@
 //! client API as the edges (the edge crate's gateway, not a copy), so clients whose
 //! edge died can fall back to it.
 
+pub mod admin;
 pub mod fleet;
 pub mod hub;
 
@@ -41,6 +42,7 @@ pub struct Started {
     pub fleet: Arc<fleet::Fleet>,
     running: edge::Running,
     http: TcpListener,
+    admin: admin::Admin,
 }
 
 /// Opens storage, the QUIC endpoint and the gateway state.
@@ -76,19 +78,27 @@ pub async fn start(
     })?;
     let running = edge::build(cfg, Role::Cloud, shutdown.clone())?;
     let fleet = Arc::new(fleet::Fleet::default());
+    let revoked = Arc::new(admin::Revocations::load(&running.core));
     tokio::spawn(hub::accept_loop(
         endpoint,
         running.core.clone(),
         fleet.clone(),
+        revoked.clone(),
         hub_cfg,
         shutdown,
     ));
+    let admin = admin::Admin {
+        state: running.state.clone(),
+        fleet: fleet.clone(),
+        revoked,
+    };
     Ok(Started {
         quic_addr,
         fingerprint,
         fleet,
         running,
         http,
+        admin,
     })
 }
 
@@ -99,7 +109,7 @@ impl Started {
 
     /// Serves the client API until shutdown.
     pub async fn serve(self) -> Result<(), CloudError> {
-        edge::serve(&self.running, self.http).await?;
+        edge::serve_with(&self.running, self.http, admin::router(self.admin)).await?;
         Ok(())
     }
 }

@@ -104,6 +104,9 @@ fn main() -> anyhow::Result<()> {
     }
     cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     init_tracing(&cfg);
+    for var in edge::config::ignored_env() {
+        tracing::warn!(%var, "environment variable ignored: not a configuration key");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

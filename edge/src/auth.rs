@@ -159,6 +159,7 @@ pub struct Authenticator {
     leeway: u64,
     anonymous: Option<Vec<Right>>,
     api_keys: HashMap<[u8; 32], (String, Vec<Right>)>,
+    operator_keys: HashMap<[u8; 32], String>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -199,6 +200,19 @@ impl Authenticator {
                 .ok_or_else(|| format!("auth.api_keys.{}: sha256 must be 64 hex digits", k.name))?;
             api_keys.insert(bytes, (k.name.clone(), k.rights.clone()));
         }
+        let mut operator_keys = HashMap::new();
+        for k in &cfg.operator_keys {
+            let bytes = hex::decode(&k.sha256)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    format!(
+                        "auth.operator_keys.{}: sha256 must be 64 hex digits",
+                        k.name
+                    )
+                })?;
+            operator_keys.insert(bytes, k.name.clone());
+        }
         Ok(Self {
             hs256: cfg
                 .hs256_secret
@@ -210,6 +224,7 @@ impl Authenticator {
             leeway: cfg.leeway_secs,
             anonymous: cfg.allow_anonymous.then(|| cfg.anonymous_rights.clone()),
             api_keys,
+            operator_keys,
         })
     }
 
@@ -231,6 +246,21 @@ impl Authenticator {
             Some(c) if c.starts_with(API_KEY_PREFIX) => self.verify_api_key(c),
             Some(c) => self.verify_jwt(c),
         }
+    }
+
+    /// Verifies an operator key; returns the operator's name.
+    pub fn verify_operator(&self, credential: Option<&str>) -> Result<String, AuthError> {
+        let key = credential
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| {
+                AuthError::new(ErrorCode::Unauthorized, "an operator key is required")
+            })?;
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.operator_keys
+            .get(&digest)
+            .cloned()
+            .ok_or_else(|| AuthError::new(ErrorCode::Unauthorized, "unknown operator key"))
     }
 
     fn verify_api_key(&self, key: &str) -> Result<Principal, AuthError> {

@@ -67,6 +67,16 @@ pub struct AuthConfig {
     pub allow_anonymous: bool,
     pub anonymous_rights: Vec<Right>,
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Operator keys (the cloud's `/v1/admin` API and the `outpost` CLI).
+    pub operator_keys: Vec<OperatorKey>,
+}
+
+/// A key for the operator API; only its SHA-256 is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorKey {
+    pub name: String,
+    pub sha256: String,
 }
 
 impl Default for AuthConfig {
@@ -83,6 +93,7 @@ impl Default for AuthConfig {
                 actions: Action::ALL.to_vec(),
             }],
             api_keys: Vec::new(),
+            operator_keys: Vec::new(),
         }
     }
 }
@@ -353,6 +364,52 @@ impl Default for EdgeConfig {
     }
 }
 
+/// Top-level configuration keys that `OUTPOST_*` variables may set.
+const ENV_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "region",
+    "dev",
+    "sse_heartbeat_secs",
+    "shutdown_grace_ms",
+    "storage",
+    "auth",
+    "limits",
+    "history",
+    "presence",
+    "log",
+    "cache",
+    "uplink",
+    "hub",
+];
+
+/// Variables the `outpost` CLI reads; servers ignore them silently.
+const CLI_ENV: &[&str] = &["url", "token", "operator_key", "cloud"];
+
+fn top_key(k: &str) -> String {
+    k.split("__").next().unwrap_or("").to_ascii_lowercase()
+}
+
+/// `OUTPOST_*` variables, nested with `__`, limited to configuration keys (unknown keys
+/// inside a section are still errors).
+fn env() -> Env {
+    Env::prefixed("OUTPOST_")
+        .filter(|k| ENV_KEYS.contains(&top_key(k.as_str()).as_str()))
+        .split("__")
+}
+
+/// `OUTPOST_*` variables that are not configuration (to warn about at start).
+pub fn ignored_env() -> Vec<String> {
+    std::env::vars()
+        .filter_map(|(k, _)| k.strip_prefix("OUTPOST_").map(str::to_owned))
+        .filter(|k| {
+            let top = top_key(k);
+            !ENV_KEYS.contains(&top.as_str()) && !CLI_ENV.contains(&top.as_str())
+        })
+        .map(|k| format!("OUTPOST_{k}"))
+        .collect()
+}
+
 /// A configuration that could not be loaded or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -397,9 +454,7 @@ impl EdgeConfig {
             }
             fig = fig.merge(Toml::file(path));
         }
-        fig = fig
-            .merge(Env::prefixed("OUTPOST_").split("__"))
-            .merge(overrides);
+        fig = fig.merge(env()).merge(overrides);
         let cfg: EdgeConfig = fig.extract().map_err(|e| {
             ConfigError::Load(
                 e.into_iter()
@@ -512,6 +567,14 @@ impl EdgeConfig {
             if k.sha256.len() != 64 || hex::decode(&k.sha256).is_err() {
                 bad(
                     &format!("auth.api_keys[{i}].sha256"),
+                    "must be 64 hex digits (the SHA-256 of the key)",
+                );
+            }
+        }
+        for (i, k) in a.operator_keys.iter().enumerate() {
+            if k.sha256.len() != 64 || hex::decode(&k.sha256).is_err() {
+                bad(
+                    &format!("auth.operator_keys[{i}].sha256"),
                     "must be 64 hex digits (the SHA-256 of the key)",
                 );
             }

@@ -78,6 +78,8 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct PeerRouter {
     peers: Mutex<HashMap<ReplicaId, PeerLink>>,
+    /// Ops sent to each peer (for the fleet timeline).
+    sent: Mutex<HashMap<ReplicaId, u64>>,
 }
 
 /// The sending side of one link.
@@ -112,6 +114,14 @@ impl PeerRouter {
         }
     }
 
+    /// Ops sent to `peer` so far.
+    pub fn sent_ops(&self, peer: ReplicaId) -> u64 {
+        self.sent
+            .lock()
+            .map(|m| m.get(&peer).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
     /// Drops a peer's link (it closes; the peer may come back and resync).
     pub fn kill(&self, peer: ReplicaId) {
         if let Some(l) = self.lock().remove(&peer) {
@@ -129,7 +139,14 @@ impl PeerRouter {
         self.peers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn send(&self, to: ReplicaId, msg: SyncMsg) {
+    /// Sends a message to a peer (operator commands use this directly).
+    pub fn send(&self, to: ReplicaId, msg: SyncMsg) {
+        if let SyncMsg::Ops { ops, .. } = &msg {
+            metrics::counter!("outpost_link_ops_out_total").increment(ops.len() as u64);
+            if let Ok(mut m) = self.sent.lock() {
+                *m.entry(to).or_default() += ops.len() as u64;
+            }
+        }
         let mut g = self.lock();
         let Some(link) = g.get(&to) else { return };
         let tx = if msg.is_control() {
@@ -158,6 +175,11 @@ pub struct Core {
     flushed: watch::Sender<FlushState>,
     /// Links to peers (the cloud for an edge; the edges for the cloud).
     pub router: PeerRouter,
+    /// Cancelled when an operator drains this node: clients are told to go elsewhere.
+    pub draining: CancellationToken,
+    /// Ops received from each peer (for the fleet timeline).
+    pub ops_in: Mutex<HashMap<ReplicaId, u64>>,
+    evict_requests: Mutex<Vec<ChannelName>>,
     sync_config: SyncConfig,
 }
 
@@ -223,6 +245,9 @@ impl Core {
             flush_wake: Notify::new(),
             flushed: watch::Sender::new(FlushState::default()),
             router: PeerRouter::default(),
+            draining: CancellationToken::new(),
+            ops_in: Mutex::new(HashMap::new()),
+            evict_requests: Mutex::new(Vec::new()),
             sync_config: sync_cfg,
         }))
     }
@@ -243,7 +268,18 @@ impl Core {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => core.handle(Input::Timeout),
+                    _ = tick.tick() => {
+                        core.handle(Input::Timeout);
+                        let asked: Vec<ChannelName> = core
+                            .evict_requests
+                            .lock()
+                            .map(|mut v| std::mem::take(&mut *v))
+                            .unwrap_or_default();
+                        for ch in asked {
+                            let done = core.evict_channel(&ch);
+                            tracing::info!(channel = %ch, evicted = done, "operator eviction");
+                        }
+                    }
                 }
             }
         });
@@ -253,6 +289,11 @@ impl Core {
     pub fn handle(&self, input: Input) {
         if !matches!(input, Input::Timeout) {
             tracing::trace!(?input, "input");
+        }
+        if let Input::Msg(peer, SyncMsg::Ops { ops, .. }) = &input {
+            if let Ok(mut m) = self.ops_in.lock() {
+                *m.entry(*peer).or_default() += ops.len() as u64;
+            }
         }
         let mut g = self.lock();
         g.node.handle(now_ms(), input);
@@ -381,6 +422,50 @@ impl Core {
                 (ops, truncated)
             }
         }
+    }
+
+    /// Carries out an operator command from the cloud. Runs under the core lock, so
+    /// eviction is deferred to a task.
+    fn command(&self, cmd: shared::wire::Command) {
+        match cmd {
+            shared::wire::Command::Drain => {
+                tracing::warn!("drained by the operator: telling clients to move");
+                self.draining.cancel();
+                self.hub.kill_all();
+            }
+            shared::wire::Command::Evict { channel } => {
+                tracing::info!(%channel, "operator asked to evict a channel");
+                self.evict_requests
+                    .lock()
+                    .map(|mut v| v.push(channel))
+                    .unwrap_or_default();
+            }
+        }
+    }
+
+    /// Evicts a channel now if nothing here needs it; true if it was evicted.
+    pub fn evict_channel(&self, name: &ChannelName) -> bool {
+        let mut g = self.lock();
+        if !g.node.can_evict(name) {
+            return false;
+        }
+        if let Err(e) = self.storage.remove_channel(name) {
+            tracing::error!(channel = %name, error = %e, "cannot evict");
+            return false;
+        }
+        g.node.evict(name);
+        g.last_used.remove(name);
+        self.hub.forget(name);
+        metrics::counter!("outpost_cache_evictions_total").increment(1);
+        true
+    }
+
+    /// Ops received from `peer` so far.
+    pub fn received_ops(&self, peer: ReplicaId) -> u64 {
+        self.ops_in
+            .lock()
+            .map(|m| m.get(&peer).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     fn touch(g: &mut Inner, channel: &ChannelName) {
@@ -518,7 +603,16 @@ impl Core {
             Output::Conflict { channel, conflict } => {
                 metrics::counter!("outpost_conflicts_total").increment(1);
                 tracing::debug!(%channel, key = %conflict.key, losers = conflict.losers.len(), "concurrent writes");
+                let rec = crate::storage::ConflictRecord {
+                    time_ms: now_ms(),
+                    channel: channel.to_string(),
+                    conflict,
+                };
+                if let Err(e) = self.storage.record_conflict(&rec) {
+                    tracing::warn!(error = %e, "cannot record a conflict");
+                }
             }
+            Output::Command(cmd) => self.command(cmd),
             Output::Persist(_) => {}
             Output::SnapshotInstalled { channel, .. } => {
                 tracing::info!(%channel, "snapshot installed");

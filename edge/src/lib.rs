@@ -81,9 +81,20 @@ pub fn build(
 /// Serves the client gateway on `listener` until `shutdown` fires, then closes
 /// clients with a "go elsewhere and resume" code and flushes storage.
 pub async fn serve(running: &Running, listener: TcpListener) -> Result<(), RunError> {
+    serve_with(running, listener, axum::Router::new()).await
+}
+
+/// Like [`serve`], with extra routes merged in (the cloud's operator API).
+pub async fn serve_with(
+    running: &Running,
+    listener: TcpListener,
+    extra: axum::Router,
+) -> Result<(), RunError> {
     let state = running.state.clone();
     let shutdown = state.shutdown.clone();
-    let app = gateway::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = extra
+        .merge(gateway::router(state.clone()))
+        .into_make_service_with_connect_info::<SocketAddr>();
     let grace = Duration::from_millis(state.cfg.shutdown_grace_ms);
     let stop = shutdown.clone();
     axum::serve(listener, app)

@@ -28,6 +28,15 @@ pub enum StorageError {
     Encode(codec::CodecError),
 }
 
+/// One entry of the reconciliation report: concurrent writes met on a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictRecord {
+    /// When this replica saw it (Unix ms).
+    pub time_ms: u64,
+    pub channel: String,
+    pub conflict: shared::Conflict,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct ChanMeta {
     floor: VersionVector,
@@ -45,6 +54,8 @@ pub struct Storage {
     state: sled::Tree,
     /// `channel` -> ChanMeta
     chans: sled::Tree,
+    /// `channel \0 time_ms(u64 BE) id(u64 BE)` -> ConflictRecord (the reconciliation report)
+    conflicts: sled::Tree,
     known: Mutex<HashSet<ChannelName>>,
 }
 
@@ -80,6 +91,7 @@ impl Storage {
             dots: db.open_tree("dots")?,
             state: db.open_tree("state")?,
             chans: db.open_tree("chans")?,
+            conflicts: db.open_tree("conflicts")?,
             db,
             known: Mutex::new(HashSet::new()),
         })
@@ -230,6 +242,58 @@ impl Storage {
                 self.update_meta(channel, |m| m.acked = m.acked.max(*seq))?;
             }
         }
+        Ok(())
+    }
+
+    /// Appends to the reconciliation report.
+    pub fn record_conflict(&self, rec: &ConflictRecord) -> Result<(), StorageError> {
+        let channel = ChannelName::new(rec.channel.clone()).map_err(|e| StorageError::Corrupt {
+            what: "conflict channel".into(),
+            err: codec::CodecError::Encode(e.to_string()),
+        })?;
+        let mut k = prefix(&channel);
+        k.extend_from_slice(&rec.time_ms.to_be_bytes());
+        k.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+        self.conflicts
+            .insert(k, codec::to_bytes(rec).map_err(StorageError::Encode)?)?;
+        Ok(())
+    }
+
+    /// Reconciliation records, oldest first: one channel or all, within a time range.
+    pub fn conflicts(
+        &self,
+        channel: Option<&ChannelName>,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ConflictRecord>, StorageError> {
+        let iter = match channel {
+            Some(c) => self.conflicts.scan_prefix(prefix(c)),
+            None => self.conflicts.iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            let (_, v) = item?;
+            let rec: ConflictRecord = decode(&v, "conflict record")?;
+            if rec.time_ms >= from_ms && rec.time_ms <= to_ms {
+                out.push(rec);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        out.sort_by_key(|r| r.time_ms);
+        Ok(out)
+    }
+
+    /// A small named value (e.g. the revoked-edges list).
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get(format!("meta:{key}"))?.map(|v| v.to_vec()))
+    }
+
+    pub fn set_meta(&self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        self.db.insert(format!("meta:{key}"), value)?;
+        self.db.flush()?;
         Ok(())
     }
 

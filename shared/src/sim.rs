@@ -522,7 +522,10 @@ impl Sim {
                         self.violations.push(format!("node {i} warned: {reason}"));
                     }
                 }
-                Output::DeliverEphemeral { .. } | Output::Acked { .. } | Output::Rtt { .. } => {}
+                Output::DeliverEphemeral { .. }
+                | Output::Acked { .. }
+                | Output::Rtt { .. }
+                | Output::Command(_) => {}
             }
         }
     }

@@ -173,6 +173,8 @@ pub enum Output {
         peer: ReplicaId,
         rtt_ms: u64,
     },
+    /// The cloud's operator asked this edge to do something.
+    Command(crate::wire::Command),
     /// Something a peer sent was refused; the shell logs it (and may close the link).
     Warn {
         peer: Option<ReplicaId>,
@@ -647,6 +649,13 @@ impl Node {
                     info.rtt_ms = Some(rtt_ms);
                 }
                 self.out.push_back(Output::Rtt { peer, rtt_ms });
+            }
+            SyncMsg::Command(cmd) => {
+                if self.role == Role::Edge {
+                    self.out.push_back(Output::Command(cmd));
+                } else {
+                    self.warn(Some(peer), "an edge sent an operator command".into());
+                }
             }
         }
     }

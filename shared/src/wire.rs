@@ -71,6 +71,17 @@ pub enum SyncMsg {
     HeartbeatAck {
         sent_ms: u64,
     },
+    /// An operator's instruction from the cloud to an edge.
+    Command(Command),
+}
+
+/// Operator instructions the cloud sends to edges.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Tell every client to move to another endpoint and resume; stop being ready.
+    Drain,
+    /// Drop a channel from the edge's cache (if nothing there still needs it).
+    Evict { channel: ChannelName },
 }
 
 /// One frame of protocol version 1.

@@ -23,6 +23,8 @@ fn fleet() -> Result<Fleet> {
     fleet_with("")
 }
 
+const OPERATOR_KEY: &str = "opk_operator_test_key_0123456789";
+
 /// A cloud and two edges; `extra_a` is added to edge A's configuration.
 fn fleet_with(extra_a: &str) -> Result<Fleet> {
     let dir = match std::env::var("TEST_KEEP_DIR") {
@@ -35,7 +37,10 @@ fn fleet_with(extra_a: &str) -> Result<Fleet> {
         &dir.path().join("cloud"),
         free_udp_port()?,
         &[("edge-a", TOKEN_A), ("edge-b", TOKEN_B)],
-        "",
+        &format!(
+            "[auth]\noperator_keys = [{{ name = \"ops\", sha256 = \"{}\" }}]\n",
+            edge::auth::api_key_hash(OPERATOR_KEY)
+        ),
     )?;
     let a = Edge::start(
         &dir.path().join("a"),
@@ -522,5 +527,141 @@ async fn idle_channels_are_evicted_and_fetched_again_by_the_next_subscriber() ->
         m.contains("outpost_edge_rtt_ms") && m.contains("outpost_edge_outbox_ops"),
         "{m}"
     );
+    Ok(())
+}
+
+fn outpost(url: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = std::process::Command::new(outpost_tests::bin("outpost")?)
+        .args(args)
+        .env("OUTPOST_URL", url)
+        .env("OUTPOST_OPERATOR_KEY", OPERATOR_KEY)
+        .env("OUTPOST_TOKEN", admin_token())
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_the_fleet_read_the_reconciliation_report_and_drain_and_revoke() -> Result<()>
+{
+    let mut f = fleet()?;
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let t = admin_token();
+    let cloud = f.cloud.url("");
+    // The operator API needs the operator key.
+    let r = http
+        .get(f.cloud.url("/v1/admin/edges"))
+        .bearer_auth(&t)
+        .send()
+        .await?;
+    ensure!(r.status() == 401, "a client token opened the operator API");
+    let (ok, out, err) = outpost(&cloud, &["edges"])?;
+    ensure!(
+        ok && out.contains("edge-a") && out.contains("edge-b") && out.contains("connected"),
+        "{out}{err}"
+    );
+    // A concurrent write during a partition shows up in the reconciliation report.
+    let mut sub = Ws::connect(&f.b, &t).await?;
+    sub.subscribe("project:r", None).await?;
+    f.cloud.kill9();
+    for (edge, v) in [(&f.a, "a-wins?"), (&f.b, "b-wins?")] {
+        let r = http
+            .put(edge.url("/v1/channels/project:r/state/doc-title"))
+            .bearer_auth(&t)
+            .json(&json!({"value": v}))
+            .send()
+            .await?;
+        ensure!(r.status() == 200);
+    }
+    f.cloud.restart()?;
+    let cloud = f.cloud.url("");
+    connected(&http, &f.cloud, 2.0).await?;
+    let report = eventually(Duration::from_secs(20), "a reconciliation entry", || {
+        let (http, url) = (
+            http.clone(),
+            f.cloud.url("/v1/admin/conflicts?channel=project:r"),
+        );
+        async move {
+            let v: Value = http
+                .get(url)
+                .bearer_auth(OPERATOR_KEY)
+                .send()
+                .await?
+                .json()
+                .await?;
+            Ok(v["conflicts"].as_array().filter(|a| !a.is_empty()).cloned())
+        }
+    })
+    .await?;
+    let c = &report[0];
+    ensure!(
+        c["key"] == "doc-title" && c["losers"].as_array().map(Vec::len) == Some(1),
+        "{c}"
+    );
+    let origins: BTreeSet<String> = [
+        c["winner"]["origin_edge"].clone(),
+        c["losers"][0]["origin_edge"].clone(),
+    ]
+    .iter()
+    .filter_map(|v| v.as_str().map(str::to_owned))
+    .collect();
+    ensure!(
+        origins == BTreeSet::from(["edge-a".to_owned(), "edge-b".to_owned()]),
+        "{c}"
+    );
+    let (ok, out, _) = outpost(&cloud, &["conflicts", "--channel", "project:r"])?;
+    ensure!(
+        ok && out.contains("doc-title") && out.contains("won") && out.contains("lost"),
+        "{out}"
+    );
+    // Channels and the timeline.
+    let (ok, out, _) = outpost(&cloud, &["channels"])?;
+    ensure!(ok && out.contains("project:r"), "{out}");
+    let (ok, out, _) = outpost(&cloud, &["timeline"])?;
+    ensure!(ok && out.contains("joined"), "{out}");
+    // CLI publish and tail through an edge.
+    let (ok, dot, err) = outpost(
+        &f.a.url(""),
+        &["publish", "project:r", "ingest.job.created", r#"{"job":5}"#],
+    )?;
+    ensure!(ok && dot.contains(':'), "{dot}{err}");
+    let (ok, out, err) = outpost(&f.a.url(""), &["tail", "project:r", "--count", "3"])?;
+    ensure!(
+        ok && out.lines().count() == 3 && out.contains("ingest.job.created"),
+        "{out}{err}"
+    );
+    // Drain edge B: its client is told to go elsewhere, it stops being ready.
+    let (ok, _, err) = outpost(&cloud, &["drain", "edge-b"])?;
+    ensure!(ok, "{err}");
+    let code = sub.close_code(Duration::from_secs(5)).await?;
+    ensure!(code == Some(4101), "close code {code:?}");
+    let ready = http.get(f.b.url("/readyz")).send().await?.status();
+    ensure!(ready == 503, "drained edge still ready: {ready}");
+    // Revoke edge B: its link drops and it cannot come back.
+    let (ok, _, err) = outpost(&cloud, &["revoke", "edge-b"])?;
+    ensure!(ok, "{err}");
+    connected(&http, &f.cloud, 1.0).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        metric(&http, &f.cloud.url("/metrics"), "outpost_edges_connected").await? == 1.0,
+        "revoked edge reconnected"
+    );
+    ensure!(
+        f.cloud.log().contains("refused a revoked edge"),
+        "no refusal logged"
+    );
+    let (ok, out, _) = outpost(&cloud, &["timeline"])?;
+    for kind in ["drained", "revoked", "left", "refused"] {
+        ensure!(ok && out.contains(kind), "timeline lacks {kind}: {out}");
+    }
+    // A wrong operator key gets a clear error.
+    let out = std::process::Command::new(outpost_tests::bin("outpost")?)
+        .args(["edges", "--url", &cloud, "--operator-key", "opk_wrong"])
+        .output()?;
+    ensure!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unauthorized"));
     Ok(())
 }

@@ -355,6 +355,8 @@ pub async fn healthz() -> &'static str {
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if state.core.draining.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "drained by the operator\n").into_response()
     } else {
         "ready\n".into_response()
     }

@@ -43,6 +43,7 @@ struct Live {
     rx: mpsc::Receiver<Arc<Push>>,
     kill: CancellationToken,
     shutdown: CancellationToken,
+    draining: CancellationToken,
     _guard: SubGuard,
 }
 
@@ -100,6 +101,7 @@ pub async fn stream(
         rx,
         kill: conn.kill.clone(),
         shutdown: state.shutdown.clone(),
+        draining: state.core.draining.clone(),
         _guard: SubGuard {
             state: state.clone(),
             channel: ch,
@@ -115,6 +117,7 @@ pub async fn stream(
             biased;
             _ = live.kill.cancelled() => None,
             _ = live.shutdown.cancelled() => None,
+            _ = live.draining.cancelled() => None,
             p = live.rx.recv() => p.map(|p| (Ok(event(&p)), live)),
         }
     });

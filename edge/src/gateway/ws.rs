@@ -39,7 +39,7 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if state.shutdown.is_cancelled() {
+    if state.shutdown.is_cancelled() || state.core.draining.is_cancelled() {
         return ApiError::new(ErrorCode::BadState, "shutting down: use another endpoint")
             .into_response();
     }
@@ -164,6 +164,10 @@ impl Conn {
                 biased;
                 _ = state.shutdown.cancelled() => {
                     close(&mut sink, CloseCode::GoingAwayResume, "server shutting down: reconnect to another endpoint and resume").await;
+                    break;
+                }
+                _ = state.core.draining.cancelled() => {
+                    close(&mut sink, CloseCode::GoingAwayResume, "this edge is being drained: reconnect to another endpoint and resume").await;
                     break;
                 }
                 _ = kill.cancelled() => {

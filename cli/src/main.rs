@@ -1,0 +1,490 @@
+//! `outpost`: the command line for operators and developers.
+//!
+//! Fleet commands talk to the cloud's operator API with an operator key; channel
+//! commands talk to any endpoint's client API with a client token. Every error says
+//! what to do next.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use edge::auth::{mint_hs256, Action, Claims, Right};
+use edge::config::{EdgeConfig, DEFAULT_TOML};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+#[derive(Debug, Parser)]
+#[command(name = "outpost", version, about = "Operate and use an Outpost fleet")]
+struct Cli {
+    /// Base URL of an endpoint (the cloud for fleet commands; any edge or the cloud
+    /// for channel commands).
+    #[arg(
+        long,
+        env = "OUTPOST_URL",
+        default_value = "http://127.0.0.1:7700",
+        global = true
+    )]
+    url: String,
+    /// Operator key, for fleet commands.
+    #[arg(
+        long,
+        env = "OUTPOST_OPERATOR_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    operator_key: Option<String>,
+    /// Client token (JWT or API key), for channel commands.
+    #[arg(long, env = "OUTPOST_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Print raw JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Health of the endpoint and a fleet summary.
+    Status,
+    /// The edges: connection, region, RTT, lag, outbox.
+    Edges,
+    /// Channels held by the cloud: ops, size, which edges hold them.
+    Channels,
+    /// Fleet events: edges joining, leaving, healing, refused, drained, revoked.
+    Timeline {
+        /// Only events in the last this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        last_secs: u64,
+    },
+    /// The reconciliation report: concurrent writes, who won, who lost.
+    Conflicts {
+        #[arg(long)]
+        channel: Option<String>,
+        #[arg(long, default_value_t = 86_400)]
+        last_secs: u64,
+    },
+    /// Tell an edge's clients to move elsewhere and resume; the edge stops being ready.
+    Drain { edge: String },
+    /// Revoke an edge's credentials (persisted) and drop its link.
+    Revoke { edge: String },
+    /// Drop a channel from every edge's cache.
+    Evict { channel: String },
+    /// Follow a channel live (server-sent events); resumes after disconnects.
+    Tail {
+        channel: String,
+        /// Resume token to start after.
+        #[arg(long)]
+        since: Option<String>,
+        /// Stop after this many ops.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Publish an event to a channel.
+    Publish {
+        channel: String,
+        event: String,
+        /// JSON payload.
+        #[arg(default_value = "null")]
+        data: String,
+        /// Idempotency key.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Mint an HS256 client token.
+    Gentoken {
+        #[arg(long, env = "OUTPOST_AUTH__HS256_SECRET", hide_env_values = true)]
+        secret: String,
+        #[arg(long, default_value = "dev-user")]
+        sub: String,
+        #[arg(long, default_value = "*")]
+        channels: String,
+        /// Comma-separated: subscribe,publish,state,presence.
+        #[arg(long, default_value = "subscribe,publish,state,presence")]
+        actions: String,
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+    },
+    /// Print a commented default configuration (edge; the cloud adds a [hub] section).
+    Genconfig,
+    /// Validate a configuration file.
+    Checkconfig { file: std::path::PathBuf },
+}
+
+fn now_ms() -> u64 {
+    edge::core::now_ms()
+}
+
+async fn get(http: &reqwest::Client, cli: &Cli, path: &str) -> Result<Value> {
+    let key = cli.operator_key.as_deref().context(
+        "this command needs an operator key: pass --operator-key or set OUTPOST_OPERATOR_KEY",
+    )?;
+    let r = http
+        .get(format!("{}{path}", cli.url))
+        .bearer_auth(key)
+        .send()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach {} — is the cloud running, and is --url right?",
+                cli.url
+            )
+        })?;
+    answer(r).await
+}
+
+async fn post(
+    http: &reqwest::Client,
+    cli: &Cli,
+    path: &str,
+    key: &str,
+    body: Value,
+) -> Result<Value> {
+    let r = http
+        .post(format!("{}{path}", cli.url))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach {} — is it running, and is --url right?",
+                cli.url
+            )
+        })?;
+    answer(r).await
+}
+
+async fn answer(r: reqwest::Response) -> Result<Value> {
+    let status = r.status();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        let code = v["error"]["code"].as_str().unwrap_or("error");
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        let hint = match code {
+            "unauthorized" => " — check the key or token (and that the server's config lists it)",
+            "forbidden" => " — the token lacks this right on this channel",
+            "not_found" => " — check the name",
+            _ => "",
+        };
+        bail!("{status}: {code}: {msg}{hint}");
+    }
+    Ok(v)
+}
+
+fn ago(ms: u64) -> String {
+    let s = now_ms().saturating_sub(ms) / 1000;
+    if s < 120 {
+        format!("{s}s ago")
+    } else if s < 7200 {
+        format!("{}m ago", s / 60)
+    } else {
+        format!("{}h ago", s / 3600)
+    }
+}
+
+fn client_token(cli: &Cli) -> Result<&str> {
+    cli.token
+        .as_deref()
+        .context("this command needs a client token: pass --token or set OUTPOST_TOKEN (scripts/start prints one)")
+}
+
+async fn tail(
+    http: &reqwest::Client,
+    cli: &Cli,
+    channel: &str,
+    mut since: Option<String>,
+    count: Option<u64>,
+) -> Result<()> {
+    let token = client_token(cli)?;
+    let mut seen = 0u64;
+    loop {
+        let mut req = http
+            .get(format!("{}/v1/channels/{channel}/events", cli.url))
+            .header("accept", "text/event-stream")
+            .bearer_auth(token);
+        if let Some(s) = &since {
+            req = req.header("last-event-id", s);
+        }
+        let resp = match req.send().await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => return answer(r).await.map(|_| ()),
+            Err(e) => {
+                eprintln!(
+                    "disconnected ({e}); retrying in 1 s from {}",
+                    since.as_deref().unwrap_or("the start")
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        while let Some(chunk) = body.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let (mut event, mut id, mut data) = ("message", None, String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = if v.trim() == "op" { "op" } else { "other" };
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if event == "op" {
+                    println!("{data}");
+                    since = id.or(since.take());
+                    seen += 1;
+                    if count.is_some_and(|c| seen >= c) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "stream ended; resuming from {}",
+            since.as_deref().unwrap_or("the start")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let http = reqwest::Client::new();
+    match &cli.cmd {
+        Cmd::Status => {
+            let health = http
+                .get(format!("{}/readyz", cli.url))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {} — is it running?", cli.url))?;
+            println!("{}: {}", cli.url, health.text().await?.trim());
+            if cli.operator_key.is_some() {
+                let e = get(&http, &cli, "/v1/admin/edges").await?;
+                let edges = e["edges"].as_array().cloned().unwrap_or_default();
+                let up = edges.iter().filter(|e| e["connected"] == true).count();
+                println!("edges: {up} connected of {} known", edges.len());
+            }
+        }
+        Cmd::Edges => {
+            let v = get(&http, &cli, "/v1/admin/edges").await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<12} {:<18} {:<10} {:<9} {:>7} {:>8} {:>8}  SINCE",
+                    "NAME", "REPLICA", "REGION", "STATE", "RTT ms", "LAG ops", "OUTBOX"
+                );
+                for e in v["edges"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{:<12} {:<18} {:<10} {:<9} {:>7} {:>8} {:>8}  {}",
+                        e["name"].as_str().unwrap_or(""),
+                        e["replica"].as_str().unwrap_or(""),
+                        e["region"].as_str().unwrap_or(""),
+                        if e["connected"] == true {
+                            "connected"
+                        } else {
+                            "down"
+                        },
+                        e["rtt_ms"]
+                            .as_u64()
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        e["lag_ops"].as_u64().unwrap_or(0),
+                        e["outbox_ops"].as_u64().unwrap_or(0),
+                        ago(e["connected_since"].as_u64().unwrap_or(0)),
+                    );
+                }
+            }
+        }
+        Cmd::Channels => {
+            let v = get(&http, &cli, "/v1/admin/channels").await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<32} {:>8} {:>10} {:>6} {:>9}  EDGES",
+                    "CHANNEL", "OPS", "BYTES", "KEYS", "OPS/S 1m"
+                );
+                for c in v["channels"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{:<32} {:>8} {:>10} {:>6} {:>9.2}  {}",
+                        c["channel"].as_str().unwrap_or(""),
+                        c["ops"].as_u64().unwrap_or(0),
+                        c["bytes"].as_u64().unwrap_or(0),
+                        c["keys"].as_u64().unwrap_or(0),
+                        c["ops_per_sec_1m"].as_f64().unwrap_or(0.0),
+                        c["edges"]
+                            .as_array()
+                            .map(|a| a
+                                .iter()
+                                .filter_map(|x| x.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
+        }
+        Cmd::Timeline { last_secs } => {
+            let since = now_ms().saturating_sub(last_secs * 1000);
+            let v = get(&http, &cli, &format!("/v1/admin/timeline?since_ms={since}")).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for e in v["events"].as_array().cloned().unwrap_or_default() {
+                    println!(
+                        "{:>9}  {:<12} {:<9} {}",
+                        ago(e["time_ms"].as_u64().unwrap_or(0)),
+                        e["edge"].as_str().unwrap_or(""),
+                        e["kind"].as_str().unwrap_or(""),
+                        e["detail"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Cmd::Conflicts { channel, last_secs } => {
+            let from = now_ms().saturating_sub(last_secs * 1000);
+            let mut path = format!("/v1/admin/conflicts?from_ms={from}");
+            if let Some(c) = channel {
+                path.push_str(&format!("&channel={c}"));
+            }
+            let v = get(&http, &cli, &path).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for c in v["conflicts"].as_array().cloned().unwrap_or_default() {
+                    let who = |w: &Value| {
+                        format!(
+                            "{} ({} at {}{})",
+                            w["dot"].as_str().unwrap_or(""),
+                            w["origin_edge"].as_str().unwrap_or("cloud/unknown"),
+                            w["hlc"].as_str().unwrap_or(""),
+                            if w["deleted"] == true { ", delete" } else { "" }
+                        )
+                    };
+                    let losers: Vec<String> = c["losers"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(who)
+                        .collect();
+                    println!(
+                        "{:>9}  {} {:?}: won {}; lost {}",
+                        ago(c["time_ms"].as_u64().unwrap_or(0)),
+                        c["channel"].as_str().unwrap_or(""),
+                        c["key"].as_str().unwrap_or(""),
+                        who(&c["winner"]),
+                        losers.join(", ")
+                    );
+                }
+            }
+        }
+        Cmd::Drain { edge } | Cmd::Revoke { edge } => {
+            let action = if matches!(cli.cmd, Cmd::Drain { .. }) {
+                "drain"
+            } else {
+                "revoke"
+            };
+            let key = cli
+                .operator_key
+                .as_deref()
+                .context("needs --operator-key or OUTPOST_OPERATOR_KEY")?;
+            let v = post(
+                &http,
+                &cli,
+                &format!("/v1/admin/edges/{edge}/{action}"),
+                key,
+                json!({}),
+            )
+            .await?;
+            println!("{v}");
+        }
+        Cmd::Evict { channel } => {
+            let key = cli
+                .operator_key
+                .as_deref()
+                .context("needs --operator-key or OUTPOST_OPERATOR_KEY")?;
+            let v = post(
+                &http,
+                &cli,
+                &format!("/v1/admin/channels/{channel}/evict"),
+                key,
+                json!({}),
+            )
+            .await?;
+            println!("{v}");
+        }
+        Cmd::Tail {
+            channel,
+            since,
+            count,
+        } => tail(&http, &cli, channel, since.clone(), *count).await?,
+        Cmd::Publish {
+            channel,
+            event,
+            data,
+            key,
+        } => {
+            let token = client_token(&cli)?;
+            let data: Value = serde_json::from_str(data)
+                .context("the data argument must be JSON (quote strings: '\"text\"')")?;
+            let v = post(
+                &http,
+                &cli,
+                &format!("/v1/channels/{channel}/events"),
+                token,
+                json!({"event": event, "data": data, "key": key}),
+            )
+            .await?;
+            println!("{}", v["dot"].as_str().unwrap_or_default());
+        }
+        Cmd::Gentoken {
+            secret,
+            sub,
+            channels,
+            actions,
+            ttl,
+        } => {
+            let actions: Vec<Action> = actions
+                .split(',')
+                .map(|a| {
+                    serde_json::from_value(Value::String(a.trim().to_owned())).with_context(|| {
+                        format!("unknown action {a:?}: use subscribe, publish, state, presence")
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let t = mint_hs256(
+                secret,
+                &Claims {
+                    sub: sub.clone(),
+                    exp: now_ms() / 1000 + ttl,
+                    nbf: None,
+                    aud: None,
+                    iss: None,
+                    rights: vec![Right {
+                        channels: channels.clone(),
+                        actions,
+                    }],
+                },
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            println!("{t}");
+        }
+        Cmd::Genconfig => print!("{DEFAULT_TOML}"),
+        Cmd::Checkconfig { file } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            EdgeConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            println!("{}: ok", file.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! The operator API, served by the cloud under `/v1/admin` and guarded by an operator
+//! key (`[[auth.operator_keys]]`): the fleet, channels, a timeline of fleet events, the
+//! reconciliation report, and actions (drain an edge, revoke an edge, evict a channel
+//! from the edges).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use edge::core::{now_ms, Core};
+use edge::gateway::{channel, credential, ApiError, AppState};
+use serde::Deserialize;
+use shared::client::ErrorCode;
+use shared::wire::{Command, SyncMsg};
+use shared::ReplicaId;
+
+use crate::fleet::Fleet;
+
+/// Edges whose credentials an operator revoked at run time (persisted).
+#[derive(Debug, Default)]
+pub struct Revocations {
+    names: Mutex<BTreeSet<String>>,
+}
+
+const REVOKED_KEY: &str = "revoked_edges";
+
+impl Revocations {
+    pub fn load(core: &Core) -> Self {
+        let names = core
+            .storage
+            .meta(REVOKED_KEY)
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default();
+        Self {
+            names: Mutex::new(names),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.lock().map(|g| g.contains(name)).unwrap_or(false)
+    }
+
+    fn add(&self, core: &Core, name: &str) -> Result<(), ApiError> {
+        let bytes = {
+            let mut g = self.names.lock().unwrap_or_else(|p| p.into_inner());
+            g.insert(name.to_owned());
+            serde_json::to_vec(&*g).unwrap_or_default()
+        };
+        core.storage
+            .set_meta(REVOKED_KEY, &bytes)
+            .map_err(|e| ApiError::new(ErrorCode::StorageUnavailable, e.to_string()))
+    }
+}
+
+/// What the admin handlers share.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub state: Arc<AppState>,
+    pub fleet: Arc<Fleet>,
+    pub revoked: Arc<Revocations>,
+}
+
+fn operator(admin: &Admin, headers: &HeaderMap) -> Result<String, ApiError> {
+    admin
+        .state
+        .auth
+        .verify_operator(credential(headers, None).as_deref())
+        .map_err(ApiError::from)
+}
+
+pub fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/v1/admin/edges", get(edges))
+        .route("/v1/admin/channels", get(channels))
+        .route("/v1/admin/timeline", get(timeline))
+        .route("/v1/admin/conflicts", get(conflicts))
+        .route("/v1/admin/edges/{edge}/drain", post(drain))
+        .route("/v1/admin/edges/{edge}/revoke", post(revoke))
+        .route("/v1/admin/channels/{channel}/evict", post(evict))
+        .with_state(admin)
+}
+
+async fn edges(State(a): State<Admin>, headers: HeaderMap) -> Result<Response, ApiError> {
+    operator(&a, &headers)?;
+    Ok(Json(serde_json::json!({ "edges": a.fleet.list() })).into_response())
+}
+
+async fn channels(State(a): State<Admin>, headers: HeaderMap) -> Result<Response, ApiError> {
+    operator(&a, &headers)?;
+    let names = a.fleet.names();
+    let now = now_ms();
+    let list = a.state.core.with_node(|n| {
+        n.channels()
+            .map(|c| {
+                let held_by: Vec<String> = n
+                    .peers()
+                    .iter()
+                    .filter(|(_, p)| p.interest.contains(c.channel()))
+                    .map(|(id, _)| names.get(id).cloned().unwrap_or_else(|| id.to_string()))
+                    .collect();
+                let recent = c
+                    .log()
+                    .rev()
+                    .take_while(|op| op.hlc.wall_ms + 60_000 >= now)
+                    .count();
+                serde_json::json!({
+                    "channel": c.channel().as_str(),
+                    "ops": c.vv().total(),
+                    "retained_ops": c.log().len(),
+                    "bytes": c.approx_bytes(),
+                    "keys": c.state().len(),
+                    "edges": held_by,
+                    "ops_per_sec_1m": recent as f64 / 60.0,
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    Ok(Json(serde_json::json!({ "channels": list })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct SinceQuery {
+    #[serde(default)]
+    since_ms: u64,
+}
+
+async fn timeline(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Query(q): Query<SinceQuery>,
+) -> Result<Response, ApiError> {
+    operator(&a, &headers)?;
+    Ok(Json(serde_json::json!({ "events": a.fleet.events_since(q.since_ms) })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct ConflictQuery {
+    channel: Option<String>,
+    #[serde(default)]
+    from_ms: u64,
+    to_ms: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn conflicts(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Query(q): Query<ConflictQuery>,
+) -> Result<Response, ApiError> {
+    operator(&a, &headers)?;
+    let ch = q.channel.as_deref().map(channel).transpose()?;
+    let recs = a
+        .state
+        .core
+        .storage
+        .conflicts(
+            ch.as_ref(),
+            q.from_ms,
+            q.to_ms.unwrap_or(u64::MAX),
+            q.limit.unwrap_or(1000).clamp(1, 10_000),
+        )
+        .map_err(|e| ApiError::new(ErrorCode::StorageUnavailable, e.to_string()))?;
+    let entries: Vec<serde_json::Value> = recs
+        .iter()
+        .map(|r| {
+            let w = |x: &shared::state::WriteInfo| {
+                serde_json::json!({
+                    "dot": x.dot.to_string(),
+                    "origin": x.dot.origin.to_string(),
+                    "origin_edge": a.fleet.names().get(&x.dot.origin).cloned(),
+                    "hlc": format!("{:?}", x.hlc),
+                    "deleted": x.deleted,
+                })
+            };
+            serde_json::json!({
+                "time_ms": r.time_ms,
+                "channel": r.channel,
+                "key": r.conflict.key,
+                "reason": r.conflict.reason,
+                "winner": w(&r.conflict.winner),
+                "losers": r.conflict.losers.iter().map(w).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "conflicts": entries })).into_response())
+}
+
+/// Finds an edge by name or replica id among those that ever connected.
+fn find_edge(a: &Admin, key: &str) -> Result<(ReplicaId, String), ApiError> {
+    a.fleet
+        .names()
+        .into_iter()
+        .find(|(id, name)| name == key || id.to_string() == key)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no edge named {key:?} has connected"),
+            )
+        })
+}
+
+async fn drain(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = operator(&a, &headers)?;
+    let (id, name) = find_edge(&a, &key)?;
+    a.state
+        .core
+        .router
+        .send(id, SyncMsg::Command(Command::Drain));
+    a.fleet
+        .event(&name, "drained", &format!("by operator {who}"));
+    tracing::warn!(edge = %name, operator = %who, "drain requested");
+    Ok(Json(serde_json::json!({ "drained": name })).into_response())
+}
+
+async fn revoke(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = operator(&a, &headers)?;
+    let (id, name) = find_edge(&a, &key)?;
+    a.revoked.add(&a.state.core, &name)?;
+    a.state.core.router.kill(id);
+    a.fleet
+        .event(&name, "revoked", &format!("by operator {who}"));
+    tracing::warn!(edge = %name, operator = %who, "edge credentials revoked");
+    Ok(Json(serde_json::json!({ "revoked": name })).into_response())
+}
+
+async fn evict(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = operator(&a, &headers)?;
+    let ch = channel(&name)?;
+    let edges: Vec<ReplicaId> = a
+        .state
+        .core
+        .with_node(|n| n.peers().keys().copied().collect());
+    for id in &edges {
+        a.state.core.router.send(
+            *id,
+            SyncMsg::Command(Command::Evict {
+                channel: ch.clone(),
+            }),
+        );
+    }
+    tracing::info!(channel = %ch, operator = %who, edges = edges.len(), "eviction requested");
+    Ok(Json(serde_json::json!({ "evict": ch.as_str(), "edges": edges.len() })).into_response())
+}
