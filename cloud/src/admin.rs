@@ -76,6 +76,8 @@ fn operator(admin: &Admin, headers: &HeaderMap) -> Result<String, ApiError> {
 
 pub fn router(admin: Admin) -> Router {
     Router::new()
+        .route("/dashboard", get(dashboard))
+        .route("/v1/admin/stream", get(stream))
         .route("/v1/admin/edges", get(edges))
         .route("/v1/admin/channels", get(channels))
         .route("/v1/admin/timeline", get(timeline))
@@ -84,6 +86,108 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/admin/edges/{edge}/revoke", post(revoke))
         .route("/v1/admin/channels/{channel}/evict", post(evict))
         .with_state(admin)
+}
+
+/// The dashboard page (it asks for the operator key and keeps it in the browser).
+async fn dashboard() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../assets/dashboard.html"),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct KeyQuery {
+    key: Option<String>,
+}
+
+/// Everything the dashboard shows, as one JSON value.
+fn snapshot(a: &Admin) -> serde_json::Value {
+    let names = a.fleet.names();
+    let edges: Vec<serde_json::Value> = a
+        .fleet
+        .list()
+        .into_iter()
+        .map(|e| {
+            let id = names.iter().find(|(_, n)| **n == e.name).map(|(id, _)| *id);
+            let mut v = serde_json::to_value(&e).unwrap_or_default();
+            v["ops_in"] = id.map_or(0, |id| a.state.core.received_ops(id)).into();
+            v
+        })
+        .collect();
+    let events = a.fleet.events_since(0);
+    let events = &events[events.len().saturating_sub(50)..];
+    let conflicts = a
+        .state
+        .core
+        .storage
+        .conflicts(None, 0, u64::MAX, 10_000)
+        .unwrap_or_default();
+    let conflicts: Vec<serde_json::Value> = conflicts[conflicts.len().saturating_sub(20)..]
+        .iter()
+        .map(|r| conflict_json(a, r))
+        .collect();
+    serde_json::json!({
+        "time_ms": now_ms(),
+        "edges": edges,
+        "events": events,
+        "conflicts": conflicts,
+    })
+}
+
+/// `GET /v1/admin/stream?key=...`: the dashboard's live feed, a `fleet` event per
+/// second (server-sent events; EventSource cannot send headers, hence the query key).
+async fn stream(
+    State(a): State<Admin>,
+    headers: HeaderMap,
+    Query(q): Query<KeyQuery>,
+) -> Result<Response, ApiError> {
+    let key = credential(&headers, q.key.as_deref());
+    a.state
+        .auth
+        .verify_operator(key.as_deref())
+        .map_err(ApiError::from)?;
+    let shutdown = a.state.shutdown.clone();
+    let s = futures_util::stream::unfold((a, true), move |(a, first)| {
+        let shutdown = shutdown.clone();
+        async move {
+            if !first {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+            let ev = axum::response::sse::Event::default()
+                .event("fleet")
+                .data(snapshot(&a).to_string());
+            Some((Ok::<_, std::convert::Infallible>(ev), (a, false)))
+        }
+    });
+    Ok(axum::response::sse::Sse::new(s)
+        .keep_alive(axum::response::sse::KeepAlive::default())
+        .into_response())
+}
+
+fn conflict_json(a: &Admin, r: &edge::storage::ConflictRecord) -> serde_json::Value {
+    let names = a.fleet.names();
+    let w = |x: &shared::state::WriteInfo| {
+        serde_json::json!({
+            "dot": x.dot.to_string(),
+            "origin": x.dot.origin.to_string(),
+            "origin_edge": names.get(&x.dot.origin).cloned(),
+            "hlc": format!("{:?}", x.hlc),
+            "deleted": x.deleted,
+        })
+    };
+    serde_json::json!({
+        "time_ms": r.time_ms,
+        "channel": r.channel,
+        "key": r.conflict.key,
+        "reason": r.conflict.reason,
+        "winner": w(&r.conflict.winner),
+        "losers": r.conflict.losers.iter().map(w).collect::<Vec<_>>(),
+    })
 }
 
 async fn edges(State(a): State<Admin>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -166,28 +270,7 @@ async fn conflicts(
             q.limit.unwrap_or(1000).clamp(1, 10_000),
         )
         .map_err(|e| ApiError::new(ErrorCode::StorageUnavailable, e.to_string()))?;
-    let entries: Vec<serde_json::Value> = recs
-        .iter()
-        .map(|r| {
-            let w = |x: &shared::state::WriteInfo| {
-                serde_json::json!({
-                    "dot": x.dot.to_string(),
-                    "origin": x.dot.origin.to_string(),
-                    "origin_edge": a.fleet.names().get(&x.dot.origin).cloned(),
-                    "hlc": format!("{:?}", x.hlc),
-                    "deleted": x.deleted,
-                })
-            };
-            serde_json::json!({
-                "time_ms": r.time_ms,
-                "channel": r.channel,
-                "key": r.conflict.key,
-                "reason": r.conflict.reason,
-                "winner": w(&r.conflict.winner),
-                "losers": r.conflict.losers.iter().map(w).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
+    let entries: Vec<serde_json::Value> = recs.iter().map(|r| conflict_json(&a, r)).collect();
     Ok(Json(serde_json::json!({ "conflicts": entries })).into_response())
 }
 

@@ -3,6 +3,7 @@
 //! mid-stream, client failover between endpoints, refused and hostile links.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -663,5 +664,71 @@ async fn operators_see_the_fleet_read_the_reconciliation_report_and_drain_and_re
         .args(["edges", "--url", &cloud, "--operator-key", "opk_wrong"])
         .output()?;
     ensure!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unauthorized"));
+    Ok(())
+}
+
+/// Whether the browser tests can run here: Debian's chromium and the npm packages.
+/// Off CI they are skipped with a message when missing; `scripts/test` installs them.
+fn browser_ready() -> Result<bool> {
+    let chromium = Path::new("/usr/bin/chromium").exists();
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("browser/node_modules/playwright-core")
+        .exists();
+    if chromium && modules {
+        return Ok(true);
+    }
+    if std::env::var("CI").is_ok() {
+        anyhow::bail!("CI must run the browser tests: chromium {chromium}, playwright-core {modules} (scripts/test installs both)");
+    }
+    eprintln!("skipping the browser test: chromium installed {chromium}, playwright-core installed {modules}; run scripts/test to install them");
+    Ok(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_a_dead_edge_and_the_reconciliation_report() -> Result<()> {
+    if !browser_ready()? {
+        return Ok(());
+    }
+    let mut f = fleet()?;
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let t = admin_token();
+    // A partition with a concurrent write, so the report has an entry.
+    f.cloud.kill9();
+    for (edge, v) in [(&f.a, "left"), (&f.b, "right")] {
+        http.put(edge.url("/v1/channels/project:dash/state/layout"))
+            .bearer_auth(&t)
+            .json(&json!({"value": v}))
+            .send()
+            .await?;
+    }
+    f.cloud.restart()?;
+    connected(&http, &f.cloud, 2.0).await?;
+    // Some traffic for the sparklines.
+    for i in 0..30 {
+        publish(
+            &http,
+            &f.a,
+            &t,
+            "project:dash",
+            json!({"event": "ingest.job.updated", "data": {"n": i}}),
+        )
+        .await?;
+    }
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let pid = f.b.pid().context("edge B pid")?.to_string();
+    let out = tokio::process::Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/dashboard.mjs"))
+        .args([f.cloud.url("").as_str(), OPERATOR_KEY, pid.as_str()])
+        .arg(&docs)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && stdout.contains("\"ok\":true"),
+        "browser test failed: {stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        f.logs()
+    );
     Ok(())
 }

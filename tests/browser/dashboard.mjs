@@ -1,0 +1,48 @@
+// Drives the cloud's dashboard in headless Chromium (Debian's, through playwright-core):
+// both edges appear connected, a reconciliation entry is shown, then the given edge
+// process is killed and the dashboard must show it disconnected. Screenshots go to
+// the given directory and are checked not to be blank.
+//
+//   node dashboard.mjs <cloud url> <operator key> <pid of edge-b> <screenshot dir>
+import { chromium } from "playwright-core";
+import { statSync } from "node:fs";
+
+const [url, key, pid, outDir] = process.argv.slice(2);
+if (!url || !key || !pid || !outDir) {
+  console.error("usage: node dashboard.mjs <cloud url> <operator key> <edge pid> <screenshot dir>");
+  process.exit(2);
+}
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  page.on("console", (m) => { if (m.type() === "error") console.error("page:", m.text()); });
+  await page.goto(`${url}/dashboard#key=${encodeURIComponent(key)}`);
+  for (const edge of ["edge-a", "edge-b"]) {
+    await page.waitForSelector(`tr[data-edge="${edge}"] .badge.connected`, { timeout: 20000 });
+  }
+  await page.waitForSelector("li.conflict", { timeout: 20000 });
+  const conflict = await page.textContent("li.conflict");
+  if (!conflict.includes("won") || !conflict.includes("lost")) throw new Error(`conflict entry: ${conflict}`);
+  await page.waitForTimeout(2500); // a few samples for the sparklines
+  const shot1 = `${outDir}/dashboard.png`;
+  await page.screenshot({ path: shot1, fullPage: true });
+  process.kill(Number(pid), "SIGKILL");
+  await page.waitForSelector(`tr[data-edge="edge-b"] .badge.disconnected`, { timeout: 20000 });
+  await page.waitForSelector(`#timeline .kind.left`, { timeout: 5000 });
+  const shot2 = `${outDir}/dashboard-edge-down.png`;
+  await page.screenshot({ path: shot2, fullPage: true });
+  // Non-blank: a real render of tables and text is far larger than an empty page.
+  for (const shot of [shot1, shot2]) {
+    const size = statSync(shot).size;
+    if (size < 20000) throw new Error(`${shot} looks blank (${size} bytes)`);
+  }
+  const dark = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  console.log(JSON.stringify({ ok: true, screenshots: [shot1, shot2], background: dark }));
+} finally {
+  await browser.close();
+}
