@@ -105,6 +105,20 @@ enum Cmd {
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
     },
+    /// Back up a (stopped) node's data dir to a file of JSON lines.
+    Export {
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Restore a backup made by `export` into an empty data dir.
+    Import {
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        #[arg(long = "in")]
+        input: std::path::PathBuf,
+    },
     /// Print a commented default configuration (edge; the cloud adds a [hub] section).
     Genconfig,
     /// Validate a configuration file.
@@ -253,7 +267,132 @@ async fn tail(
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
+fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:40}] {pos}/{len} ops ({per_sec}, {eta} left)",
+    ) {
+        b.set_style(style.progress_chars("=> "));
+    }
+    b.set_message(what.to_owned());
+    b
+}
+
+fn open_storage(dir: &std::path::Path) -> Result<edge::storage::Storage> {
+    edge::storage::Storage::open(dir, 64).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open {}: {e} (stop the node first: sled allows one process at a time)",
+            dir.display()
+        )
+    })
+}
+
+/// Backup format: JSON lines. A header with the replica id, then per channel a
+/// `channel` line (floor, acked), its `register` lines and its `op` lines in applied
+/// order.
+fn export(data_dir: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    use std::io::Write;
+    let storage = open_storage(data_dir)?;
+    let id = storage.replica_id().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let channels = storage.load().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let total: u64 = channels.values().map(|c| c.log.len() as u64).sum();
+    let mut w = std::io::BufWriter::new(
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?,
+    );
+    writeln!(
+        w,
+        "{}",
+        json!({"outpost_export": 1, "replica": id.to_string(), "channels": channels.len(), "ops": total})
+    )?;
+    let pb = bar(total, "export");
+    for (name, c) in &channels {
+        writeln!(
+            w,
+            "{}",
+            json!({"channel": name.as_str(), "floor": shared::token::encode(&c.floor), "acked": c.acked})
+        )?;
+        for (key, reg) in &c.state {
+            writeln!(
+                w,
+                "{}",
+                json!({"register": key, "channel": name.as_str(), "value": reg})
+            )?;
+        }
+        for op in &c.log {
+            writeln!(w, "{}", json!({"op": op, "channel": name.as_str()}))?;
+            pb.inc(1);
+        }
+    }
+    w.flush()?;
+    pb.finish();
+    eprintln!(
+        "exported {} channels, {total} ops of replica {id} to {}",
+        channels.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+fn import(data_dir: &std::path::Path, input: &std::path::Path) -> Result<()> {
+    use shared::sync::Persist;
+    use std::io::BufRead;
+    if data_dir.join("db").exists() {
+        bail!(
+            "{} already holds a database: import only into an empty data dir",
+            data_dir.display()
+        );
+    }
+    let file =
+        std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
+    let mut lines = std::io::BufReader::new(file).lines();
+    let header: Value = serde_json::from_str(&lines.next().context("empty backup")??)?;
+    if header["outpost_export"] != 1 {
+        bail!("{} is not an outpost export (version 1)", input.display());
+    }
+    let id: shared::ReplicaId = header["replica"].as_str().unwrap_or_default().parse()?;
+    std::fs::create_dir_all(data_dir)?;
+    let storage = open_storage(data_dir)?;
+    storage
+        .set_replica_id(id)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pb = bar(header["ops"].as_u64().unwrap_or(0), "import");
+    let apply = |p: Persist| storage.apply(&p).map_err(|e| anyhow::anyhow!("{e}"));
+    for (n, line) in lines.enumerate() {
+        let v: Value = serde_json::from_str(&line?).with_context(|| format!("line {}", n + 2))?;
+        let channel = shared::ChannelName::new(v["channel"].as_str().unwrap_or_default())?;
+        if let Some(op) = v.get("op") {
+            apply(Persist::Op {
+                channel,
+                op: serde_json::from_value(op.clone())?,
+            })?;
+            pb.inc(1);
+        } else if let Some(key) = v.get("register").and_then(Value::as_str) {
+            apply(Persist::Register {
+                channel,
+                key: key.to_owned(),
+                register: serde_json::from_value(v["value"].clone())?,
+            })?;
+        } else {
+            let floor = shared::token::decode(v["floor"].as_str().unwrap_or_default())?;
+            apply(Persist::Floor {
+                channel: channel.clone(),
+                floor,
+            })?;
+            apply(Persist::Acked {
+                channel,
+                seq: v["acked"].as_u64().unwrap_or(0),
+            })?;
+        }
+    }
+    pb.finish();
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| rt.block_on(storage.flush()))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!("imported replica {id} into {}", data_dir.display());
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let http = reqwest::Client::new();
@@ -478,6 +617,8 @@ async fn main() -> Result<()> {
             .map_err(|e| anyhow::anyhow!(e))?;
             println!("{t}");
         }
+        Cmd::Export { data_dir, out } => export(data_dir, out)?,
+        Cmd::Import { data_dir, input } => import(data_dir, input)?,
         Cmd::Genconfig => print!("{DEFAULT_TOML}"),
         Cmd::Checkconfig { file } => {
             let text = std::fs::read_to_string(file)

@@ -290,7 +290,10 @@ impl Core {
         if !matches!(input, Input::Timeout) {
             tracing::trace!(?input, "input");
         }
-        if let Input::Msg(peer, SyncMsg::Ops { ops, .. }) = &input {
+        if let Input::Msg(peer, SyncMsg::Ops { ops, channel }) = &input {
+            for op in ops {
+                tracing::debug!(trace = %op.dot, %channel, %peer, "op received");
+            }
             if let Ok(mut m) = self.ops_in.lock() {
                 *m.entry(*peer).or_default() += ops.len() as u64;
             }
@@ -594,9 +597,19 @@ impl Core {
 
     fn execute(&self, out: Output) {
         match out {
-            Output::Deliver { channel, op } => self.hub.deliver(&channel, &op),
+            Output::Deliver { channel, op } => {
+                // The dot is the op's trace id across the fleet: grep one dot in the
+                // (JSON) logs of the origin edge, the cloud and the other edges.
+                tracing::debug!(trace = %op.dot, %channel, "op durable, delivering");
+                self.hub.deliver(&channel, &op)
+            }
             Output::DeliverEphemeral { channel, msg } => self.hub.ephemeral(&channel, &msg),
             Output::Send { to, msg } => {
+                if let SyncMsg::Ops { channel, ops } = &msg {
+                    for op in ops {
+                        tracing::debug!(trace = %op.dot, %channel, peer = %to, "op sent");
+                    }
+                }
                 tracing::trace!(peer = %to, ?msg, "send");
                 self.router.send(to, msg)
             }

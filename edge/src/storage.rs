@@ -121,6 +121,12 @@ impl Storage {
         Ok(id)
     }
 
+    /// Sets the replica id (restoring a backup of the same replica).
+    pub fn set_replica_id(&self, id: ReplicaId) -> Result<(), StorageError> {
+        self.db.insert("replica_id", &id.get().to_be_bytes())?;
+        Ok(())
+    }
+
     /// Everything kept, per channel, to rebuild the replication node.
     pub fn load(&self) -> Result<BTreeMap<ChannelName, DurableChannel>, StorageError> {
         let mut out = BTreeMap::new();

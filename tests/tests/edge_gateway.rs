@@ -784,3 +784,96 @@ fn checkconfig_names_the_broken_key() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_import_restore_a_stopped_edge() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut edge = Edge::start(&dir.path().join("one"), "")?;
+    let t = admin_token();
+    let http = reqwest::Client::new();
+    for i in 0..25 {
+        publish(
+            &http,
+            &edge,
+            &t,
+            "project:bk",
+            json!({"event": "e", "data": {"n": i}}),
+        )
+        .await?;
+    }
+    http.put(edge.url("/v1/channels/project:bk/state/cfg"))
+        .bearer_auth(&t)
+        .json(&json!({"value": {"v": 1}}))
+        .send()
+        .await?;
+    let before: Value = http
+        .get(edge.url("/v1/channels/project:bk/history?limit=100"))
+        .bearer_auth(&t)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let index: Value = http.get(edge.url("/")).send().await?.json().await?;
+    edge.terminate()?;
+    let backup = dir.path().join("backup.jsonl");
+    let cli = outpost_tests::bin("outpost")?;
+    let out = std::process::Command::new(&cli)
+        .args(["export", "--data-dir"])
+        .arg(dir.path().join("one/data"))
+        .arg("--out")
+        .arg(&backup)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(&cli)
+        .args(["import", "--data-dir"])
+        .arg(dir.path().join("two/data"))
+        .arg("--in")
+        .arg(&backup)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Importing over an existing database is refused.
+    let again = std::process::Command::new(&cli)
+        .args(["import", "--data-dir"])
+        .arg(dir.path().join("two/data"))
+        .arg("--in")
+        .arg(&backup)
+        .output()?;
+    ensure!(
+        !again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("empty data dir")
+    );
+    let restored = Edge::start(&dir.path().join("two"), "")?;
+    let after: Value = http
+        .get(restored.url("/v1/channels/project:bk/history?limit=100"))
+        .bearer_auth(&t)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        before["ops"] == after["ops"] && after["ops"].as_array().map(Vec::len) == Some(26),
+        "history differs after restore"
+    );
+    let index2: Value = http.get(restored.url("/")).send().await?.json().await?;
+    ensure!(
+        index["replica"] == index2["replica"],
+        "replica id not restored"
+    );
+    let s: Value = http
+        .get(restored.url("/v1/channels/project:bk/state/cfg"))
+        .bearer_auth(&t)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(s["value"]["v"] == 1, "{s}");
+    Ok(())
+}
