@@ -417,12 +417,12 @@ async fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:<12} {:<18} {:<10} {:<9} {:>7} {:>8} {:>8}  SINCE",
-                    "NAME", "REPLICA", "REGION", "STATE", "RTT ms", "LAG ops", "OUTBOX"
+                    "{:<12} {:<18} {:<10} {:<9} {:>7} {:>8} {:>8} {:>8}  SINCE",
+                    "NAME", "REPLICA", "REGION", "STATE", "RTT ms", "LAG ops", "OUTBOX", "CLIENTS"
                 );
                 for e in v["edges"].as_array().cloned().unwrap_or_default() {
                     println!(
-                        "{:<12} {:<18} {:<10} {:<9} {:>7} {:>8} {:>8}  {}",
+                        "{:<12} {:<18} {:<10} {:<9} {:>7} {:>8} {:>8} {:>8}  {}",
                         e["name"].as_str().unwrap_or(""),
                         e["replica"].as_str().unwrap_or(""),
                         e["region"].as_str().unwrap_or(""),
@@ -437,6 +437,7 @@ async fn main() -> Result<()> {
                             .unwrap_or_else(|| "-".into()),
                         e["lag_ops"].as_u64().unwrap_or(0),
                         e["outbox_ops"].as_u64().unwrap_or(0),
+                        e["clients"].as_u64().unwrap_or(0),
                         ago(e["connected_since"].as_u64().unwrap_or(0)),
                     );
                 }

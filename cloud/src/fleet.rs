@@ -24,6 +24,8 @@ pub struct EdgeEntry {
     pub lag_ops: u64,
     /// Unacked local ops the edge reported in its last heartbeat.
     pub outbox_ops: u64,
+    /// Clients connected to the edge, from its last heartbeat.
+    pub clients: u64,
     pub links: u64,
 }
 
@@ -93,6 +95,7 @@ impl Fleet {
                 rtt_ms: None,
                 lag_ops: 0,
                 outbox_ops: 0,
+                clients: 0,
                 links,
             },
         );
@@ -101,14 +104,16 @@ impl Fleet {
     }
 
     /// Refreshes an edge's live figures (every second while it is connected).
-    pub fn seen(&self, id: ReplicaId, rtt_ms: u64, lag_ops: u64, outbox_ops: u64) {
+    pub fn seen(&self, id: ReplicaId, rtt_ms: u64, lag_ops: u64, outbox_ops: u64, clients: u64) {
         let mut g = self.edges.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = g.get_mut(&id) {
             e.last_seen = edge::core::now_ms();
             e.rtt_ms = Some(rtt_ms);
             e.lag_ops = lag_ops;
             e.outbox_ops = outbox_ops;
+            e.clients = clients;
             let name = e.name.clone();
+            metrics::gauge!("outpost_edge_clients", "edge" => name.clone()).set(clients as f64);
             metrics::gauge!("outpost_edge_rtt_ms", "edge" => name.clone()).set(rtt_ms as f64);
             metrics::gauge!("outpost_edge_lag_ops", "edge" => name.clone()).set(lag_ops as f64);
             metrics::gauge!("outpost_edge_outbox_ops", "edge" => name).set(outbox_ops as f64);

@@ -217,10 +217,11 @@ async fn handle(
                         let sent = rtt_core.router.sent_ops(replica) - out0;
                         rtt_fleet.event(&name, "healed", &format!("first 5 s of the link: {got} ops received, {sent} ops sent"));
                     }
-                    let (lag, outbox) = rtt_core.with_node(|n| {
-                        (n.peer_lag(replica), n.peers().get(&replica).map_or(0, |p| p.outbox))
+                    let (lag, outbox, clients) = rtt_core.with_node(|n| {
+                        let p = n.peers().get(&replica);
+                        (n.peer_lag(replica), p.map_or(0, |p| p.outbox), p.map_or(0, |p| p.clients))
                     });
-                    rtt_fleet.seen(replica, rtt_conn.rtt().as_millis() as u64, lag, outbox);
+                    rtt_fleet.seen(replica, rtt_conn.rtt().as_millis() as u64, lag, outbox, clients);
                 }
             }
         }

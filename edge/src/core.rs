@@ -286,6 +286,11 @@ impl Core {
     }
 
     /// Feeds the node one input and carries out what it asks.
+    /// Records how many clients are connected (sent to peers in heartbeats).
+    pub fn set_clients(&self, n: u64) {
+        self.lock().node.set_clients(n);
+    }
+
     pub fn handle(&self, input: Input) {
         if !matches!(input, Input::Timeout) {
             tracing::trace!(?input, "input");

@@ -71,7 +71,10 @@ pub fn build(
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => hub_state.core.hub.expire_presence(ttl),
+                _ = tick.tick() => {
+                    hub_state.core.hub.expire_presence(ttl);
+                    hub_state.core.set_clients(hub_state.conns.count() as u64);
+                }
             }
         }
     });

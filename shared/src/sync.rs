@@ -218,6 +218,8 @@ pub struct PeerInfo {
     pub rtt_ms: Option<u64>,
     /// The peer's unacked local ops, as it last reported.
     pub outbox: u64,
+    /// The peer's connected clients, as it last reported.
+    pub clients: u64,
 }
 
 /// One replica's replication state machine.
@@ -232,6 +234,8 @@ pub struct Node {
     out: VecDeque<Output>,
     next_tick: u64,
     last_heartbeat: u64,
+    /// Connected clients, as the shell reports them (sent in heartbeats).
+    clients: u64,
 }
 
 impl Node {
@@ -247,6 +251,7 @@ impl Node {
             peers: BTreeMap::new(),
             out: VecDeque::new(),
             last_heartbeat: now_ms,
+            clients: 0,
         }
     }
 
@@ -298,6 +303,11 @@ impl Node {
 
     pub fn id(&self) -> ReplicaId {
         self.me
+    }
+
+    /// The shell's count of connected clients, reported to peers in heartbeats.
+    pub fn set_clients(&mut self, n: u64) {
+        self.clients = n;
     }
 
     pub fn role(&self) -> Role {
@@ -637,9 +647,14 @@ impl Node {
                     self.relay_ephemeral(&channel, msg, Some(peer));
                 }
             }
-            SyncMsg::Heartbeat { sent_ms, outbox } => {
+            SyncMsg::Heartbeat {
+                sent_ms,
+                outbox,
+                clients,
+            } => {
                 if let Some(info) = self.peers.get_mut(&peer) {
                     info.outbox = outbox;
+                    info.clients = clients;
                 }
                 self.send(peer, SyncMsg::HeartbeatAck { sent_ms })
             }
@@ -791,12 +806,14 @@ impl Node {
             self.last_heartbeat = now_ms;
             let peers: Vec<ReplicaId> = self.peers.keys().copied().collect();
             let outbox = self.outbox_len();
+            let clients = self.clients;
             for p in peers {
                 self.send(
                     p,
                     SyncMsg::Heartbeat {
                         sent_ms: now_ms,
                         outbox,
+                        clients,
                     },
                 );
             }

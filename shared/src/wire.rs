@@ -63,10 +63,12 @@ pub enum SyncMsg {
         channel: ChannelName,
         msg: Ephemeral,
     },
-    /// Liveness and RTT; `outbox` is the sender's count of unacked local ops.
+    /// Liveness and RTT; `outbox` is the sender's count of unacked local ops and
+    /// `clients` its connected clients.
     Heartbeat {
         sent_ms: u64,
         outbox: u64,
+        clients: u64,
     },
     HeartbeatAck {
         sent_ms: u64,
@@ -226,6 +228,7 @@ mod tests {
         let f = Frame::Sync(SyncMsg::Heartbeat {
             sent_ms: 7,
             outbox: 0,
+            clients: 0,
         });
         let bytes = encode_to_vec(&f, DEFAULT_MAX_FRAME).expect("enc");
         assert_eq!(

@@ -635,6 +635,23 @@ async fn operators_see_the_fleet_read_the_reconciliation_report_and_drain_and_re
         ok && out.lines().count() == 3 && out.contains("ingest.job.created"),
         "{out}{err}"
     );
+    // Edge A reports its clients; evicting a channel A holds without subscribers works.
+    let (ok, out, _) = outpost(&cloud, &["edges", "--json"])?;
+    ensure!(ok && out.contains("\"clients\""), "{out}");
+    let (ok, _, err) = outpost(&cloud, &["evict", "project:r"])?;
+    ensure!(ok, "{err}");
+    let a_metrics = f.a.url("/metrics");
+    eventually(
+        Duration::from_secs(10),
+        "the operator eviction on edge A",
+        || async {
+            Ok(
+                (metric(&http, &a_metrics, "outpost_cache_evictions_total").await? >= 1.0)
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
     // Drain edge B: its client is told to go elsewhere, it stops being ready.
     let (ok, _, err) = outpost(&cloud, &["drain", "edge-b"])?;
     ensure!(ok, "{err}");
