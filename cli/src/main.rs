@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use edge::auth::{mint_hs256, Action, Claims, Right};
 use edge::config::{EdgeConfig, DEFAULT_TOML};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -593,29 +592,9 @@ async fn main() -> Result<()> {
             actions,
             ttl,
         } => {
-            let actions: Vec<Action> = actions
-                .split(',')
-                .map(|a| {
-                    serde_json::from_value(Value::String(a.trim().to_owned())).with_context(|| {
-                        format!("unknown action {a:?}: use subscribe, publish, state, presence")
-                    })
-                })
-                .collect::<Result<_>>()?;
-            let t = mint_hs256(
-                secret,
-                &Claims {
-                    sub: sub.clone(),
-                    exp: now_ms() / 1000 + ttl,
-                    nbf: None,
-                    aud: None,
-                    iss: None,
-                    rights: vec![Right {
-                        channels: channels.clone(),
-                        actions,
-                    }],
-                },
-            )
-            .map_err(|e| anyhow::anyhow!(e))?;
+            let actions = edge::cli::parse_actions(actions).map_err(anyhow::Error::msg)?;
+            let t = edge::cli::mint_token(secret, sub, channels, actions, *ttl)
+                .map_err(anyhow::Error::msg)?;
             println!("{t}");
         }
         Cmd::Export { data_dir, out } => export(data_dir, out)?,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use edge::config::{CloudConfig, HubConfig, LogFormat};
+use edge::config::{CloudConfig, HubConfig};
 use figment::providers::Serialized;
 use figment::Figment;
 use serde::Serialize;
@@ -52,18 +52,6 @@ enum Cmd {
     Checkconfig { file: PathBuf },
 }
 
-fn init_tracing(cfg: &CloudConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.filter));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.log.format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -89,24 +77,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(q) = cli.run.quic_listen {
         hub.listen = q;
     }
-    if cfg.dev && cfg.auth.hs256_secret.is_none() {
-        std::fs::create_dir_all(&cfg.data_dir)?;
-        let path = cfg.data_dir.join("dev-jwt-secret");
-        let secret = match std::fs::read_to_string(&path) {
-            Ok(s) if s.trim().len() >= 32 => s.trim().to_owned(),
-            _ => {
-                let s = format!("dev-{:016x}{:016x}", getrandom::u64()?, getrandom::u64()?);
-                std::fs::write(&path, &s)?;
-                s
-            }
-        };
-        cfg.auth.hs256_secret = Some(secret);
+    if cfg.dev {
+        edge::cli::dev_secret(&mut cfg)?;
     }
     cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    init_tracing(&cfg);
-    for var in edge::config::ignored_env() {
-        tracing::warn!(%var, "environment variable ignored: not a configuration key");
-    }
+    edge::cli::init_tracing(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,26 +97,11 @@ fn main() -> anyhow::Result<()> {
         println!("outpost-cloud certificate sha256 {}", started.fingerprint);
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            edge::cli::wait_for_signal().await;
             tracing::info!("shutdown requested");
             stop.cancel();
         });
         started.serve().await?;
         anyhow::Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -8,6 +8,7 @@
 //! [`run`] serves the gateway on a listener until a shutdown token fires.
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod gateway;

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use edge::auth::{api_key_hash, mint_hs256, Action, Claims, Right};
-use edge::config::{EdgeConfig, LogFormat, DEFAULT_TOML};
+use edge::auth::{api_key_hash, Action};
+use edge::cli::{dev_secret, init_tracing, mint_token, parse_actions, wait_for_signal};
+use edge::config::{EdgeConfig, DEFAULT_TOML};
 use figment::providers::Serialized;
 use figment::Figment;
 use serde::Serialize;
@@ -74,72 +75,6 @@ enum Cmd {
     HashKey { key: String },
 }
 
-fn parse_actions(s: &str) -> anyhow::Result<Vec<Action>> {
-    s.split(',')
-        .map(|a| {
-            serde_json::from_value(serde_json::Value::String(a.trim().to_owned())).with_context(
-                || format!("unknown action {a:?} (subscribe, publish, state, presence)"),
-            )
-        })
-        .collect()
-}
-
-fn token(
-    secret: &str,
-    sub: &str,
-    channels: &str,
-    actions: Vec<Action>,
-    ttl: u64,
-) -> anyhow::Result<String> {
-    let now = edge::core::now_ms() / 1000;
-    mint_hs256(
-        secret,
-        &Claims {
-            sub: sub.into(),
-            exp: now + ttl,
-            nbf: None,
-            aud: None,
-            iss: None,
-            rights: vec![Right {
-                channels: channels.into(),
-                actions,
-            }],
-        },
-    )
-    .map_err(|e| anyhow::anyhow!(e))
-}
-
-fn init_tracing(cfg: &EdgeConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.filter));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.log.format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
-    }
-}
-
-/// Dev mode: a secret kept in the data dir, so tokens survive restarts.
-fn dev_secret(cfg: &mut EdgeConfig) -> anyhow::Result<String> {
-    if let Some(s) = &cfg.auth.hs256_secret {
-        return Ok(s.clone());
-    }
-    std::fs::create_dir_all(&cfg.data_dir)?;
-    let path = cfg.data_dir.join("dev-jwt-secret");
-    let secret = match std::fs::read_to_string(&path) {
-        Ok(s) if s.trim().len() >= 32 => s.trim().to_owned(),
-        _ => {
-            let s = format!("dev-{:016x}{:016x}", getrandom::u64()?, getrandom::u64()?);
-            std::fs::write(&path, &s)?;
-            s
-        }
-    };
-    cfg.auth.hs256_secret = Some(secret.clone());
-    Ok(secret)
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -161,10 +96,10 @@ fn main() -> anyhow::Result<()> {
             actions,
             ttl,
         }) => {
-            println!(
-                "{}",
-                token(&secret, &sub, &channels, parse_actions(&actions)?, ttl)?
-            );
+            let actions = parse_actions(&actions).map_err(anyhow::Error::msg)?;
+            let t =
+                mint_token(&secret, &sub, &channels, actions, ttl).map_err(anyhow::Error::msg)?;
+            println!("{t}");
             return Ok(());
         }
         Some(Cmd::HashKey { key }) => {
@@ -180,21 +115,15 @@ fn main() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let dev_token = if cfg.dev {
         let secret = dev_secret(&mut cfg)?;
-        Some(token(
-            &secret,
-            "dev-user",
-            "*",
-            Action::ALL.to_vec(),
-            86_400,
-        )?)
+        Some(
+            mint_token(&secret, "dev-user", "*", Action::ALL.to_vec(), 86_400)
+                .map_err(anyhow::Error::msg)?,
+        )
     } else {
         None
     };
     cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     init_tracing(&cfg);
-    for var in edge::config::ignored_env() {
-        tracing::warn!(%var, "environment variable ignored: not a configuration key");
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -219,19 +148,4 @@ fn main() -> anyhow::Result<()> {
         edge::run(cfg, listener, shutdown).await?;
         anyhow::Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -817,35 +817,28 @@ async fn export_and_import_restore_a_stopped_edge() -> Result<()> {
     edge.terminate()?;
     let backup = dir.path().join("backup.jsonl");
     let cli = outpost_tests::bin("outpost")?;
-    let out = std::process::Command::new(&cli)
-        .args(["export", "--data-dir"])
-        .arg(dir.path().join("one/data"))
-        .arg("--out")
-        .arg(&backup)
-        .output()?;
+    let run = |verb: &str, data: &str, flag: &str| {
+        std::process::Command::new(&cli)
+            .args([verb, "--data-dir"])
+            .arg(dir.path().join(data).join("data"))
+            .arg(flag)
+            .arg(&backup)
+            .output()
+    };
+    let out = run("export", "one", "--out")?;
     ensure!(
         out.status.success(),
         "export: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = std::process::Command::new(&cli)
-        .args(["import", "--data-dir"])
-        .arg(dir.path().join("two/data"))
-        .arg("--in")
-        .arg(&backup)
-        .output()?;
+    let out = run("import", "two", "--in")?;
     ensure!(
         out.status.success(),
         "import: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     // Importing over an existing database is refused.
-    let again = std::process::Command::new(&cli)
-        .args(["import", "--data-dir"])
-        .arg(dir.path().join("two/data"))
-        .arg("--in")
-        .arg(&backup)
-        .output()?;
+    let again = run("import", "two", "--in")?;
     ensure!(
         !again.status.success()
             && String::from_utf8_lossy(&again.stderr).contains("empty data dir")

@@ -437,37 +437,13 @@ impl Conn {
                 key,
                 value,
                 context,
-            } => {
-                let (ch, _) = self
-                    .authorize(&channel, Action::State)
-                    .map_err(|e| (id, e))?;
-                let context = since(context.as_deref()).map_err(|e| (id, e))?;
-                self.queue_write(
-                    id,
-                    &ch,
-                    LocalWrite::Set {
-                        key,
-                        value,
-                        context,
-                    },
-                )
-                .map_err(|e| (id, e))?;
-                Ok(Vec::new())
-            }
+            } => self.state_write(id, &channel, key, Some(value), context.as_deref()),
             ClientMsg::Delete {
                 id,
                 channel,
                 key,
                 context,
-            } => {
-                let (ch, _) = self
-                    .authorize(&channel, Action::State)
-                    .map_err(|e| (id, e))?;
-                let context = since(context.as_deref()).map_err(|e| (id, e))?;
-                self.queue_write(id, &ch, LocalWrite::Delete { key, context })
-                    .map_err(|e| (id, e))?;
-                Ok(Vec::new())
-            }
+            } => self.state_write(id, &channel, key, None, context.as_deref()),
             ClientMsg::Get {
                 id,
                 channel,
@@ -564,6 +540,31 @@ impl Conn {
                 })
             }
         }
+    }
+
+    /// A state set (`value`) or delete (`None`) with the context the client read.
+    fn state_write(
+        &mut self,
+        id: Option<u64>,
+        channel: &str,
+        key: String,
+        value: Option<shared::Payload>,
+        context: Option<&str>,
+    ) -> Result<Vec<ServerMsg>, (Option<u64>, ApiError)> {
+        let (ch, _) = self
+            .authorize(channel, Action::State)
+            .map_err(|e| (id, e))?;
+        let context = since(context).map_err(|e| (id, e))?;
+        let write = match value {
+            Some(value) => LocalWrite::Set {
+                key,
+                value,
+                context,
+            },
+            None => LocalWrite::Delete { key, context },
+        };
+        self.queue_write(id, &ch, write).map_err(|e| (id, e))?;
+        Ok(Vec::new())
     }
 
     fn subscribe(

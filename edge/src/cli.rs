@@ -1,0 +1,94 @@
+//! What the binaries (`outpost-edge`, `outpost-cloud`, `outpost`) share at their top:
+//! tracing setup, signal handling, dev secrets and token minting.
+
+use crate::auth::{mint_hs256, Action, Claims, Right};
+use crate::config::{EdgeConfig, LogFormat};
+
+/// Starts tracing to stderr as the config says (`RUST_LOG` overrides the filter), and
+/// warns about `OUTPOST_*` variables that are not configuration.
+pub fn init_tracing(cfg: &EdgeConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.filter));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+    for var in crate::config::ignored_env() {
+        tracing::warn!(%var, "environment variable ignored: not a configuration key");
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Dev mode: an HS256 secret kept in the data dir (so tokens survive restarts), unless
+/// one is configured. Returns the secret in use.
+pub fn dev_secret(cfg: &mut EdgeConfig) -> std::io::Result<String> {
+    if let Some(s) = &cfg.auth.hs256_secret {
+        return Ok(s.clone());
+    }
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let path = cfg.data_dir.join("dev-jwt-secret");
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() >= 32 => s.trim().to_owned(),
+        _ => {
+            let r = |_| getrandom::u64().map_err(|e| std::io::Error::other(e.to_string()));
+            let s = format!("dev-{:016x}{:016x}", r(0)?, r(1)?);
+            std::fs::write(&path, &s)?;
+            s
+        }
+    };
+    cfg.auth.hs256_secret = Some(secret.clone());
+    Ok(secret)
+}
+
+/// Parses `subscribe,publish,state,presence`.
+pub fn parse_actions(s: &str) -> Result<Vec<Action>, String> {
+    s.split(',')
+        .map(|a| {
+            serde_json::from_value(serde_json::Value::String(a.trim().to_owned())).map_err(|_| {
+                format!("unknown action {a:?}: use subscribe, publish, state, presence")
+            })
+        })
+        .collect()
+}
+
+/// Mints an HS256 client token with one right, valid for `ttl` seconds.
+pub fn mint_token(
+    secret: &str,
+    sub: &str,
+    channels: &str,
+    actions: Vec<Action>,
+    ttl: u64,
+) -> Result<String, String> {
+    mint_hs256(
+        secret,
+        &Claims {
+            sub: sub.into(),
+            exp: crate::core::now_ms() / 1000 + ttl,
+            nbf: None,
+            aud: None,
+            iss: None,
+            rights: vec![Right {
+                channels: channels.into(),
+                actions,
+            }],
+        },
+    )
+}
