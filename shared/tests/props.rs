@@ -13,6 +13,14 @@ use shared::token;
 use shared::vv::VersionVector;
 use shared::wire::{self, DecodeError, Frame, SyncMsg, Versioned};
 
+/// Cases per property: `PROPTEST_CASES` when set, else the given default.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn rid(n: u64) -> ReplicaId {
     ReplicaId::new(n + 1).expect("non-zero")
 }
@@ -23,7 +31,7 @@ fn vv_strategy() -> impl Strategy<Value = VersionVector> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
 
     #[test]
     fn vv_merge_is_a_join(a in vv_strategy(), b in vv_strategy(), c in vv_strategy()) {
@@ -208,7 +216,7 @@ fn run_script(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(128), ..ProptestConfig::default() })]
 
     /// Any interleaving, duplication and reordering of the same ops gives the same
     /// state on every replica, and every op is applied exactly once.
