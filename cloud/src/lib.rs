@@ -63,7 +63,7 @@ pub async fn start(
         err,
     })?;
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        tls::endpoint_config(&cfg.data_dir)?,
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),

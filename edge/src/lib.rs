@@ -129,6 +129,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let uplink = cfg.uplink.clone();
     let region = cfg.region.clone();
+    let data_dir = cfg.data_dir.clone();
     let running = build(cfg, Role::Edge, shutdown.clone())?;
     if let Some(up) = uplink {
         let (core, cache, stop) = (
@@ -151,7 +152,7 @@ pub async fn run(
         let status = running.state.uplink.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = link::uplink::run(core, up, region, status, stop).await {
+            if let Err(e) = link::uplink::run(core, data_dir, up, region, status, stop).await {
                 tracing::error!(error = %e, "uplink stopped");
             }
         });

@@ -228,6 +228,36 @@ impl ServerCertVerifier for PinVerifier {
     }
 }
 
+/// Endpoint settings with a stateless-reset key kept in `data_dir`, so that after a
+/// restart this node answers packets of its old connections with a valid reset and the
+/// peer notices at once instead of waiting for its idle timeout.
+pub fn endpoint_config(data_dir: &Path) -> Result<quinn::EndpointConfig, TlsError> {
+    let path = data_dir.join("quic-reset-key");
+    let key = match std::fs::read(&path) {
+        Ok(k) if k.len() == 32 => k,
+        _ => {
+            let mut k = vec![0u8; 32];
+            for chunk in k.chunks_mut(8) {
+                let r = getrandom::u64().map_err(|e| TlsError::Config(e.to_string()))?;
+                chunk.copy_from_slice(&r.to_le_bytes());
+            }
+            std::fs::create_dir_all(data_dir).map_err(|err| TlsError::Io {
+                what: data_dir.display().to_string(),
+                err,
+            })?;
+            std::fs::write(&path, &k).map_err(|err| TlsError::Io {
+                what: path.display().to_string(),
+                err,
+            })?;
+            k
+        }
+    };
+    Ok(quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &key,
+    ))))
+}
+
 /// A UDP socket with large buffers, for a quinn endpoint.
 pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};

@@ -26,6 +26,7 @@ pub struct UplinkStatus {
 /// Runs the uplink until `shutdown`.
 pub async fn run(
     core: Arc<Core>,
+    data_dir: std::path::PathBuf,
     cfg: UplinkConfig,
     region: String,
     status: Arc<std::sync::Mutex<UplinkStatus>>,
@@ -39,7 +40,7 @@ pub async fn run(
     .map_err(|e| LinkError::Setup(format!("{e}")))?;
     let socket = tls::udp_socket(bind).map_err(|e| LinkError::Setup(format!("udp socket: {e}")))?;
     let mut endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        tls::endpoint_config(&data_dir).map_err(|e| LinkError::Setup(e.to_string()))?,
         None,
         socket,
         Arc::new(quinn::TokioRuntime),
