@@ -44,8 +44,13 @@ enum Cmd {
     },
     /// Publish -> deliver latency at a fixed rate.
     Latency {
+        /// Where the subscribers connect.
         #[arg(long)]
         url: String,
+        /// Where the publisher connects (default: --url). Another edge measures the
+        /// edge -> cloud -> edge path.
+        #[arg(long)]
+        publish_url: Option<String>,
         #[arg(long)]
         token: String,
         #[arg(long, default_value = "bench:latency")]
@@ -156,6 +161,7 @@ async fn main() -> Result<()> {
         }
         Cmd::Latency {
             url,
+            publish_url,
             token,
             channel,
             subs,
@@ -199,7 +205,7 @@ async fn main() -> Result<()> {
                     anyhow::Ok(())
                 }));
             }
-            let publisher = connect(&url, &token).await?;
+            let publisher = connect(publish_url.as_deref().unwrap_or(&url), &token).await?;
             let pad = "p".repeat(size);
             let start_ns = unix_ns() + 50_000_000;
             let start = Instant::now() + Duration::from_millis(50);
