@@ -3,7 +3,7 @@
 //! reconciliation report, and actions (drain an edge, revoke an edge, evict a channel
 //! from the edges).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, Query, State};
@@ -126,7 +126,7 @@ fn snapshot(a: &Admin) -> serde_json::Value {
         .unwrap_or_default();
     let conflicts: Vec<serde_json::Value> = conflicts[conflicts.len().saturating_sub(20)..]
         .iter()
-        .map(|r| conflict_json(a, r))
+        .map(|r| conflict_json(&names, r))
         .collect();
     serde_json::json!({
         "time_ms": now_ms(),
@@ -169,8 +169,10 @@ async fn stream(
         .into_response())
 }
 
-fn conflict_json(a: &Admin, r: &edge::storage::ConflictRecord) -> serde_json::Value {
-    let names = a.fleet.names();
+fn conflict_json(
+    names: &HashMap<ReplicaId, String>,
+    r: &edge::storage::ConflictRecord,
+) -> serde_json::Value {
     let w = |x: &shared::state::WriteInfo| {
         serde_json::json!({
             "dot": x.dot.to_string(),
@@ -270,7 +272,8 @@ async fn conflicts(
             q.limit.unwrap_or(1000).clamp(1, 10_000),
         )
         .map_err(|e| ApiError::new(ErrorCode::StorageUnavailable, e.to_string()))?;
-    let entries: Vec<serde_json::Value> = recs.iter().map(|r| conflict_json(&a, r)).collect();
+    let names = a.fleet.names();
+    let entries: Vec<serde_json::Value> = recs.iter().map(|r| conflict_json(&names, r)).collect();
     Ok(Json(serde_json::json!({ "conflicts": entries })).into_response())
 }
 

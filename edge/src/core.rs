@@ -454,6 +454,15 @@ impl Core {
     /// Evicts a channel now if nothing here needs it; true if it was evicted.
     pub fn evict_channel(&self, name: &ChannelName) -> bool {
         let mut g = self.lock();
+        let done = self.evict_locked(&mut g, name);
+        if done {
+            metrics::counter!("outpost_cache_evictions_total").increment(1);
+        }
+        done
+    }
+
+    /// Drops a channel from storage, the node and the hub if the node allows it.
+    fn evict_locked(&self, g: &mut Inner, name: &ChannelName) -> bool {
         if !g.node.can_evict(name) {
             return false;
         }
@@ -464,7 +473,6 @@ impl Core {
         g.node.evict(name);
         g.last_used.remove(name);
         self.hub.forget(name);
-        metrics::counter!("outpost_cache_evictions_total").increment(1);
         true
     }
 
@@ -500,16 +508,9 @@ impl Core {
         let mut evicted = Vec::new();
         for (name, bytes, used) in sizes {
             let idle = used.is_none_or(|u| u.elapsed() >= ttl);
-            if !(idle || total > max_bytes) || !g.node.can_evict(&name) {
+            if !(idle || total > max_bytes) || !self.evict_locked(&mut g, &name) {
                 continue;
             }
-            if let Err(e) = self.storage.remove_channel(&name) {
-                tracing::error!(channel = %name, error = %e, "cannot evict");
-                continue;
-            }
-            g.node.evict(&name);
-            g.last_used.remove(&name);
-            self.hub.forget(&name);
             total = total.saturating_sub(bytes);
             evicted.push(name);
         }

@@ -318,13 +318,16 @@ impl Hub {
         }
     }
 
-    /// Marks every presence entry of a connection as alive.
-    pub fn touch(&self, conn: ConnId) {
+    /// Marks a connection's presence entries alive, in the channels it subscribes to
+    /// (presence requires a subscription, so no other channel can hold one).
+    pub fn touch<'a>(&self, conn: ConnId, channels: impl IntoIterator<Item = &'a ChannelName>) {
         let now = Instant::now();
         let mut g = self.lock();
-        for ch in g.values_mut() {
-            for p in ch.presence.values_mut().filter(|p| p.conn == conn) {
-                p.seen = now;
+        for name in channels {
+            if let Some(ch) = g.get_mut(name) {
+                for p in ch.presence.values_mut().filter(|p| p.conn == conn) {
+                    p.seen = now;
+                }
             }
         }
     }

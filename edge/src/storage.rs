@@ -170,10 +170,11 @@ impl Storage {
     }
 
     fn ensure_channel(&self, channel: &ChannelName) -> Result<(), StorageError> {
+        // Called for every stored op: look up without cloning the name first.
         let fresh = self
             .known
             .lock()
-            .map(|mut g| g.insert(channel.clone()))
+            .map(|mut g| !g.contains(channel) && g.insert(channel.clone()))
             .unwrap_or(true);
         if fresh && !self.chans.contains_key(channel.as_str())? {
             self.chans.insert(

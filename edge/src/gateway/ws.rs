@@ -19,6 +19,7 @@ use shared::client::{self, dot_string, ClientMsg, CloseCode, ErrorCode, ServerMs
 use shared::replica::{LocalOutcome, LocalWrite};
 use shared::{ChannelName, Ephemeral};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::rest::{members, since, state_view};
@@ -68,6 +69,8 @@ struct Conn {
     principal: Option<Principal>,
     handle: Option<ConnHandle>,
     queue: Option<mpsc::Receiver<Arc<Push>>>,
+    /// The hub's kill switch for this connection (a never-fired one until connect).
+    kill: CancellationToken,
     subs: HashSet<ChannelName>,
     acks: FuturesOrdered<Ack>,
     tokens: f64,
@@ -126,6 +129,7 @@ impl Conn {
             principal: None,
             handle: None,
             queue: None,
+            kill: CancellationToken::new(),
             subs: HashSet::new(),
             acks: FuturesOrdered::new(),
             tokens: f64::from(limits.publish_burst),
@@ -154,11 +158,6 @@ impl Conn {
         let idle = Duration::from_secs(limits.idle_timeout_secs);
         let mut deadline = tokio::time::Instant::now() + idle;
         loop {
-            let kill = conn
-                .handle
-                .as_ref()
-                .map(|h| h.kill.clone())
-                .unwrap_or_default();
             let exp = conn.principal.as_ref().and_then(|p| p.expires_at);
             tokio::select! {
                 biased;
@@ -170,7 +169,7 @@ impl Conn {
                     close(&mut sink, CloseCode::GoingAwayResume, "this edge is being drained: reconnect to another endpoint and resume").await;
                     break;
                 }
-                _ = kill.cancelled() => {
+                _ = conn.kill.cancelled() => {
                     let code = conn.handle.as_ref().map(ConnHandle::kill_code).unwrap_or(CloseCode::GoingAwayResume);
                     let reason = match code {
                         CloseCode::SlowConsumerResume => "slow consumer: reconnect and resume with your tokens",
@@ -229,6 +228,7 @@ impl Conn {
     fn authenticated(&mut self, p: Principal) -> ServerMsg {
         if self.handle.is_none() {
             let (handle, queue) = self.state.new_conn(&p.subject);
+            self.kill = handle.kill.clone();
             self.handle = Some(handle);
             self.queue = Some(queue);
         }
@@ -274,7 +274,7 @@ impl Conn {
             }
         };
         if let Some(h) = &self.handle {
-            self.state.core.hub.touch(h.id);
+            self.state.core.hub.touch(h.id, &self.subs);
         }
         match self.on_msg(msg) {
             Ok(replies) => replies,
