@@ -11,7 +11,9 @@ pub fn init_tracing(cfg: &EdgeConfig) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.filter));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: logs sent to files and journals stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cfg.log.format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),

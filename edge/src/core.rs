@@ -229,13 +229,19 @@ impl Core {
         }
         tracing::info!(replica = %id, channels = channels.len(), ops, "storage loaded");
         let sync_cfg = sync_config(cfg);
-        let node = Node::restore(id, role, sync_cfg.clone(), channels, now_ms());
+        let retired = storage.retired()?;
+        // Restored channels count as used now: idle eviction starts counting at start.
+        let last_used: HashMap<ChannelName, Instant> = channels
+            .keys()
+            .map(|c| (c.clone(), Instant::now()))
+            .collect();
+        let node = Node::restore(id, role, sync_cfg.clone(), channels, retired, now_ms());
         Ok(Arc::new(Self {
             inner: Mutex::new(Inner {
                 node,
                 written: 0,
                 post: VecDeque::new(),
-                last_used: HashMap::new(),
+                last_used,
             }),
             storage,
             hub,
@@ -363,6 +369,7 @@ impl Core {
                 .subscribe(channel, conn, since, std::iter::empty(), false),
         };
         if first {
+            tracing::debug!(%channel, "first local subscriber: interest on");
             g.node
                 .handle(now_ms(), Input::Interest(channel.clone(), true));
             if let Err(e) = self.drain(&mut g) {
@@ -376,6 +383,7 @@ impl Core {
         let mut g = self.lock();
         Self::touch(&mut g, channel);
         if self.hub.unsubscribe(channel, conn) {
+            tracing::debug!(%channel, "last local subscriber left: interest off");
             g.node
                 .handle(now_ms(), Input::Interest(channel.clone(), false));
             if let Err(e) = self.drain(&mut g) {
@@ -463,14 +471,16 @@ impl Core {
 
     /// Drops a channel from storage, the node and the hub if the node allows it.
     fn evict_locked(&self, g: &mut Inner, name: &ChannelName) -> bool {
-        if !g.node.can_evict(name) {
+        // The node queues the storage removal (with the mark that keeps this edge's
+        // dots unique if the channel is opened again); draining carries it out.
+        if !g.node.evict(name) {
             return false;
         }
-        if let Err(e) = self.storage.remove_channel(name) {
+        if let Err(e) = self.drain(g) {
             tracing::error!(channel = %name, error = %e, "cannot evict");
             return false;
         }
-        g.node.evict(name);
+        tracing::debug!(channel = %name, "channel evicted");
         g.last_used.remove(name);
         self.hub.forget(name);
         true
@@ -585,7 +595,8 @@ impl Core {
             Ok(channels) => {
                 let role = g.node.role();
                 let cfg = self.sync_config.clone();
-                g.node = Node::restore(self.id, role, cfg, channels, now_ms());
+                let retired = self.storage.retired().unwrap_or_default();
+                g.node = Node::restore(self.id, role, cfg, channels, retired, now_ms());
                 tracing::warn!("node rebuilt from storage after a storage failure");
             }
             Err(e) => tracing::error!(error = %e, "cannot reload storage"),
@@ -633,8 +644,11 @@ impl Core {
             }
             Output::Command(cmd) => self.command(cmd),
             Output::Persist(_) => {}
-            Output::SnapshotInstalled { channel, .. } => {
+            Output::SnapshotInstalled { channel, vv, .. } => {
                 tracing::info!(%channel, "snapshot installed");
+                // What the snapshot covers is durable here now: history reads and
+                // tokens may include it.
+                self.hub.seed_delivered(&channel, &vv);
             }
             Output::Acked { .. } => {}
             Output::Rtt { peer, rtt_ms } => {

@@ -56,6 +56,9 @@ pub struct Storage {
     chans: sled::Tree,
     /// `channel \0 time_ms(u64 BE) id(u64 BE)` -> ConflictRecord (the reconciliation report)
     conflicts: sled::Tree,
+    /// `channel` -> this replica's last seq (u64 BE) in a channel it evicted, so that
+    /// writes after a re-open never reuse a dot.
+    retired: sled::Tree,
     known: Mutex<HashSet<ChannelName>>,
 }
 
@@ -92,6 +95,7 @@ impl Storage {
             state: db.open_tree("state")?,
             chans: db.open_tree("chans")?,
             conflicts: db.open_tree("conflicts")?,
+            retired: db.open_tree("retired")?,
             db,
             known: Mutex::new(HashSet::new()),
         })
@@ -128,17 +132,27 @@ impl Storage {
     }
 
     /// Everything kept, per channel, to rebuild the replication node.
+    /// Channels this replica evicted, with its last seq in each.
+    pub fn retired(&self) -> Result<BTreeMap<ChannelName, u64>, StorageError> {
+        let mut out = BTreeMap::new();
+        for item in self.retired.iter() {
+            let (k, v) = item?;
+            let seq = <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StorageError::Corrupt {
+                    what: "retired seq".into(),
+                    err: codec::CodecError::Decode(format!("{v:?}")),
+                })?;
+            out.insert(channel_name(&k)?, seq);
+        }
+        Ok(out)
+    }
+
     pub fn load(&self) -> Result<BTreeMap<ChannelName, DurableChannel>, StorageError> {
         let mut out = BTreeMap::new();
         for item in self.chans.iter() {
             let (k, v) = item?;
-            let name = String::from_utf8(k.to_vec())
-                .ok()
-                .and_then(|s| ChannelName::new(s).ok())
-                .ok_or_else(|| StorageError::Corrupt {
-                    what: "channel name".into(),
-                    err: codec::CodecError::Decode(format!("{k:?}")),
-                })?;
+            let name = channel_name(&k)?;
             let meta: ChanMeta = decode(&v, "channel meta")?;
             let p = prefix(&name);
             let mut log = Vec::new();
@@ -248,6 +262,20 @@ impl Storage {
             Persist::Acked { channel, seq } => {
                 self.update_meta(channel, |m| m.acked = m.acked.max(*seq))?;
             }
+            Persist::Evict { channel, own_seq } => {
+                self.remove_channel(channel)?;
+                let key = channel.as_str().as_bytes();
+                let prev = self
+                    .retired
+                    .get(key)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map_or(0, u64::from_be_bytes);
+                self.retired
+                    .insert(key, &prev.max(*own_seq).to_be_bytes())?;
+            }
+            Persist::Rebased { channel } => {
+                self.retired.remove(channel.as_str().as_bytes())?;
+            }
         }
         Ok(())
     }
@@ -329,6 +357,16 @@ impl Storage {
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
+}
+
+fn channel_name(k: &[u8]) -> Result<ChannelName, StorageError> {
+    String::from_utf8(k.to_vec())
+        .ok()
+        .and_then(|s| ChannelName::new(s).ok())
+        .ok_or_else(|| StorageError::Corrupt {
+            what: "channel name".into(),
+            err: codec::CodecError::Decode(format!("{k:?}")),
+        })
 }
 
 fn decode<T: serde::de::DeserializeOwned>(v: &[u8], what: &str) -> Result<T, StorageError> {

@@ -157,6 +157,109 @@ impl ChannelReplica {
         }
     }
 
+    /// Makes a fresh replica continue this replica's own dots after `own_seq` (the
+    /// last one it wrote before the channel was evicted). Those ops are not here: the
+    /// floor says so, and a snapshot from upstream brings their effects back.
+    pub fn resume_after_eviction(&mut self, own_seq: u64) {
+        self.vv.raise(self.me, own_seq);
+        self.floor.raise(self.me, own_seq);
+    }
+
+    /// Replaces a re-opened channel's base with the upstream's: its state (joined with
+    /// ours), its floor and its retained log, followed by our own ops the upstream does
+    /// not have yet. Returns the registers that changed, the upstream ops that are new
+    /// here (in log order, to deliver), and the whole new log (to store in this order).
+    pub fn rebase(
+        &mut self,
+        snap: &Snapshot,
+        floor: &VersionVector,
+        log: Vec<Op>,
+    ) -> (Vec<(String, Register)>, Vec<Op>, Vec<Op>) {
+        let have: std::collections::HashSet<Dot> = self.log.iter().map(|op| op.dot).collect();
+        let fresh: Vec<Op> = log.iter().filter(|op| !have.contains(&op.dot)).cloned().collect();
+        let ours: Vec<Op> = self
+            .log
+            .drain(..)
+            .filter(|op| !snap.vv.covers(op.dot))
+            .collect();
+        // The local registers applied our new writes without our older ones (they were
+        // evicted), so their contexts claim too much: start from the upstream's state
+        // and apply our writes it lacks on top, in order.
+        let old_state = std::mem::replace(&mut self.state, snap.state.clone());
+        self.log = log.into();
+        for op in &ours {
+            self.apply_to_state(op);
+        }
+        self.log.extend(ours);
+        let changed: Vec<(String, Register)> = self
+            .state
+            .iter()
+            .filter(|(k, r)| old_state.get(*k) != Some(*r))
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+
+        self.floor = floor.clone();
+        self.vv.merge(&snap.vv);
+        self.idempotency.clear();
+        for op in &self.log {
+            if let OpBody::Event {
+                idempotency_key: Some(k),
+                ..
+            } = &op.body
+            {
+                self.idempotency.insert(k.clone(), op.dot);
+            }
+        }
+        let mut applied = Vec::new();
+        self.drain_pending(&mut applied);
+        let mut fresh = fresh;
+        fresh.extend(applied.into_iter().map(|a| a.op));
+        (changed, fresh, self.log.iter().cloned().collect())
+    }
+
+    /// Applies a logged write's effect to its register (idempotent).
+    fn apply_to_state(&mut self, op: &Op) {
+        let (key, value, context) = match &op.body {
+            OpBody::Set {
+                key,
+                value,
+                context,
+            } => (key, Some(value.clone()), context),
+            OpBody::Delete { key, context } => (key, None, context),
+            OpBody::Event { .. } => return,
+        };
+        self.state.entry(key.clone()).or_default().apply(
+            Sibling {
+                dot: op.dot,
+                hlc: op.hlc,
+                value,
+            },
+            context,
+        );
+    }
+
+    /// Re-applies every retained write in the log to the materialized state and returns
+    /// the registers that changed. Storage writes an op and its register separately; a
+    /// crash between the two leaves a logged op whose effect the stored state lacks.
+    /// Register writes are idempotent and commute, so replaying the log repairs that
+    /// and changes nothing otherwise.
+    pub fn repair_state(&mut self) -> Vec<(String, Register)> {
+        let log = std::mem::take(&mut self.log);
+        let mut changed: Vec<(String, Register)> = Vec::new();
+        for op in &log {
+            let Some(key) = op.body.key() else { continue };
+            let before = self.state.get(key).cloned();
+            self.apply_to_state(op);
+            let after = self.state.get(key);
+            if before.as_ref() != after {
+                changed.retain(|(k, _)| k != key);
+                changed.extend(after.map(|r| (key.to_owned(), r.clone())));
+            }
+        }
+        self.log = log;
+        changed
+    }
+
     pub fn channel(&self) -> &ChannelName {
         &self.channel
     }

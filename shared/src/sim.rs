@@ -16,6 +16,7 @@ use rand::{RngExt, SeedableRng};
 use crate::ids::{ChannelName, Dot, ReplicaId};
 use crate::op::{Op, Payload};
 use crate::replica::{LocalOutcome, LocalWrite};
+use crate::state::Register;
 use crate::sync::{DurableChannel, Input, Node, Output, Persist, Role, SyncConfig};
 use crate::vv::VersionVector;
 use crate::wire::SyncMsg;
@@ -40,6 +41,8 @@ pub struct SimConfig {
     pub crash_rate: f64,
     /// Per-step probability that an edge drops or regains interest in a channel.
     pub interest_flap_rate: f64,
+    /// Per step: an edge tries to evict a channel it holds without subscribers.
+    pub evict_rate: f64,
     pub sync: SyncConfig,
 }
 
@@ -75,6 +78,11 @@ impl SimConfig {
             partition_rate: rng.random_range(0.0..0.03),
             crash_rate: rng.random_range(0.0..0.01),
             interest_flap_rate: rng.random_range(0.0..0.01),
+            evict_rate: if rng.random_bool(0.5) {
+                rng.random_range(0.0..0.05)
+            } else {
+                0.0
+            },
             sync,
         }
     }
@@ -91,6 +99,10 @@ pub struct SimReport {
     pub messages: usize,
     pub dropped: usize,
     pub crashes: usize,
+    /// Crashes that lost the newest register write but kept its op.
+    pub torn_writes: usize,
+    /// Channels edges evicted (and later re-created).
+    pub evictions: usize,
     pub partitions: usize,
     pub converged_after_ms: u64,
 }
@@ -122,6 +134,12 @@ struct SimNode {
     role: Role,
     node: Option<Node>,
     disk: BTreeMap<ChannelName, DurableChannel>,
+    /// Evicted channels and the node's last own seq in each (on disk).
+    retired: BTreeMap<ChannelName, u64>,
+    /// The register the last storage write replaced, while that write is the newest: a
+    /// crash may lose it (storage keeps a prefix of its writes; an op's log entry is
+    /// written before its register).
+    torn: Option<(ChannelName, String, Option<Register>)>,
     /// What this node's subscribers have been delivered, per channel.
     delivered: BTreeMap<ChannelName, VersionVector>,
     /// Channels this node's clients subscribe to (edge interest).
@@ -197,6 +215,8 @@ impl Sim {
                 role,
                 node: Some(Node::new(id, role, cfg.sync.clone(), 0)),
                 disk: BTreeMap::new(),
+                retired: BTreeMap::new(),
+                torn: None,
                 delivered: BTreeMap::new(),
                 subscribed: BTreeSet::new(),
                 restart_at: None,
@@ -303,6 +323,21 @@ impl Sim {
             }
             self.input(e, Input::Interest(c, on));
         }
+        if self.rng.random_bool(self.cfg.evict_rate) && !self.channels.is_empty() {
+            let e = self.rng.random_range(1..=self.cfg.edges);
+            let c = self.channels[self.rng.random_range(0..self.channels.len())].clone();
+            if let Some(node) = self.nodes[e].node.as_mut() {
+                if node.evict(&c) {
+                    self.report.evictions += 1;
+                    // The edge forgets what it delivered there, except its own dots.
+                    let own = self.nodes[e].delivered.get(&c).map_or(0, |v| v.get(self.nodes[e].id));
+                    let mut fresh = VersionVector::new();
+                    fresh.raise(self.nodes[e].id, own);
+                    self.nodes[e].delivered.insert(c.clone(), fresh);
+                    self.drain(e);
+                }
+            }
+        }
         self.advance();
     }
 
@@ -378,6 +413,17 @@ impl Sim {
             self.disconnect(i);
         }
         self.nodes[i].node = None;
+        // Sometimes the newest storage write (a register) does not survive the crash.
+        if let Some((ch, key, prev)) = self.nodes[i].torn.take() {
+            if self.rng.random_bool(0.5) {
+                self.report.torn_writes += 1;
+                let d = self.nodes[i].disk.entry(ch).or_default();
+                match prev {
+                    Some(r) => d.state.insert(key, r),
+                    None => d.state.remove(&key),
+                };
+            }
+        }
         let back = self.now + self.rng.random_range(50..2_000);
         self.nodes[i].restart_at = Some(back);
     }
@@ -390,6 +436,7 @@ impl Sim {
             n.role,
             self.cfg.sync.clone(),
             n.disk.clone(),
+            n.retired.clone(),
             self.now,
         );
         // Subscribers reconnect and resume from what is durable here.
@@ -397,6 +444,10 @@ impl Sim {
             .channels()
             .map(|c| (c.channel().clone(), c.vv().clone()))
             .collect();
+        // An evicted channel reopened later starts after this node's own last dot.
+        for (c, seq) in &n.retired {
+            n.delivered.entry(c.clone()).or_default().raise(n.id, *seq);
+        }
         n.node = Some(node);
         if i == 0 {
             for e in 1..=self.cfg.edges {
@@ -566,7 +617,16 @@ impl Sim {
     }
 
     fn persist(&mut self, i: usize, p: Persist) {
-        let disk = &mut self.nodes[i].disk;
+        let n = &mut self.nodes[i];
+        n.torn = match &p {
+            Persist::Register { channel, key, .. } => Some((
+                channel.clone(),
+                key.clone(),
+                n.disk.get(channel).and_then(|d| d.state.get(key)).cloned(),
+            )),
+            _ => None,
+        };
+        let disk = &mut n.disk;
         match p {
             Persist::Op { channel, op } => disk.entry(channel).or_default().log.push(op),
             Persist::Register {
@@ -593,6 +653,14 @@ impl Sim {
             Persist::Acked { channel, seq } => {
                 let d = disk.entry(channel).or_default();
                 d.acked = d.acked.max(seq);
+            }
+            Persist::Rebased { channel } => {
+                n.retired.remove(&channel);
+            }
+            Persist::Evict { channel, own_seq } => {
+                disk.remove(&channel);
+                let r = n.retired.entry(channel).or_default();
+                *r = (*r).max(own_seq);
             }
         }
     }
@@ -660,8 +728,11 @@ impl Sim {
             match n.node.as_ref() {
                 None => v.push(format!("node {i} is not running after heal")),
                 Some(node) if node.outbox_len() > 0 => v.push(format!(
-                    "node {i} still has {} unacked ops",
-                    node.outbox_len()
+                    "node {i} still has {} unacked ops: {:?}",
+                    node.outbox_len(),
+                    node.channels()
+                        .map(|c| (c.channel().to_string(), node.acked(c.channel()), c.vv().clone(), c.floor().clone(), self.nodes[0].node.as_ref().and_then(|n| n.channel(c.channel())).map(|r| r.vv().clone())))
+                        .collect::<Vec<_>>()
                 )),
                 Some(_) => {}
             }

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::hlc::{Hlc, HlcClock};
 use crate::ids::{ChannelName, Dot, ReplicaId};
 use crate::op::{Ephemeral, Op};
-use crate::replica::{
+use crate::replica::{Snapshot, 
     Applied, ChannelReplica, LocalOutcome, LocalWrite, ReplicaConfig, ReplicaError,
 };
 use crate::state::{Conflict, Register};
@@ -133,6 +133,11 @@ pub enum Persist {
     },
     /// The upstream has durably got this node's ops up to `seq`: trim the outbox.
     Acked { channel: ChannelName, seq: u64 },
+    /// Drop the channel's data and remember that this node wrote its ops up to
+    /// `own_seq` there, so that a later write never reuses one of those dots.
+    Evict { channel: ChannelName, own_seq: u64 },
+    /// An evicted channel got its full state back: forget its [`Persist::Evict`] mark.
+    Rebased { channel: ChannelName },
 }
 
 /// What the node asks the shell to do.
@@ -201,6 +206,9 @@ struct Chan {
     acked: u64,
     last_sent_ms: u64,
     last_sync_ms: u64,
+    /// Re-created after an eviction: holds only what this node wrote since, until the
+    /// upstream's snapshot brings back the rest.
+    rebase: bool,
 }
 
 impl Chan {
@@ -236,6 +244,8 @@ pub struct Node {
     last_heartbeat: u64,
     /// Connected clients, as the shell reports them (sent in heartbeats).
     clients: u64,
+    /// Evicted channels and this node's last seq in each (edge).
+    retired: BTreeMap<ChannelName, u64>,
 }
 
 impl Node {
@@ -252,18 +262,22 @@ impl Node {
             out: VecDeque::new(),
             last_heartbeat: now_ms,
             clients: 0,
+            retired: BTreeMap::new(),
         }
     }
 
-    /// Rebuilds a node from storage after a restart.
+    /// Rebuilds a node from storage after a restart. `retired` holds the evicted
+    /// channels with this node's last seq in each (see [`Persist::Evict`]).
     pub fn restore(
         me: ReplicaId,
         role: Role,
         config: SyncConfig,
         channels: BTreeMap<ChannelName, DurableChannel>,
+        retired: BTreeMap<ChannelName, u64>,
         now_ms: u64,
     ) -> Self {
         let mut node = Self::new(me, role, config, now_ms);
+        node.retired = retired;
         let mut last = Hlc::ZERO;
         for (name, d) in channels {
             let max_hlc = d
@@ -278,7 +292,7 @@ impl Node {
                 .max()
                 .unwrap_or(Hlc::ZERO);
             last = last.max(max_hlc);
-            let replica = ChannelReplica::restore(
+            let mut replica = ChannelReplica::restore(
                 name.clone(),
                 me,
                 node.config.replica.clone(),
@@ -286,6 +300,15 @@ impl Node {
                 d.log,
                 d.floor,
             );
+            // Re-created after an eviction and not yet given its full state.
+            let rebase = node.retired.contains_key(&name);
+            for (key, register) in replica.repair_state() {
+                node.out.push_back(Output::Persist(Persist::Register {
+                    channel: name.clone(),
+                    key,
+                    register,
+                }));
+            }
             node.channels.insert(
                 name,
                 Chan {
@@ -294,6 +317,7 @@ impl Node {
                     acked: d.acked,
                     last_sent_ms: 0,
                     last_sync_ms: 0,
+                    rebase,
                 },
             );
         }
@@ -379,14 +403,84 @@ impl Node {
     }
 
     fn chan(&mut self, name: &ChannelName) -> &mut Chan {
-        let (me, cfg) = (self.me, &self.config.replica);
-        self.channels.entry(name.clone()).or_insert_with(|| Chan {
-            replica: ChannelReplica::new(name.clone(), me, cfg.clone()),
-            interest: false,
-            acked: 0,
-            last_sent_ms: 0,
-            last_sync_ms: 0,
-        })
+        if !self.channels.contains_key(name) {
+            let mut replica = ChannelReplica::new(name.clone(), self.me, self.config.replica.clone());
+            let own = self.retired.get(name).copied().unwrap_or(0);
+            if own > 0 {
+                // This node wrote here before it evicted the channel: its next dot
+                // continues after the last one, and the rest comes back by snapshot.
+                replica.resume_after_eviction(own);
+                self.out.push_back(Output::Persist(Persist::Floor {
+                    channel: name.clone(),
+                    floor: replica.floor().clone(),
+                }));
+                self.out.push_back(Output::Persist(Persist::Acked {
+                    channel: name.clone(),
+                    seq: own,
+                }));
+            }
+            self.channels.insert(
+                name.clone(),
+                Chan {
+                    replica,
+                    interest: false,
+                    acked: own,
+                    last_sent_ms: 0,
+                    last_sync_ms: 0,
+                    rebase: own > 0,
+                },
+            );
+        }
+        self.channels
+            .get_mut(name)
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
+    /// Installs the upstream's base under a channel this edge re-opened after evicting
+    /// it, rewriting the stored log in the new order.
+    fn rebase(&mut self, channel: ChannelName, snap: &Snapshot, floor: &VersionVector, log: Vec<Op>) {
+        let c = self.chan(&channel);
+        c.rebase = false;
+        let old: Vec<Dot> = c.replica.log().map(|op| op.dot).collect();
+        // Local subscribers were told their history starts at the old vector (this
+        // edge's own earlier ops were behind its floor): deliver only what it lacked.
+        let before = c.replica.vv().clone();
+        let (changed, fresh, new_log) = c.replica.rebase(snap, floor, log);
+        let fresh: Vec<Op> = fresh.into_iter().filter(|op| !before.covers(op.dot)).collect();
+        let floor = c.replica.floor().clone();
+        self.retired.remove(&channel);
+        let ch = || channel.clone();
+        self.out.push_back(Output::Persist(Persist::DropOps {
+            channel: ch(),
+            dots: old,
+        }));
+        for op in new_log {
+            self.out.push_back(Output::Persist(Persist::Op { channel: ch(), op }));
+        }
+        for (key, register) in &changed {
+            self.out.push_back(Output::Persist(Persist::Register {
+                channel: ch(),
+                key: key.clone(),
+                register: register.clone(),
+            }));
+        }
+        self.out.push_back(Output::Persist(Persist::Floor {
+            channel: ch(),
+            floor: floor.clone(),
+        }));
+        self.out.push_back(Output::Persist(Persist::Rebased { channel: ch() }));
+        // Subscribers jump over what only the snapshot holds (below the upstream's
+        // floor), then get the upstream's retained ops in order.
+        let mut jump = before;
+        jump.merge(&floor);
+        self.out.push_back(Output::SnapshotInstalled {
+            channel: ch(),
+            changed: changed.into_iter().map(|(k, _)| k).collect(),
+            vv: jump,
+        });
+        for op in fresh {
+            self.out.push_back(Output::Deliver { channel: ch(), op });
+        }
     }
 
     fn send(&mut self, to: ReplicaId, msg: SyncMsg) {
@@ -475,12 +569,23 @@ impl Node {
 
     /// Forgets a channel that [`Node::can_evict`] allows (cache eviction). Returns
     /// false, and keeps it, otherwise.
+    /// Evicts a channel if [`Node::can_evict`] allows it; the shell carries out the
+    /// [`Persist::Evict`] it queues.
     pub fn evict(&mut self, channel: &ChannelName) -> bool {
-        let removable = self.can_evict(channel);
-        if removable {
-            self.channels.remove(channel);
+        if !self.can_evict(channel) {
+            return false;
         }
-        removable
+        if let Some(c) = self.channels.remove(channel) {
+            let own = c.replica.vv().get(self.me);
+            let r = self.retired.entry(channel.clone()).or_default();
+            *r = (*r).max(own);
+            let own_seq = *r;
+            self.out.push_back(Output::Persist(Persist::Evict {
+                channel: channel.clone(),
+                own_seq,
+            }));
+        }
+        true
     }
 
     /// Collects tombstones covered by a causally stable vector (see
@@ -550,6 +655,7 @@ impl Node {
             vv: c.replica.vv().clone(),
             subscribe: c.interest,
             reply: true,
+            full: c.rebase,
         };
         self.send(up, msg);
     }
@@ -576,6 +682,7 @@ impl Node {
                 vv,
                 subscribe,
                 reply,
+                full,
             } => {
                 if self.role == Role::Edge && !self.channels.contains_key(&channel) {
                     return;
@@ -587,7 +694,31 @@ impl Node {
                     info.vvs.insert(channel.clone(), vv.clone());
                 }
                 self.on_ack(&channel, &vv);
-                self.send_missing(peer, &channel, &vv);
+                if full {
+                    let r = &self.chan(&channel).replica;
+                    let snapshot = r.snapshot();
+                    // The log rides along when it fits comfortably in one frame;
+                    // otherwise the peer's history starts at the snapshot.
+                    let (floor, log) = if r.approx_bytes() < (crate::wire::DEFAULT_MAX_FRAME / 4) as u64 {
+                        (r.floor().clone(), r.log().cloned().collect())
+                    } else {
+                        (snapshot.vv.clone(), Vec::new())
+                    };
+                    let mut after = vv.clone();
+                    after.merge(&snapshot.vv);
+                    self.send(
+                        peer,
+                        SyncMsg::Rebase {
+                            channel: channel.clone(),
+                            snapshot,
+                            floor,
+                            log,
+                        },
+                    );
+                    self.send_missing(peer, &channel, &after);
+                } else {
+                    self.send_missing(peer, &channel, &vv);
+                }
                 if reply {
                     let mine = self.chan(&channel).replica.vv().clone();
                     self.send(
@@ -597,12 +728,24 @@ impl Node {
                             vv: mine,
                             subscribe: false,
                             reply: false,
+                            full: false,
                         },
                     );
                 }
             }
             SyncMsg::Ops { channel, ops } => self.on_ops(now_ms, peer, channel, ops),
             SyncMsg::Ack { channel, vv } => self.on_ack(&channel, &vv),
+            SyncMsg::Rebase {
+                channel,
+                snapshot,
+                floor,
+                log,
+            } => {
+                if self.role != Role::Edge || !self.channels.get(&channel).is_some_and(|c| c.rebase) {
+                    return;
+                }
+                self.rebase(channel, &snapshot, &floor, log);
+            }
             SyncMsg::Snapshot { channel, snapshot } => {
                 if self.role == Role::Edge && !self.channels.contains_key(&channel) {
                     return;

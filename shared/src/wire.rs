@@ -38,6 +38,9 @@ pub enum SyncMsg {
         vv: VersionVector,
         subscribe: bool,
         reply: bool,
+        /// The sender evicted this channel earlier and holds only what it wrote since:
+        /// answer with a snapshot of the full state.
+        full: bool,
     },
     /// Ops in applied (causal) order.
     Ops {
@@ -53,6 +56,14 @@ pub enum SyncMsg {
     Snapshot {
         channel: ChannelName,
         snapshot: Snapshot,
+    },
+    /// The answer to a `full` sync: the upstream's state, floor and retained log, for
+    /// a channel the receiver evicted and opened again.
+    Rebase {
+        channel: ChannelName,
+        snapshot: Snapshot,
+        floor: VersionVector,
+        log: Vec<Op>,
     },
     /// No more live ops for this channel, please.
     Unsubscribe {

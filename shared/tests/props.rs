@@ -301,7 +301,7 @@ proptest! {
     fn decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512), flip in any::<(prop::sample::Index, u8)>()) {
         let _ = wire::decode(&bytes, wire::DEFAULT_MAX_FRAME);
         // A valid frame with one byte changed must decode or fail, never panic.
-        let frame = Frame::Sync(SyncMsg::Sync { channel: channel(), vv: VersionVector::from(Dot::new(rid(1), 3)), subscribe: true, reply: false });
+        let frame = Frame::Sync(SyncMsg::Sync { channel: channel(), vv: VersionVector::from(Dot::new(rid(1), 3)), subscribe: true, reply: false, full: false });
         let mut good = wire::encode_to_vec(&frame, wire::DEFAULT_MAX_FRAME).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let i = flip.0.index(good.len());
         good[i] ^= flip.1;

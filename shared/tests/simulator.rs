@@ -24,6 +24,8 @@ fn simulated_fleet_converges_and_loses_nothing() {
                 total.conflicts += r.conflicts;
                 total.snapshots += r.snapshots;
                 total.crashes += r.crashes;
+                total.torn_writes += r.torn_writes;
+                total.evictions += r.evictions;
                 total.partitions += r.partitions;
                 total.dropped += r.dropped;
                 total.messages += r.messages;
@@ -36,13 +38,15 @@ fn simulated_fleet_converges_and_loses_nothing() {
         }
     }
     eprintln!(
-        "{} seeds: {} acked ops checked, {} deliveries, {} conflicts, {} snapshots, {} crashes, {} partition flips, {}/{} frames dropped, slowest convergence {} ms",
+        "{} seeds: {} acked ops checked, {} deliveries, {} conflicts, {} snapshots, {} crashes ({} with a torn register write), {} evictions, {} partition flips, {}/{} frames dropped, slowest convergence {} ms",
         seeds.len(),
         total.acked_ops,
         total.deliveries,
         total.conflicts,
         total.snapshots,
         total.crashes,
+        total.torn_writes,
+        total.evictions,
         total.partitions,
         total.dropped,
         total.messages,

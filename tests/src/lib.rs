@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+pub mod proxy;
+
 use anyhow::{anyhow, bail, Context, Result};
 use edge::auth::{Action, Claims, Right};
 use futures_util::{SinkExt, StreamExt};
@@ -281,9 +283,14 @@ impl Cloud {
 
     /// TOML for an edge's `[uplink]` to this cloud.
     pub fn uplink_toml(&self, token: &str) -> String {
+        self.uplink_toml_via(self.quic, token)
+    }
+
+    /// TOML for an edge's `[uplink]` to this cloud through `via` (a fault proxy).
+    pub fn uplink_toml_via(&self, via: SocketAddr, token: &str) -> String {
         format!(
-            "[uplink]\nendpoints = [\"{}\"]\ntoken = \"{token}\"\npin_sha256 = \"{}\"\nbackoff_min_ms = 50\nbackoff_max_ms = 500\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n",
-            self.quic, self.fingerprint
+            "[uplink]\nendpoints = [\"{via}\"]\ntoken = \"{token}\"\npin_sha256 = \"{}\"\nbackoff_min_ms = 50\nbackoff_max_ms = 500\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n",
+            self.fingerprint
         )
     }
 

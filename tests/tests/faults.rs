@@ -1,0 +1,828 @@
+//! Jepsen-style fault schedules between real processes.
+//!
+//! A cloud and two edges run as processes; each edge reaches the cloud through a UDP
+//! fault proxy (drop, delay/reorder, duplicate, cut). Writers publish events and set
+//! state keys over WebSocket on any endpoint and record what was acknowledged;
+//! subscribers follow every channel, moving between endpoints with their resume
+//! tokens. A seeded controller mixes link faults, partitions and kill -9/restart of
+//! edges and of the cloud. After the schedule heals, a checker verifies:
+//!
+//! - every acknowledged op is in the history of every replica;
+//! - all replicas hold the same ops and the same state;
+//! - every subscriber saw, per channel and per origin, exactly the history's sequence:
+//!   in order, without duplicates and without a gap (resume tokens skipped nothing);
+//! - nothing was delivered or stored that no writer sent, and no write was applied twice.
+//!
+//! `SCHEDULES=n` runs n schedules (default 20); `SEED=n` replays schedule n alone (the
+//! faults and actions are the same, process timing is not); `SEED_BASE=n` starts the
+//! sweep elsewhere. Every schedule prints its seed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use outpost_tests::proxy::{Faults, UdpProxy};
+use outpost_tests::{admin_token, free_udp_port, Cloud, Edge, Ws};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use serde_json::{json, Value};
+
+const CHANNELS: [&str; 2] = ["project:j1", "project:j2"];
+const KEYS: [&str; 3] = ["k0", "k1", "k2"];
+const WRITERS: usize = 4;
+const SUBSCRIBERS: usize = 3;
+const TOKENS: [&str; 2] = [
+    "edge-a-uplink-token-0123456789",
+    "edge-b-uplink-token-0123456789",
+];
+
+/// Edges evict every channel they may (no subscribers, everything acked) each second,
+/// so schedules also cover channels dropped and opened again.
+const CACHE: &str = "[cache]\nttl_secs = 1\nmax_bytes = 1\nsweep_secs = 1\n";
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_fault_schedules_lose_no_acknowledged_op() -> Result<()> {
+    let seeds: Vec<u64> = match env_u64("SEED") {
+        Some(s) => vec![s],
+        None => {
+            let base = env_u64("SEED_BASE").unwrap_or(1);
+            (base..base + env_u64("SCHEDULES").unwrap_or(20)).collect()
+        }
+    };
+    let mut total = Totals::default();
+    let started = Instant::now();
+    for seed in seeds.iter().copied() {
+        let t = Instant::now();
+        match schedule(seed).await {
+            Ok(s) => {
+                eprintln!(
+                    "schedule seed={seed} ok in {:.1} s: {} actions ({}), {} writes acked of {} sent, {} deliveries checked, proxies dropped {} duplicated {} delayed {} datagrams",
+                    t.elapsed().as_secs_f64(),
+                    s.actions.len(),
+                    s.actions.join(" "),
+                    s.acked,
+                    s.attempted,
+                    s.deliveries,
+                    s.dropped,
+                    s.duplicated,
+                    s.delayed,
+                );
+                total.add(&s);
+            }
+            Err(e) => {
+                bail!("schedule seed={seed} FAILED (replay: SEED={seed} cargo test -p outpost-tests --test faults): {e:#}")
+            }
+        }
+    }
+    eprintln!(
+        "{} schedules in {:.0} s: {} acknowledged ops checked on 3 replicas, {} deliveries checked, {} kills, {} partitions",
+        seeds.len(),
+        started.elapsed().as_secs_f64(),
+        total.acked,
+        total.deliveries,
+        total.kills,
+        total.cuts
+    );
+    Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    acked: usize,
+    deliveries: usize,
+    kills: usize,
+    cuts: usize,
+}
+
+impl Totals {
+    fn add(&mut self, s: &Summary) {
+        self.acked += s.acked;
+        self.deliveries += s.deliveries;
+        self.kills += s.actions.iter().filter(|a| a.starts_with("kill")).count();
+        self.cuts += s.actions.iter().filter(|a| a.starts_with("cut")).count();
+    }
+}
+
+struct Summary {
+    actions: Vec<String>,
+    acked: usize,
+    attempted: usize,
+    deliveries: usize,
+    dropped: u64,
+    duplicated: u64,
+    delayed: u64,
+}
+
+/// One delivered op as a subscriber saw it.
+#[derive(Debug, Clone)]
+struct Delivery {
+    channel: String,
+    dot: String,
+    tag: Option<String>,
+}
+
+/// The recorded history of one schedule.
+#[derive(Default)]
+struct Recorder {
+    /// Every write sent: tag -> (channel, key for a set).
+    attempted: HashMap<String, (String, Option<String>)>,
+    /// Every write acknowledged: tag -> dot.
+    acked: HashMap<String, String>,
+    /// Error replies by code.
+    errors: BTreeMap<String, u64>,
+    deliveries: Vec<Vec<Delivery>>,
+}
+
+type Rec = Arc<Mutex<Recorder>>;
+
+fn lock(r: &Rec) -> std::sync::MutexGuard<'_, Recorder> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The current address of each endpoint: edge A, edge B, the cloud (None while down).
+#[derive(Default)]
+struct Endpoints(Mutex<[Option<SocketAddr>; 3]>);
+
+impl Endpoints {
+    fn get(&self, i: usize) -> Option<SocketAddr> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())[i % 3]
+    }
+    fn set(&self, i: usize, a: Option<SocketAddr>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())[i] = a;
+    }
+}
+
+async fn connect(eps: &Endpoints, at: usize) -> Option<Ws> {
+    let addr = eps.get(at)?;
+    let url = format!("ws://{addr}/v1/ws?token={}", admin_token());
+    tokio::time::timeout(Duration::from_secs(2), Ws::connect_url(&url))
+        .await
+        .ok()?
+        .ok()
+}
+
+fn tag_of(op: &Value) -> Option<String> {
+    match op["op"].as_str() {
+        Some("event") => op["data"]["tag"].as_str().map(str::to_owned),
+        Some("set") => op["value"].as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// Sends writes one at a time to whichever endpoint it reaches, recording acks.
+async fn writer(i: usize, seed: u64, eps: Arc<Endpoints>, rec: Rec, stop: Arc<AtomicBool>) {
+    let mut rng = SmallRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(i as u64));
+    let mut at = i;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(mut ws) = connect(&eps, at).await else {
+            at = rng.random_range(0..3);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let tag = format!("w{i}-{n}");
+            let ch = CHANNELS[rng.random_range(0..CHANNELS.len())];
+            let (req, key) = if rng.random_bool(0.25) {
+                let key = KEYS[rng.random_range(0..KEYS.len())];
+                (
+                    json!({"type": "set", "channel": ch, "key": key, "value": tag}),
+                    Some(key.to_owned()),
+                )
+            } else {
+                (
+                    json!({"type": "publish", "channel": ch, "event": "job", "data": {"tag": tag}}),
+                    None,
+                )
+            };
+            lock(&rec)
+                .attempted
+                .insert(tag.clone(), (ch.to_owned(), key));
+            match tokio::time::timeout(Duration::from_secs(3), ws.request(req, n)).await {
+                Ok(Ok(r)) if r["type"] == "ack" => {
+                    let dot = r["dot"].as_str().unwrap_or_default().to_owned();
+                    lock(&rec).acked.insert(tag, dot);
+                }
+                Ok(Ok(r)) => {
+                    let code = r["code"].as_str().unwrap_or("?").to_owned();
+                    *lock(&rec).errors.entry(code).or_default() += 1;
+                    break;
+                }
+                // The connection went away or the reply did not come: the write's
+                // fate is unknown (it may or may not exist).
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(5..30))).await;
+        }
+        at = rng.random_range(0..3);
+    }
+}
+
+/// Follows every channel, resuming with its tokens on another endpoint when its own
+/// goes away; records every delivered op.
+async fn subscriber(j: usize, seed: u64, eps: Arc<Endpoints>, rec: Rec, stop: Arc<AtomicBool>) {
+    let mut rng = SmallRng::seed_from_u64(seed.wrapping_mul(37).wrapping_add(100 + j as u64));
+    let mut tokens: HashMap<String, String> = HashMap::new();
+    let mut at = j;
+    'outer: while !stop.load(Ordering::Relaxed) {
+        let Some(mut ws) = connect(&eps, at).await else {
+            at = rng.random_range(0..3);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        for (k, ch) in CHANNELS.iter().enumerate() {
+            let mut req = json!({"type": "subscribe", "id": 1000 + k, "channel": ch});
+            if let Some(t) = tokens.get(*ch) {
+                req["since"] = t.clone().into();
+            }
+            if ws.send(req).await.is_err() {
+                continue 'outer;
+            }
+        }
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                break 'outer;
+            }
+            let m = match tokio::time::timeout(
+                Duration::from_millis(200),
+                ws.recv_within(Duration::from_secs(3600)),
+            )
+            .await
+            {
+                Err(_) => continue,
+                Ok(Ok(m)) => m,
+                Ok(Err(_)) => break,
+            };
+            let ch = m["channel"].as_str().unwrap_or_default().to_owned();
+            match m["type"].as_str() {
+                Some("op") => {
+                    lock(&rec).deliveries[j].push(Delivery {
+                        channel: ch.clone(),
+                        dot: m["dot"].as_str().unwrap_or_default().to_owned(),
+                        tag: tag_of(&m),
+                    });
+                    if let Some(t) = m["token"].as_str() {
+                        tokens.insert(ch, t.to_owned());
+                    }
+                }
+                Some("subscribed") => {
+                    if let Some(t) = m["token"].as_str() {
+                        tokens.insert(ch, t.to_owned());
+                    }
+                }
+                Some("error") => {
+                    let code = m["code"].as_str().unwrap_or("?").to_owned();
+                    *lock(&rec).errors.entry(code).or_default() += 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        at = rng.random_range(0..3);
+    }
+}
+
+/// Every op of `channel` at `addr`, following pages.
+async fn full_history(http: &reqwest::Client, addr: SocketAddr, channel: &str) -> Result<Vec<Value>> {
+    let mut ops = Vec::new();
+    let mut since: Option<String> = None;
+    loop {
+        let mut url = format!("http://{addr}/v1/channels/{channel}/history?limit=1000");
+        if let Some(s) = &since {
+            url.push_str(&format!("&since={s}"));
+        }
+        let v: Value = http
+            .get(&url)
+            .bearer_auth(admin_token())
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        if v["truncated"] == true {
+            bail!("history of {channel} at {addr} is truncated");
+        }
+        ops.extend(v["ops"].as_array().cloned().unwrap_or_default());
+        since = v["token"].as_str().map(str::to_owned);
+        if v["more"] != true {
+            return Ok(ops);
+        }
+    }
+}
+
+async fn state(http: &reqwest::Client, addr: SocketAddr, channel: &str) -> Result<Value> {
+    Ok(http
+        .get(format!("http://{addr}/v1/channels/{channel}/state?siblings=true"))
+        .bearer_auth(admin_token())
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// Per key, what differs between the replicas' states (siblings and contexts).
+fn state_diff(states: &[Value]) -> String {
+    let keyed = |v: &Value| -> BTreeMap<String, Value> {
+        v["keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|k| (k["key"].as_str().unwrap_or_default().to_owned(), k.clone()))
+            .collect()
+    };
+    let all: Vec<BTreeMap<String, Value>> = states.iter().map(keyed).collect();
+    let names = ["A", "B", "cloud"];
+    let mut out = String::new();
+    let keys: BTreeSet<&String> = all.iter().flat_map(|m| m.keys()).collect();
+    for key in keys {
+        let regs: Vec<Option<&Value>> = all.iter().map(|m| m.get(key)).collect();
+        if regs.iter().all(|r| *r == regs[0]) {
+            continue;
+        }
+        let sibs = |r: Option<&Value>| -> BTreeSet<String> {
+            r.and_then(|r| r["siblings"].as_array())
+                .into_iter()
+                .flatten()
+                .map(|s| format!("{}={}", s["dot"].as_str().unwrap_or("?"), s["value"]))
+                .collect()
+        };
+        let union: BTreeSet<String> = regs.iter().flat_map(|r| sibs(*r)).collect();
+        out.push_str(&format!("key {key}:\n"));
+        for (i, r) in regs.iter().enumerate() {
+            let mine = sibs(*r);
+            let missing: Vec<&String> = union.difference(&mine).collect();
+            out.push_str(&format!(
+                "  {}: winner {} context {} siblings {}, lacks {:?}\n",
+                names[i],
+                r.map_or(Value::Null, |r| r["value"].clone()),
+                r.map_or(Value::Null, |r| r["context"].clone()),
+                mine.len(),
+                missing
+            ));
+        }
+    }
+    out
+}
+
+fn split_dot(dot: &str) -> Option<(&str, u64)> {
+    let (o, s) = dot.rsplit_once(':')?;
+    Some((o, s.parse().ok()?))
+}
+
+/// Dots by origin, in the order given.
+fn by_origin<'a>(dots: impl Iterator<Item = &'a str>) -> BTreeMap<String, Vec<u64>> {
+    let mut m: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for d in dots {
+        if let Some((o, s)) = split_dot(d) {
+            m.entry(o.to_owned()).or_default().push(s);
+        }
+    }
+    m
+}
+
+async fn schedule(seed: u64) -> Result<Summary> {
+    let dir = match std::env::var("TEST_KEEP_DIR") {
+        Ok(p) => tempfile::Builder::new()
+            .prefix(&format!("faults-{seed}-"))
+            .disable_cleanup(true)
+            .tempdir_in(p)?,
+        Err(_) => tempfile::tempdir()?,
+    };
+    let mut cloud = Cloud::start(
+        &dir.path().join("cloud"),
+        free_udp_port()?,
+        &[("edge-a", TOKENS[0]), ("edge-b", TOKENS[1])],
+        "",
+    )?;
+    let proxies = [
+        UdpProxy::start(cloud.quic, seed.wrapping_mul(1000) + 1).await?,
+        UdpProxy::start(cloud.quic, seed.wrapping_mul(1000) + 2).await?,
+    ];
+    let mut edges = Vec::new();
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        edges.push(Edge::start(
+            &dir.path().join(name),
+            &format!(
+                "{}\n{CACHE}",
+                cloud.uplink_toml_via(proxies[i].addr, TOKENS[i])
+            ),
+        )?);
+    }
+    let r = run_schedule(seed, &mut cloud, &mut edges, &proxies).await;
+    let r = r.map_err(|e| {
+        let tail = |s: String| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        e.context(format!(
+            "--- cloud log\n{}\n--- edge A log\n{}\n--- edge B log\n{}",
+            tail(cloud.log()),
+            tail(edges[0].log()),
+            tail(edges[1].log())
+        ))
+    })?;
+    let st = |i: usize| {
+        (
+            proxies[i].stats().dropped.load(Ordering::Relaxed),
+            proxies[i].stats().duplicated.load(Ordering::Relaxed),
+            proxies[i].stats().delayed.load(Ordering::Relaxed),
+        )
+    };
+    let ((d0, u0, l0), (d1, u1, l1)) = (st(0), st(1));
+    Ok(Summary {
+        dropped: d0 + d1,
+        duplicated: u0 + u1,
+        delayed: l0 + l1,
+        ..r
+    })
+}
+
+async fn run_schedule(
+    seed: u64,
+    cloud: &mut Cloud,
+    edges: &mut [Edge],
+    proxies: &[UdpProxy; 2],
+) -> Result<Summary> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let eps = Arc::new(Endpoints::default());
+    eps.set(0, Some(edges[0].addr));
+    eps.set(1, Some(edges[1].addr));
+    eps.set(2, Some(cloud.addr));
+    let rec: Rec = Arc::new(Mutex::new(Recorder {
+        deliveries: vec![Vec::new(); SUBSCRIBERS],
+        ..Recorder::default()
+    }));
+    let stop_writers = Arc::new(AtomicBool::new(false));
+    let stop_subs = Arc::new(AtomicBool::new(false));
+    let mut subs = Vec::new();
+    for j in 0..SUBSCRIBERS {
+        subs.push(tokio::spawn(subscriber(
+            j,
+            seed,
+            eps.clone(),
+            rec.clone(),
+            stop_subs.clone(),
+        )));
+    }
+    let mut writers = Vec::new();
+    for i in 0..WRITERS {
+        writers.push(tokio::spawn(writer(
+            i,
+            seed,
+            eps.clone(),
+            rec.clone(),
+            stop_writers.clone(),
+        )));
+    }
+
+    // The schedule: a seeded mix of link faults, partitions and crashes.
+    let mut actions = Vec::new();
+    let steps = rng.random_range(8..=14);
+    for _ in 0..steps {
+        let x = rng.random_range(0..2usize);
+        let name = ["a", "b"][x];
+        match rng.random_range(0..10u32) {
+            0..=2 => {
+                let f = Faults {
+                    drop: rng.random_range(0.0..0.3),
+                    dup: rng.random_range(0.0..0.2),
+                    delay_ms: rng.random_range(0..40),
+                    cut: false,
+                };
+                proxies[x].set(f);
+                actions.push(format!("lossy-{name}"));
+            }
+            3..=4 => {
+                proxies[x].cut();
+                actions.push(format!("cut-{name}"));
+            }
+            5 => {
+                proxies[x].heal();
+                actions.push(format!("heal-{name}"));
+            }
+            6..=7 => {
+                edges[x].kill9();
+                eps.set(x, None);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
+                tokio::task::block_in_place(|| edges[x].restart())
+                    .with_context(|| format!("restarting edge {name}"))?;
+                eps.set(x, Some(edges[x].addr));
+                actions.push(format!("kill-{name}"));
+            }
+            8 => {
+                cloud.kill9();
+                eps.set(2, None);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
+                tokio::task::block_in_place(|| cloud.restart()).context("restarting the cloud")?;
+                eps.set(2, Some(cloud.addr));
+                actions.push("kill-cloud".to_owned());
+            }
+            _ => actions.push("calm".to_owned()),
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
+    }
+
+    let r = check(
+        seed,
+        eps,
+        rec,
+        stop_subs,
+        (stop_writers, writers),
+        subs,
+        proxies,
+    )
+    .await;
+    r.map(|mut s| {
+        s.actions = actions.clone();
+        s
+    })
+    .with_context(|| format!("after actions {}", actions.join(" ")))
+}
+
+async fn check(
+    seed: u64,
+    eps: Arc<Endpoints>,
+    rec: Rec,
+    stop_subs: Arc<AtomicBool>,
+    (stop_writers, writers): (Arc<AtomicBool>, Vec<tokio::task::JoinHandle<()>>),
+    subs: Vec<tokio::task::JoinHandle<()>>,
+    proxies: &[UdpProxy; 2],
+) -> Result<Summary> {
+    // Heal everything and let the writers finish.
+    for p in proxies {
+        p.heal();
+    }
+    stop_writers.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await?;
+    }
+
+    // Make every endpoint hold every channel (an edge answers reads only for channels
+    // it holds), then wait for the replicas to converge.
+    // Holders read (and drop) everything, or the edge would rightly close them as slow
+    // consumers when a channel's history arrives in a burst.
+    let stop_holders = Arc::new(AtomicBool::new(false));
+    let mut holders = Vec::new();
+    for i in 0..3 {
+        let (eps, stop) = (eps.clone(), stop_holders.clone());
+        holders.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(mut ws) = connect(&eps, i).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                for (k, ch) in CHANNELS.iter().enumerate() {
+                    let req = json!({"type": "subscribe", "id": 2000 + k, "channel": ch});
+                    let _ = ws.send(req).await;
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    match tokio::time::timeout(
+                        Duration::from_millis(200),
+                        ws.recv_within(Duration::from_secs(3600)),
+                    )
+                    .await
+                    {
+                        Err(_) | Ok(Ok(_)) => {}
+                        Ok(Err(_)) => break,
+                    }
+                }
+            }
+        }));
+    }
+    let http = reqwest::Client::new();
+    let (acked, attempted): (HashMap<String, String>, HashMap<String, (String, Option<String>)>) = {
+        let r = lock(&rec);
+        (r.acked.clone(), r.attempted.clone())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let histories: BTreeMap<&str, Vec<Value>> = loop {
+        let mut problem = None;
+        let mut out = BTreeMap::new();
+        'check: for ch in CHANNELS {
+            let mut sets = Vec::new();
+            for i in 0..3 {
+                let addr = eps.get(i).context("endpoint down")?;
+                // Transient while an edge waits for its link to return with the
+                // base of a channel it evicted and opened again.
+                let ops = match full_history(&http, addr, ch).await {
+                    Ok(ops) => ops,
+                    Err(e) => {
+                        problem = Some(format!("endpoint {i}: {e:#}"));
+                        break 'check;
+                    }
+                };
+                // dot -> writer tag: the same dot must carry the same write everywhere.
+                let dots: BTreeMap<String, Option<String>> = ops
+                    .iter()
+                    .filter_map(|o| o["dot"].as_str().map(|d| (d.to_owned(), tag_of(o))))
+                    .collect();
+                let missing: Vec<&String> = acked
+                    .iter()
+                    .filter(|(t, d)| {
+                        attempted[*t].0 == ch && dots.get(*d) != Some(&Some((*t).clone()))
+                    })
+                    .map(|(_, d)| d)
+                    .collect();
+                if !missing.is_empty() {
+                    let p = problem.get_or_insert_with(String::new);
+                    p.push_str(&format!(
+                        "endpoint {i} lacks {} acknowledged ops of {ch} (or holds another write at their dot), e.g. {:?}; ",
+                        missing.len(),
+                        &missing[..missing.len().min(5)]
+                    ));
+                    continue;
+                }
+                if i == 0 {
+                    out.insert(ch, ops);
+                }
+                sets.push(dots);
+            }
+            if problem.is_some() {
+                break;
+            }
+            if sets[0] != sets[1] || sets[0] != sets[2] {
+                let differing: Vec<&String> = sets
+                    .iter()
+                    .flat_map(|m| m.keys())
+                    .filter(|d| !(sets[0].get(*d) == sets[1].get(*d) && sets[0].get(*d) == sets[2].get(*d)))
+                    .take(5)
+                    .collect();
+                let show: Vec<String> = differing
+                    .iter()
+                    .map(|d| format!("{d}: {:?} / {:?} / {:?}", sets[0].get(*d), sets[1].get(*d), sets[2].get(*d)))
+                    .collect();
+                problem = Some(format!(
+                    "replicas differ on {ch}: {} / {} / {} ops (A, B, cloud), e.g. {show:?}",
+                    sets[0].len(),
+                    sets[1].len(),
+                    sets[2].len()
+                ));
+                break;
+            }
+        }
+        match problem {
+            None => break out,
+            Some(p) if Instant::now() > deadline => bail!("no convergence within 60 s: {p}"),
+            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+
+    // Identical state on every replica, and every value is a write that was sent.
+    let mut final_states = BTreeMap::new();
+    for ch in CHANNELS {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut states = Vec::new();
+            for i in 0..3 {
+                states.push(state(&http, eps.get(i).context("endpoint down")?, ch).await?);
+            }
+            if states[0] == states[1] && states[0] == states[2] {
+                final_states.insert(ch, states.swap_remove(0));
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "state of {ch} differs between replicas:\n{}",
+                state_diff(&states)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // Nothing stored that was not sent; nothing applied twice; acks name the stored dot.
+    let mut stored_tags: HashMap<String, String> = HashMap::new();
+    for (ch, ops) in &histories {
+        for op in ops {
+            let dot = op["dot"].as_str().unwrap_or_default().to_owned();
+            let Some(tag) = tag_of(op) else {
+                bail!("{ch}: stored op {op} carries no writer tag");
+            };
+            ensure!(
+                attempted.get(&tag).is_some_and(|(c, _)| c == ch),
+                "{ch}: stored op {dot} ({tag}) was never sent to {ch}"
+            );
+            if let Some(prev) = stored_tags.insert(tag.clone(), dot.clone()) {
+                bail!("write {tag} was applied twice: {prev} and {dot}");
+            }
+            if let Some(a) = acked.get(&tag) {
+                ensure!(a == &dot, "write {tag} was acked as {a} but stored as {dot}");
+            }
+        }
+    }
+
+    // Every subscriber catches up, then must have seen exactly the history per origin.
+    let expected: BTreeMap<&str, BTreeMap<String, Vec<u64>>> = histories
+        .iter()
+        .map(|(ch, ops)| {
+            let mut m = by_origin(ops.iter().filter_map(|o| o["dot"].as_str()));
+            for v in m.values_mut() {
+                v.sort_unstable();
+            }
+            (*ch, m)
+        })
+        .collect();
+    let total: usize = histories.values().map(Vec::len).sum();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (behind, errors): (Vec<(usize, usize, usize)>, _) = {
+            let r = lock(&rec);
+            let b = r
+                .deliveries
+                .iter()
+                .enumerate()
+                .map(|(j, d)| {
+                    let per = |ch: &str| {
+                        d.iter()
+                            .filter(|x| x.channel == ch)
+                            .map(|x| &x.dot)
+                            .collect::<BTreeSet<_>>()
+                            .len()
+                    };
+                    (j, per(CHANNELS[0]), per(CHANNELS[1]))
+                })
+                .filter(|(_, a, b)| a + b < total)
+                .collect();
+            (b, r.errors.clone())
+        };
+        if behind.is_empty() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "subscribers did not catch up within 30 s (subscriber, distinct ops seen per channel; history: {:?}): {behind:?}; error replies {errors:?}",
+            histories.values().map(Vec::len).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_subs.store(true, Ordering::Relaxed);
+    for s in subs {
+        s.await?;
+    }
+    stop_holders.store(true, Ordering::Relaxed);
+    for h in holders {
+        h.await?;
+    }
+    let r = lock(&rec);
+    let mut deliveries = 0;
+    for (j, ds) in r.deliveries.iter().enumerate() {
+        deliveries += ds.len();
+        for d in ds {
+            let Some(tag) = &d.tag else {
+                bail!("subscriber {j} got an op without a writer tag: {d:?}");
+            };
+            ensure!(
+                stored_tags.get(tag) == Some(&d.dot),
+                "subscriber {j} got {tag} as {} which the history does not hold",
+                d.dot
+            );
+        }
+        for ch in CHANNELS {
+            let got = by_origin(ds.iter().filter(|d| d.channel == ch).map(|d| d.dot.as_str()));
+            let want = &expected[ch];
+            for (origin, seqs) in want {
+                let g = got.get(origin).cloned().unwrap_or_default();
+                if &g != seqs {
+                    let first = g
+                        .iter()
+                        .zip(seqs.iter())
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(g.len().min(seqs.len()));
+                    bail!(
+                        "subscriber {j} on {ch} from origin {origin}: saw {} ops, history has {}; first difference at position {first}: saw {:?}, history {:?}",
+                        g.len(),
+                        seqs.len(),
+                        &g[first.saturating_sub(2)..(first + 3).min(g.len())],
+                        &seqs[first.saturating_sub(2)..(first + 3).min(seqs.len())]
+                    );
+                }
+            }
+            ensure!(
+                got.keys().all(|o| want.contains_key(o)),
+                "subscriber {j} on {ch} saw an origin the history does not have"
+            );
+        }
+    }
+    if !r.errors.is_empty() {
+        eprintln!("seed={seed}: error replies {:?}", r.errors);
+    }
+    Ok(Summary {
+        actions: Vec::new(),
+        acked: acked.len(),
+        attempted: attempted.len(),
+        deliveries,
+        dropped: 0,
+        duplicated: 0,
+        delayed: 0,
+    })
+}
