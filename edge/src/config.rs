@@ -114,6 +114,11 @@ pub struct LimitsConfig {
     pub send_queue: usize,
     /// A connection with no traffic for this long is closed.
     pub idle_timeout_secs: u64,
+    /// Open HTTP sockets (before any WebSocket upgrade); more are accepted and closed
+    /// at once, so a flood cannot take the descriptors the edge needs.
+    pub max_sockets: usize,
+    /// A connection must send a request's headers within this time (slowloris).
+    pub header_timeout_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -127,6 +132,8 @@ impl Default for LimitsConfig {
             publish_burst: 400,
             send_queue: 1024,
             idle_timeout_secs: 90,
+            max_sockets: 19_000,
+            header_timeout_secs: 10,
         }
     }
 }
@@ -310,6 +317,15 @@ impl Default for CacheConfig {
     }
 }
 
+/// Test-only endpoints (`[testing]`), off by default and never for production.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingConfig {
+    /// Serve `GET /v1/test/echo`: a WebSocket that echoes every message, on the same
+    /// WebSocket stack as `/v1/ws` (the Autobahn conformance run drives it).
+    pub websocket_echo: bool,
+}
+
 /// The whole edge configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -337,6 +353,7 @@ pub struct EdgeConfig {
     pub uplink: Option<UplinkConfig>,
     /// Cloud only: the QUIC endpoint edges connect to.
     pub hub: Option<HubConfig>,
+    pub testing: TestingConfig,
 }
 
 /// The cloud reads the same configuration, with `[hub]` instead of `[uplink]`.
@@ -360,6 +377,7 @@ impl Default for EdgeConfig {
             cache: CacheConfig::default(),
             uplink: None,
             hub: None,
+            testing: TestingConfig::default(),
         }
     }
 }
@@ -513,6 +531,12 @@ impl EdgeConfig {
                 "limits.max_subscriptions_per_connection",
                 "must be at least 1",
             );
+        }
+        if l.max_sockets == 0 {
+            bad("limits.max_sockets", "must be at least 1");
+        }
+        if l.header_timeout_secs == 0 {
+            bad("limits.header_timeout_secs", "must be at least 1");
         }
         if l.max_connections == 0 {
             bad("limits.max_connections", "must be at least 1");
@@ -725,6 +749,8 @@ publish_rate_per_sec = 200
 publish_burst = 400
 send_queue = 1024
 idle_timeout_secs = 90
+max_sockets = 19000            # open HTTP sockets (REST, SSE, before upgrade); extra ones are closed
+header_timeout_secs = 10       # request headers must arrive within this (slowloris)
 
 [history.default]
 max_ops = 10000

@@ -12,11 +12,11 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod gateway;
+pub mod http;
 pub mod hub;
 pub mod link;
 pub mod storage;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,17 +96,14 @@ pub async fn serve_with(
 ) -> Result<(), RunError> {
     let state = running.state.clone();
     let shutdown = state.shutdown.clone();
-    let app = extra
-        .merge(gateway::router(state.clone()))
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let app = extra.merge(gateway::router(state.clone()));
     let grace = Duration::from_millis(state.cfg.shutdown_grace_ms);
-    let stop = shutdown.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            stop.cancelled().await;
-            // Connections see the token and close themselves with 4101.
-        })
-        .await?;
+    let limits = http::HttpLimits {
+        max_sockets: state.cfg.limits.max_sockets,
+        header_timeout: Duration::from_secs(state.cfg.limits.header_timeout_secs),
+    };
+    // WebSocket connections see the token and close themselves with 4101.
+    http::serve(listener, app, limits, shutdown, grace).await;
     // Give connection tasks a moment to send their close frames, then make sure
     // everything acknowledged is on disk.
     tokio::time::sleep(grace.min(Duration::from_millis(200))).await;

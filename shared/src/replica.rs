@@ -176,7 +176,11 @@ impl ChannelReplica {
         log: Vec<Op>,
     ) -> (Vec<(String, Register)>, Vec<Op>, Vec<Op>) {
         let have: std::collections::HashSet<Dot> = self.log.iter().map(|op| op.dot).collect();
-        let fresh: Vec<Op> = log.iter().filter(|op| !have.contains(&op.dot)).cloned().collect();
+        let fresh: Vec<Op> = log
+            .iter()
+            .filter(|op| !have.contains(&op.dot))
+            .cloned()
+            .collect();
         let ours: Vec<Op> = self
             .log
             .drain(..)

@@ -330,7 +330,10 @@ impl Sim {
                 if node.evict(&c) {
                     self.report.evictions += 1;
                     // The edge forgets what it delivered there, except its own dots.
-                    let own = self.nodes[e].delivered.get(&c).map_or(0, |v| v.get(self.nodes[e].id));
+                    let own = self.nodes[e]
+                        .delivered
+                        .get(&c)
+                        .map_or(0, |v| v.get(self.nodes[e].id));
                     let mut fresh = VersionVector::new();
                     fresh.raise(self.nodes[e].id, own);
                     self.nodes[e].delivered.insert(c.clone(), fresh);
@@ -731,7 +734,17 @@ impl Sim {
                     "node {i} still has {} unacked ops: {:?}",
                     node.outbox_len(),
                     node.channels()
-                        .map(|c| (c.channel().to_string(), node.acked(c.channel()), c.vv().clone(), c.floor().clone(), self.nodes[0].node.as_ref().and_then(|n| n.channel(c.channel())).map(|r| r.vv().clone())))
+                        .map(|c| (
+                            c.channel().to_string(),
+                            node.acked(c.channel()),
+                            c.vv().clone(),
+                            c.floor().clone(),
+                            self.nodes[0]
+                                .node
+                                .as_ref()
+                                .and_then(|n| n.channel(c.channel()))
+                                .map(|r| r.vv().clone())
+                        ))
                         .collect::<Vec<_>>()
                 )),
                 Some(_) => {}

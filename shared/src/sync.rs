@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::hlc::{Hlc, HlcClock};
 use crate::ids::{ChannelName, Dot, ReplicaId};
 use crate::op::{Ephemeral, Op};
-use crate::replica::{Snapshot, 
-    Applied, ChannelReplica, LocalOutcome, LocalWrite, ReplicaConfig, ReplicaError,
+use crate::replica::{
+    Applied, ChannelReplica, LocalOutcome, LocalWrite, ReplicaConfig, ReplicaError, Snapshot,
 };
 use crate::state::{Conflict, Register};
 use crate::vv::VersionVector;
@@ -404,7 +404,8 @@ impl Node {
 
     fn chan(&mut self, name: &ChannelName) -> &mut Chan {
         if !self.channels.contains_key(name) {
-            let mut replica = ChannelReplica::new(name.clone(), self.me, self.config.replica.clone());
+            let mut replica =
+                ChannelReplica::new(name.clone(), self.me, self.config.replica.clone());
             let own = self.retired.get(name).copied().unwrap_or(0);
             if own > 0 {
                 // This node wrote here before it evicted the channel: its next dot
@@ -438,7 +439,13 @@ impl Node {
 
     /// Installs the upstream's base under a channel this edge re-opened after evicting
     /// it, rewriting the stored log in the new order.
-    fn rebase(&mut self, channel: ChannelName, snap: &Snapshot, floor: &VersionVector, log: Vec<Op>) {
+    fn rebase(
+        &mut self,
+        channel: ChannelName,
+        snap: &Snapshot,
+        floor: &VersionVector,
+        log: Vec<Op>,
+    ) {
         let c = self.chan(&channel);
         c.rebase = false;
         let old: Vec<Dot> = c.replica.log().map(|op| op.dot).collect();
@@ -446,7 +453,10 @@ impl Node {
         // edge's own earlier ops were behind its floor): deliver only what it lacked.
         let before = c.replica.vv().clone();
         let (changed, fresh, new_log) = c.replica.rebase(snap, floor, log);
-        let fresh: Vec<Op> = fresh.into_iter().filter(|op| !before.covers(op.dot)).collect();
+        let fresh: Vec<Op> = fresh
+            .into_iter()
+            .filter(|op| !before.covers(op.dot))
+            .collect();
         let floor = c.replica.floor().clone();
         self.retired.remove(&channel);
         let ch = || channel.clone();
@@ -455,7 +465,8 @@ impl Node {
             dots: old,
         }));
         for op in new_log {
-            self.out.push_back(Output::Persist(Persist::Op { channel: ch(), op }));
+            self.out
+                .push_back(Output::Persist(Persist::Op { channel: ch(), op }));
         }
         for (key, register) in &changed {
             self.out.push_back(Output::Persist(Persist::Register {
@@ -468,7 +479,8 @@ impl Node {
             channel: ch(),
             floor: floor.clone(),
         }));
-        self.out.push_back(Output::Persist(Persist::Rebased { channel: ch() }));
+        self.out
+            .push_back(Output::Persist(Persist::Rebased { channel: ch() }));
         // Subscribers jump over what only the snapshot holds (below the upstream's
         // floor), then get the upstream's retained ops in order.
         let mut jump = before;
@@ -699,11 +711,12 @@ impl Node {
                     let snapshot = r.snapshot();
                     // The log rides along when it fits comfortably in one frame;
                     // otherwise the peer's history starts at the snapshot.
-                    let (floor, log) = if r.approx_bytes() < (crate::wire::DEFAULT_MAX_FRAME / 4) as u64 {
-                        (r.floor().clone(), r.log().cloned().collect())
-                    } else {
-                        (snapshot.vv.clone(), Vec::new())
-                    };
+                    let (floor, log) =
+                        if r.approx_bytes() < (crate::wire::DEFAULT_MAX_FRAME / 4) as u64 {
+                            (r.floor().clone(), r.log().cloned().collect())
+                        } else {
+                            (snapshot.vv.clone(), Vec::new())
+                        };
                     let mut after = vv.clone();
                     after.merge(&snapshot.vv);
                     self.send(
@@ -741,7 +754,8 @@ impl Node {
                 floor,
                 log,
             } => {
-                if self.role != Role::Edge || !self.channels.get(&channel).is_some_and(|c| c.rebase) {
+                if self.role != Role::Edge || !self.channels.get(&channel).is_some_and(|c| c.rebase)
+                {
                     return;
                 }
                 self.rebase(channel, &snapshot, &floor, log);

@@ -96,6 +96,27 @@ impl Edge {
         Self::spawn(dir, config)
     }
 
+    /// Like [`Edge::start`], with the process limited to `nofile` open files
+    /// (through util-linux `prlimit`).
+    pub fn start_with_nofile(dir: &Path, extra: &str, nofile: u64) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("edge.toml");
+        std::fs::write(&config, merge_toml(&base_config(&dir.join("data")), extra)?)?;
+        let (child, lines) = spawn_proc_in(
+            "outpost-edge",
+            dir,
+            &config,
+            &["outpost-edge listening on http://"],
+            Some(nofile),
+        )?;
+        Ok(Self {
+            child: Some(child),
+            addr: lines[0].parse()?,
+            dir: dir.to_owned(),
+            config,
+        })
+    }
+
     fn spawn(dir: &Path, config: PathBuf) -> Result<Self> {
         let (child, lines) = spawn_proc(
             "outpost-edge",
@@ -177,12 +198,30 @@ fn spawn_proc(
     config: &Path,
     wait_for: &[&str],
 ) -> Result<(Child, Vec<String>)> {
+    spawn_proc_in(name, dir, config, wait_for, None)
+}
+
+fn spawn_proc_in(
+    name: &str,
+    dir: &Path,
+    config: &Path,
+    wait_for: &[&str],
+    nofile: Option<u64>,
+) -> Result<(Child, Vec<String>)> {
     let log_path = dir.join(format!("{name}.log"));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)?;
-    let mut child = Command::new(bin(name)?)
+    let mut cmd = match nofile {
+        Some(n) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin(name)?);
+            c
+        }
+        None => Command::new(bin(name)?),
+    };
+    let mut child = cmd
         .arg("--config")
         .arg(config)
         .env(

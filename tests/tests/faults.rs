@@ -291,7 +291,11 @@ async fn subscriber(j: usize, seed: u64, eps: Arc<Endpoints>, rec: Rec, stop: Ar
 }
 
 /// Every op of `channel` at `addr`, following pages.
-async fn full_history(http: &reqwest::Client, addr: SocketAddr, channel: &str) -> Result<Vec<Value>> {
+async fn full_history(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    channel: &str,
+) -> Result<Vec<Value>> {
     let mut ops = Vec::new();
     let mut since: Option<String> = None;
     loop {
@@ -321,7 +325,9 @@ async fn full_history(http: &reqwest::Client, addr: SocketAddr, channel: &str) -
 
 async fn state(http: &reqwest::Client, addr: SocketAddr, channel: &str) -> Result<Value> {
     Ok(http
-        .get(format!("http://{addr}/v1/channels/{channel}/state?siblings=true"))
+        .get(format!(
+            "http://{addr}/v1/channels/{channel}/state?siblings=true"
+        ))
         .bearer_auth(admin_token())
         .timeout(Duration::from_secs(5))
         .send()
@@ -601,7 +607,10 @@ async fn check(
         }));
     }
     let http = reqwest::Client::new();
-    let (acked, attempted): (HashMap<String, String>, HashMap<String, (String, Option<String>)>) = {
+    let (acked, attempted): (
+        HashMap<String, String>,
+        HashMap<String, (String, Option<String>)>,
+    ) = {
         let r = lock(&rec);
         (r.acked.clone(), r.attempted.clone())
     };
@@ -655,12 +664,21 @@ async fn check(
                 let differing: Vec<&String> = sets
                     .iter()
                     .flat_map(|m| m.keys())
-                    .filter(|d| !(sets[0].get(*d) == sets[1].get(*d) && sets[0].get(*d) == sets[2].get(*d)))
+                    .filter(|d| {
+                        !(sets[0].get(*d) == sets[1].get(*d) && sets[0].get(*d) == sets[2].get(*d))
+                    })
                     .take(5)
                     .collect();
                 let show: Vec<String> = differing
                     .iter()
-                    .map(|d| format!("{d}: {:?} / {:?} / {:?}", sets[0].get(*d), sets[1].get(*d), sets[2].get(*d)))
+                    .map(|d| {
+                        format!(
+                            "{d}: {:?} / {:?} / {:?}",
+                            sets[0].get(*d),
+                            sets[1].get(*d),
+                            sets[2].get(*d)
+                        )
+                    })
                     .collect();
                 problem = Some(format!(
                     "replicas differ on {ch}: {} / {} / {} ops (A, B, cloud), e.g. {show:?}",
@@ -716,7 +734,10 @@ async fn check(
                 bail!("write {tag} was applied twice: {prev} and {dot}");
             }
             if let Some(a) = acked.get(&tag) {
-                ensure!(a == &dot, "write {tag} was acked as {a} but stored as {dot}");
+                ensure!(
+                    a == &dot,
+                    "write {tag} was acked as {a} but stored as {dot}"
+                );
             }
         }
     }
@@ -788,7 +809,11 @@ async fn check(
             );
         }
         for ch in CHANNELS {
-            let got = by_origin(ds.iter().filter(|d| d.channel == ch).map(|d| d.dot.as_str()));
+            let got = by_origin(
+                ds.iter()
+                    .filter(|d| d.channel == ch)
+                    .map(|d| d.dot.as_str()),
+            );
             let want = &expected[ch];
             for (origin, seqs) in want {
                 let g = got.get(origin).cloned().unwrap_or_default();

@@ -260,7 +260,7 @@ pub fn now_secs() -> u64 {
 /// The whole client-facing router.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.cfg.limits.max_message_bytes;
-    Router::new()
+    let r = Router::new()
         .route("/v1/ws", get(ws::upgrade))
         .route(
             "/v1/channels/{channel}/events",
@@ -278,8 +278,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .route("/metrics", get(rest::metrics))
-        .route("/", get(rest::index))
-        .fallback(rest::not_found)
+        .route("/", get(rest::index));
+    let r = if state.cfg.testing.websocket_echo {
+        r.route("/v1/test/echo", get(ws::echo))
+    } else {
+        r
+    };
+    r.fallback(rest::not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

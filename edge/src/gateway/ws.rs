@@ -62,6 +62,39 @@ pub async fn upgrade(
         })
 }
 
+/// `GET /v1/test/echo` (only with `[testing] websocket_echo`): echoes every text and
+/// binary message on the production WebSocket stack and limits, for the Autobahn
+/// conformance cases.
+pub async fn echo(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let slot = match state.conns.try_acquire(addr.ip()) {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    let max = state.cfg.limits.max_message_bytes;
+    ws.read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(max * 4 + 4096)
+        .max_frame_size(max * 4 + 4096)
+        .on_upgrade(move |mut socket| async move {
+            let _slot = slot;
+            while let Some(Ok(m)) = socket.recv().await {
+                let reply = match m {
+                    Message::Text(_) | Message::Binary(_) => m,
+                    // tungstenite answers pings and completes the closing handshake
+                    // itself; reading on until the stream ends lets it do so.
+                    Message::Close(_) | Message::Ping(_) | Message::Pong(_) => continue,
+                };
+                if socket.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        })
+}
+
 type Ack = Pin<Box<dyn Future<Output = ServerMsg> + Send>>;
 
 struct Conn {

@@ -1,0 +1,103 @@
+//! The gateway's HTTP accept loop. `axum::serve` sets no header-read timeout and no
+//! cap on open sockets, so a slowloris client or a connection flood could hold file
+//! descriptors forever. This loop (hyper's HTTP/1 server with upgrades):
+//!
+//! - closes a connection that has not sent a request's headers within
+//!   `limits.header_timeout_secs` (slowloris);
+//! - accepts and immediately closes sockets beyond `limits.max_sockets` (counted until
+//!   a WebSocket upgrade, after which `max_connections` applies), so the process keeps
+//!   descriptors for storage, the uplink and its clients;
+//! - backs off when `accept` fails (out of descriptors) instead of spinning, and
+//!   keeps serving the connections it has.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+
+/// Socket-level limits of the accept loop.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpLimits {
+    pub max_sockets: usize,
+    pub header_timeout: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets open requests finish for at
+/// most `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let max = limits.max_sockets.clamp(1, u32::MAX as usize);
+    let open = Arc::new(Semaphore::new(max));
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, addr) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Most likely out of file descriptors (EMFILE): wait for some to free
+                // up; the connections already open keep working.
+                metrics::counter!("outpost_accept_errors_total").increment(1);
+                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    last_warn = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            metrics::counter!("outpost_sockets_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let svc = service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
+            let mut app = app.clone();
+            async move { app.call(req).await }
+        });
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::trace!(peer = %addr, error = %e, "connection ended");
+                    }
+                }
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Wait for open HTTP requests to finish (WebSockets close themselves on shutdown).
+    let _ = tokio::time::timeout(grace, open.acquire_many(max as u32)).await;
+}
