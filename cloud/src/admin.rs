@@ -31,10 +31,9 @@ const REVOKED_KEY: &str = "revoked_edges";
 impl Revocations {
     pub fn load(core: &Core) -> Self {
         let names = core
-            .storage
-            .meta(REVOKED_KEY)
+            .storage()
             .ok()
-            .flatten()
+            .and_then(|s| s.meta(REVOKED_KEY).ok().flatten())
             .and_then(|v| serde_json::from_slice(&v).ok())
             .unwrap_or_default();
         Self {
@@ -52,7 +51,8 @@ impl Revocations {
             g.insert(name.to_owned());
             serde_json::to_vec(&*g).unwrap_or_default()
         };
-        core.storage
+        core.storage()
+            .map_err(|e| ApiError::new(ErrorCode::StorageUnavailable, e.to_string()))?
             .set_meta(REVOKED_KEY, &bytes)
             .map_err(|e| ApiError::new(ErrorCode::StorageUnavailable, e.to_string()))
     }
@@ -121,8 +121,9 @@ fn snapshot(a: &Admin) -> serde_json::Value {
     let conflicts = a
         .state
         .core
-        .storage
-        .conflicts(None, 0, u64::MAX, 10_000)
+        .storage()
+        .ok()
+        .and_then(|s| s.conflicts(None, 0, u64::MAX, 10_000).ok())
         .unwrap_or_default();
     let conflicts: Vec<serde_json::Value> = conflicts[conflicts.len().saturating_sub(20)..]
         .iter()
@@ -264,7 +265,8 @@ async fn conflicts(
     let recs = a
         .state
         .core
-        .storage
+        .storage()
+        .map_err(|e| ApiError::new(ErrorCode::StorageUnavailable, e.to_string()))?
         .conflicts(
             ch.as_ref(),
             q.from_ms,

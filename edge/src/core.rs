@@ -166,7 +166,13 @@ impl PeerRouter {
 /// The edge's (or cloud's) replica with its storage and subscribers.
 pub struct Core {
     inner: Mutex<Inner>,
-    pub storage: Storage,
+    /// The open database; `None` while it is being reopened after a failure.
+    storage: std::sync::RwLock<Option<Arc<Storage>>>,
+    /// Where storage lives and its cache size, to reopen it.
+    storage_at: (std::path::PathBuf, u64),
+    /// A write or flush failed (disk full, I/O error): the storage must be reopened.
+    storage_broken: std::sync::atomic::AtomicBool,
+    storage_repair: Notify,
     pub hub: Hub,
     pub id: ReplicaId,
     durability: Durability,
@@ -237,13 +243,16 @@ impl Core {
             .collect();
         let node = Node::restore(id, role, sync_cfg.clone(), channels, retired, now_ms());
         Ok(Arc::new(Self {
+            storage: std::sync::RwLock::new(Some(Arc::new(storage))),
+            storage_at: (cfg.data_dir.clone(), cfg.storage.cache_mb),
+            storage_broken: std::sync::atomic::AtomicBool::new(false),
+            storage_repair: Notify::new(),
             inner: Mutex::new(Inner {
                 node,
                 written: 0,
                 post: VecDeque::new(),
                 last_used,
             }),
-            storage,
             hub,
             id,
             durability: cfg.storage.durability,
@@ -258,6 +267,84 @@ impl Core {
         }))
     }
 
+    /// The storage, unless it is being reopened after a failure.
+    pub fn storage(&self) -> Result<Arc<Storage>, CoreError> {
+        self.storage
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| CoreError::Storage("reopening after a storage failure".into()))
+    }
+
+    /// A write or flush failed: from now on the storage is reopened in the background
+    /// until it works again (space returned); writes get `storage_unavailable` meanwhile.
+    fn storage_failed(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.storage_broken.swap(true, Ordering::SeqCst) {
+            metrics::gauge!("outpost_storage_broken").set(1.0);
+            tracing::error!("storage failed: refusing writes and reopening it until it works");
+        }
+        self.storage_repair.notify_one();
+    }
+
+    /// Reopens storage after a failure, once a test write can be flushed, and rebuilds
+    /// the node from what is durable.
+    async fn storage_repairer(self: Arc<Self>, shutdown: CancellationToken) {
+        use std::sync::atomic::Ordering;
+        loop {
+            tokio::select! {
+                _ = self.storage_repair.notified() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            while self.storage_broken.load(Ordering::SeqCst) {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let old = self
+                    .storage
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(old) = old {
+                    // sled keeps an error once it has one; a fresh handle needs the old
+                    // one gone (calls in flight hold clones for a moment).
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    drop(old);
+                }
+                let (dir, cache_mb) = &self.storage_at;
+                let fresh = match Storage::open(dir, *cache_mb) {
+                    Ok(s) => Arc::new(s),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "storage still cannot be opened");
+                        continue;
+                    }
+                };
+                let probe = async {
+                    fresh.set_meta("probe", &[0u8; 4096])?;
+                    fresh.flush().await
+                };
+                if let Err(e) = probe.await {
+                    tracing::warn!(error = %e, "storage still cannot be written");
+                    // Keep the handle: the next round drops and reopens it.
+                    *self.storage.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
+                    continue;
+                }
+                *self.storage.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
+                {
+                    let mut g = self.lock();
+                    self.reload(&mut g);
+                }
+                self.storage_broken.store(false, Ordering::SeqCst);
+                metrics::gauge!("outpost_storage_broken").set(0.0);
+                tracing::info!("storage reopened: accepting writes again");
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -267,6 +354,9 @@ impl Core {
         let core = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move { core.flusher(stop).await });
+        let core = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { core.storage_repairer(stop).await });
         let core = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -552,8 +642,8 @@ impl Core {
         while let Some(out) = g.node.poll() {
             match out {
                 Output::Persist(p) => {
-                    if let Err(e) = self.storage.apply(&p) {
-                        result = Err(e.into());
+                    if let Err(e) = self.storage().and_then(|s| Ok(s.apply(&p)?)) {
+                        result = Err(e);
                         break;
                     }
                     dirty = true;
@@ -576,6 +666,7 @@ impl Core {
         if let Err(e) = result {
             // Memory may now be ahead of disk: rebuild the node from what storage has,
             // so nothing that is not stored is ever delivered or acknowledged.
+            self.storage_failed();
             self.reload(g);
             return Err(e);
         }
@@ -591,11 +682,14 @@ impl Core {
 
     fn reload(&self, g: &mut Inner) {
         g.post.clear();
-        match self.storage.load() {
+        let Ok(storage) = self.storage() else {
+            return;
+        };
+        match storage.load() {
             Ok(channels) => {
                 let role = g.node.role();
                 let cfg = self.sync_config.clone();
-                let retired = self.storage.retired().unwrap_or_default();
+                let retired = storage.retired().unwrap_or_default();
                 g.node = Node::restore(self.id, role, cfg, channels, retired, now_ms());
                 tracing::warn!("node rebuilt from storage after a storage failure");
             }
@@ -638,7 +732,7 @@ impl Core {
                     channel: channel.to_string(),
                     conflict,
                 };
-                if let Err(e) = self.storage.record_conflict(&rec) {
+                if let Err(e) = self.storage().and_then(|s| Ok(s.record_conflict(&rec)?)) {
                     tracing::warn!(error = %e, "cannot record a conflict");
                 }
             }
@@ -692,7 +786,9 @@ impl Core {
                 tokio::select! {
                     _ = self.flush_wake.notified() => {}
                     _ = shutdown.cancelled() => {
-                        let _ = self.storage.flush().await;
+                        if let Ok(s) = self.storage() {
+                            let _ = s.flush().await;
+                        }
                         return;
                     }
                 }
@@ -702,7 +798,10 @@ impl Core {
             }
             let target = self.lock().written;
             let started = Instant::now();
-            let res = self.storage.flush().await;
+            let res = match self.storage() {
+                Ok(s) => s.flush().await.map_err(CoreError::from),
+                Err(e) => Err(e),
+            };
             metrics::histogram!("outpost_flush_seconds").record(started.elapsed().as_secs_f64());
             match res {
                 Ok(_) => {
@@ -716,13 +815,17 @@ impl Core {
                 Err(e) => {
                     tracing::error!(error = %e, "flush failed");
                     metrics::counter!("outpost_flush_failures_total").increment(1);
+                    self.storage_failed();
                     {
                         let mut g = self.lock();
                         // Outputs of the failed generations are dropped, never delivered.
                         g.post.retain(|(gen, _)| *gen > target);
                         self.reload(&mut g);
                     }
-                    let reason = e.to_string();
+                    let reason = match e {
+                        CoreError::Storage(m) => m,
+                        other => other.to_string(),
+                    };
                     self.flushed
                         .send_modify(|s| s.failed = Some((target, reason.clone())));
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -109,7 +109,8 @@ pub async fn serve_with(
     tokio::time::sleep(grace.min(Duration::from_millis(200))).await;
     running
         .core
-        .storage
+        .storage()
+        .map_err(RunError::Core)?
         .flush()
         .await
         .map_err(|e| RunError::Core(e.into()))?;

@@ -369,7 +369,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .with_node(|n| (n.channels().count(), n.outbox_len()));
     metrics::gauge!("outpost_channels").set(channels as f64);
     metrics::gauge!("outpost_outbox_ops").set(outbox as f64);
-    metrics::gauge!("outpost_storage_bytes").set(state.core.storage.size_on_disk() as f64);
+    if let Ok(storage) = state.core.storage() {
+        metrics::gauge!("outpost_storage_bytes").set(storage.size_on_disk() as f64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
