@@ -142,6 +142,9 @@ struct SimNode {
     torn: Option<(ChannelName, String, Option<Register>)>,
     /// What this node's subscribers have been delivered, per channel.
     delivered: BTreeMap<ChannelName, VersionVector>,
+    /// Channels re-opened after an eviction: their first delivery from this node's own
+    /// origin may skip ahead (the subscriber was told its replay is truncated).
+    truncated_start: BTreeSet<ChannelName>,
     /// Channels this node's clients subscribe to (edge interest).
     subscribed: BTreeSet<ChannelName>,
     restart_at: Option<u64>,
@@ -216,6 +219,7 @@ impl Sim {
                 node: Some(Node::new(id, role, cfg.sync.clone(), 0)),
                 disk: BTreeMap::new(),
                 retired: BTreeMap::new(),
+                truncated_start: BTreeSet::new(),
                 torn: None,
                 delivered: BTreeMap::new(),
                 subscribed: BTreeSet::new(),
@@ -329,14 +333,10 @@ impl Sim {
             if let Some(node) = self.nodes[e].node.as_mut() {
                 if node.evict(&c) {
                     self.report.evictions += 1;
-                    // The edge forgets what it delivered there, except its own dots.
-                    let own = self.nodes[e]
-                        .delivered
-                        .get(&c)
-                        .map_or(0, |v| v.get(self.nodes[e].id));
-                    let mut fresh = VersionVector::new();
-                    fresh.raise(self.nodes[e].id, own);
-                    self.nodes[e].delivered.insert(c.clone(), fresh);
+                    // The edge forgets what it delivered there; the next subscriber
+                    // starts fresh and may be told its replay was truncated.
+                    self.nodes[e].delivered.remove(&c);
+                    self.nodes[e].truncated_start.insert(c.clone());
                     self.drain(e);
                 }
             }
@@ -447,10 +447,8 @@ impl Sim {
             .channels()
             .map(|c| (c.channel().clone(), c.vv().clone()))
             .collect();
-        // An evicted channel reopened later starts after this node's own last dot.
-        for (c, seq) in &n.retired {
-            n.delivered.entry(c.clone()).or_default().raise(n.id, *seq);
-        }
+        // A subscriber of an evicted channel reopened later may start after a gap.
+        n.truncated_start = n.retired.keys().cloned().collect();
         n.node = Some(node);
         if i == 0 {
             for e in 1..=self.cfg.edges {
@@ -681,7 +679,12 @@ impl Sim {
                 op.dot
             )),
         }
+        let me = self.nodes[i].id;
+        let truncated = op.dot.origin == me && self.nodes[i].truncated_start.remove(&channel);
         let seen = self.nodes[i].delivered.entry(channel.clone()).or_default();
+        if truncated && seen.get(me) < op.dot.seq {
+            seen.raise(me, op.dot.seq - 1);
+        }
         if !seen.is_next(op.dot) {
             self.violations.push(format!(
                 "node {i} delivered {:?} on {channel:?} after {} from that origin (gap or duplicate)",

@@ -446,16 +446,26 @@ impl Node {
         floor: &VersionVector,
         log: Vec<Op>,
     ) {
+        let me = self.me;
         let c = self.chan(&channel);
         c.rebase = false;
         let old: Vec<Dot> = c.replica.log().map(|op| op.dot).collect();
-        // Local subscribers were told their history starts at the old vector (this
-        // edge's own earlier ops were behind its floor): deliver only what it lacked.
+        // This edge's own earlier ops were behind its floor. If it wrote nothing since
+        // the channel was re-opened, local subscribers get them now, in order, with
+        // everything else. If it did, subscribers already saw its newer ops: sending
+        // the older ones now would break per-origin order, so they are skipped (those
+        // subscribers were told their replay was truncated).
         let before = c.replica.vv().clone();
+        let own_floor = c.replica.floor().get(me);
+        let wrote_since = before.get(me) > own_floor;
+        let mut skip = before;
+        if !wrote_since {
+            skip.set(me, 0);
+        }
         let (changed, fresh, new_log) = c.replica.rebase(snap, floor, log);
         let fresh: Vec<Op> = fresh
             .into_iter()
-            .filter(|op| !before.covers(op.dot))
+            .filter(|op| !skip.covers(op.dot))
             .collect();
         let floor = c.replica.floor().clone();
         self.retired.remove(&channel);
@@ -483,7 +493,7 @@ impl Node {
             .push_back(Output::Persist(Persist::Rebased { channel: ch() }));
         // Subscribers jump over what only the snapshot holds (below the upstream's
         // floor), then get the upstream's retained ops in order.
-        let mut jump = before;
+        let mut jump = skip;
         jump.merge(&floor);
         self.out.push_back(Output::SnapshotInstalled {
             channel: ch(),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+pub mod netns;
 pub mod proxy;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -107,7 +108,11 @@ impl Edge {
             dir,
             &config,
             &["outpost-edge listening on http://"],
-            Some(nofile),
+            &[
+                "prlimit".to_owned(),
+                format!("--nofile={nofile}:{nofile}"),
+                "--".to_owned(),
+            ],
         )?;
         Ok(Self {
             child: Some(child),
@@ -198,7 +203,7 @@ fn spawn_proc(
     config: &Path,
     wait_for: &[&str],
 ) -> Result<(Child, Vec<String>)> {
-    spawn_proc_in(name, dir, config, wait_for, None)
+    spawn_proc_in(name, dir, config, wait_for, &[])
 }
 
 fn spawn_proc_in(
@@ -206,17 +211,17 @@ fn spawn_proc_in(
     dir: &Path,
     config: &Path,
     wait_for: &[&str],
-    nofile: Option<u64>,
+    prefix: &[String],
 ) -> Result<(Child, Vec<String>)> {
     let log_path = dir.join(format!("{name}.log"));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)?;
-    let mut cmd = match nofile {
-        Some(n) => {
-            let mut c = Command::new("prlimit");
-            c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin(name)?);
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin(name)?);
             c
         }
         None => Command::new(bin(name)?),
@@ -272,6 +277,8 @@ pub fn free_udp_port() -> Result<u16> {
 #[derive(Debug)]
 pub struct Cloud {
     child: Option<Child>,
+    /// Runs the process through this (e.g. `ip netns exec NS`).
+    prefix: Vec<String>,
     pub addr: SocketAddr,
     pub quic: SocketAddr,
     pub fingerprint: String,
@@ -283,9 +290,22 @@ impl Cloud {
     /// Starts a cloud in dev mode (self-signed certificate) on `quic_port`, accepting
     /// the edges named with their uplink tokens.
     pub fn start(dir: &Path, quic_port: u16, edges: &[(&str, &str)], extra: &str) -> Result<Self> {
+        Self::start_in(dir, "127.0.0.1", &[], quic_port, edges, extra)
+    }
+
+    /// Like [`Cloud::start`], bound to `ip` and run through `prefix` (e.g. inside a
+    /// network namespace).
+    pub fn start_in(
+        dir: &Path,
+        ip: &str,
+        prefix: &[String],
+        quic_port: u16,
+        edges: &[(&str, &str)],
+        extra: &str,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut base = format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nregion = \"cloud\"\ndev = true\nshutdown_grace_ms = 200\n\n[auth]\nhs256_secret = \"{SECRET}\"\n\n[hub]\nlisten = \"127.0.0.1:{quic_port}\"\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n",
+            "listen = \"{ip}:0\"\ndata_dir = \"{}\"\nregion = \"cloud\"\ndev = true\nshutdown_grace_ms = 200\n\n[auth]\nhs256_secret = \"{SECRET}\"\n\n[hub]\nlisten = \"{ip}:{quic_port}\"\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n",
             dir.join("data").display()
         );
         for (name, token) in edges {
@@ -296,11 +316,11 @@ impl Cloud {
         }
         let config = dir.join("cloud.toml");
         std::fs::write(&config, merge_toml(&base, extra)?)?;
-        Self::spawn(dir, config)
+        Self::spawn(dir, config, prefix.to_vec())
     }
 
-    fn spawn(dir: &Path, config: PathBuf) -> Result<Self> {
-        let (child, lines) = spawn_proc(
+    fn spawn(dir: &Path, config: PathBuf, prefix: Vec<String>) -> Result<Self> {
+        let (child, lines) = spawn_proc_in(
             "outpost-cloud",
             dir,
             &config,
@@ -309,9 +329,11 @@ impl Cloud {
                 "outpost-cloud quic on ",
                 "outpost-cloud certificate sha256 ",
             ],
+            &prefix,
         )?;
         Ok(Self {
             child: Some(child),
+            prefix,
             addr: lines[0].parse()?,
             quic: lines[1].parse()?,
             fingerprint: lines[2].clone(),
@@ -346,7 +368,7 @@ impl Cloud {
         let mut last = None;
         // The QUIC port may take a moment to be free again.
         for _ in 0..20 {
-            match Self::spawn(&self.dir, self.config.clone()) {
+            match Self::spawn(&self.dir, self.config.clone(), self.prefix.clone()) {
                 Ok(again) => {
                     *self = again;
                     return Ok(());

@@ -181,7 +181,13 @@ async fn run(listen: Arc<UdpSocket>, target: SocketAddr, shared: Arc<Shared>) {
         let up = match upstreams.get(&from) {
             Some(up) => up.clone(),
             None => {
-                let Ok(up) = UdpSocket::bind("127.0.0.1:0").await else {
+                // A loopback source cannot reach a target on another interface.
+                let local = if target.ip().is_loopback() {
+                    "127.0.0.1:0"
+                } else {
+                    "0.0.0.0:0"
+                };
+                let Ok(up) = UdpSocket::bind(local).await else {
                     continue;
                 };
                 if up.connect(target).await.is_err() {

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use outpost_tests::netns::Region;
 use outpost_tests::proxy::{Faults, UdpProxy};
 use outpost_tests::{admin_token, free_udp_port, Cloud, Edge, Ws};
 use rand::rngs::SmallRng;
@@ -49,6 +50,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_fault_schedules_lose_no_acknowledged_op() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let seeds: Vec<u64> = match env_u64("SEED") {
         Some(s) => vec![s],
         None => {
@@ -93,6 +95,47 @@ async fn seeded_fault_schedules_lose_no_acknowledged_op() -> Result<()> {
     Ok(())
 }
 
+/// The same schedules with the cloud in its own network namespace, behind a veth link
+/// with `tc netem` latency and loss (needs root; skips with a message elsewhere).
+/// `NETNS_SCHEDULES=n` (default 3) schedules, seeds from 1001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_across_regions_with_netem_latency_and_loss() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let region = match Region::create(7, NETEM)? {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("SKIPPED: network namespaces unavailable ({why})");
+            return Ok(());
+        }
+    };
+    let n = env_u64("NETNS_SCHEDULES").unwrap_or(3);
+    for seed in 1001..1001 + n {
+        let t = Instant::now();
+        let s = schedule_in(seed, Some(&region)).await.map_err(|e| {
+            e.context(format!(
+                "netem schedule seed={seed} FAILED (replay: SEED={seed} cargo test -p outpost-tests --test faults regions)"
+            ))
+        })?;
+        eprintln!(
+            "netns schedule seed={seed} ok in {:.1} s ({}): {} ({}), {} writes acked of {} sent, {} deliveries checked",
+            t.elapsed().as_secs_f64(),
+            if region.netem { NETEM } else { "no netem in this kernel: link cuts only" },
+            s.actions.len(),
+            s.actions.join(" "),
+            s.acked,
+            s.attempted,
+            s.deliveries
+        );
+    }
+    Ok(())
+}
+
+/// Latency and loss between the edges' region and the cloud's.
+const NETEM: &str = "delay 15ms 5ms loss 1%";
+
+/// The two schedule tests run one at a time (they time real processes).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[derive(Default)]
 struct Totals {
     acked: usize,
@@ -128,11 +171,13 @@ struct Delivery {
     tag: Option<String>,
 }
 
+/// Every write sent: tag -> (channel, key for a set).
+type Attempted = HashMap<String, (String, Option<String>)>;
+
 /// The recorded history of one schedule.
 #[derive(Default)]
 struct Recorder {
-    /// Every write sent: tag -> (channel, key for a set).
-    attempted: HashMap<String, (String, Option<String>)>,
+    attempted: Attempted,
     /// Every write acknowledged: tag -> dot.
     acked: HashMap<String, String>,
     /// Error replies by code.
@@ -398,6 +443,11 @@ fn by_origin<'a>(dots: impl Iterator<Item = &'a str>) -> BTreeMap<String, Vec<u6
 }
 
 async fn schedule(seed: u64) -> Result<Summary> {
+    schedule_in(seed, None).await
+}
+
+/// One schedule; with a region, the cloud runs inside it (behind netem).
+async fn schedule_in(seed: u64, region: Option<&Region>) -> Result<Summary> {
     let dir = match std::env::var("TEST_KEEP_DIR") {
         Ok(p) => tempfile::Builder::new()
             .prefix(&format!("faults-{seed}-"))
@@ -405,12 +455,23 @@ async fn schedule(seed: u64) -> Result<Summary> {
             .tempdir_in(p)?,
         Err(_) => tempfile::tempdir()?,
     };
-    let mut cloud = Cloud::start(
-        &dir.path().join("cloud"),
-        free_udp_port()?,
-        &[("edge-a", TOKENS[0]), ("edge-b", TOKENS[1])],
-        "",
-    )?;
+    let edges_allowed = [("edge-a", TOKENS[0]), ("edge-b", TOKENS[1])];
+    let mut cloud = match region {
+        None => Cloud::start(
+            &dir.path().join("cloud"),
+            free_udp_port()?,
+            &edges_allowed,
+            "",
+        )?,
+        Some(r) => Cloud::start_in(
+            &dir.path().join("cloud"),
+            &r.ns_ip.to_string(),
+            &r.exec_prefix(),
+            7800,
+            &edges_allowed,
+            "",
+        )?,
+    };
     let proxies = [
         UdpProxy::start(cloud.quic, seed.wrapping_mul(1000) + 1).await?,
         UdpProxy::start(cloud.quic, seed.wrapping_mul(1000) + 2).await?,
@@ -425,7 +486,7 @@ async fn schedule(seed: u64) -> Result<Summary> {
             ),
         )?);
     }
-    let r = run_schedule(seed, &mut cloud, &mut edges, &proxies).await;
+    let r = run_schedule(seed, &mut cloud, &mut edges, &proxies, region).await;
     let r = r.map_err(|e| {
         let tail = |s: String| {
             let lines: Vec<&str> = s.lines().collect();
@@ -459,6 +520,7 @@ async fn run_schedule(
     cloud: &mut Cloud,
     edges: &mut [Edge],
     proxies: &[UdpProxy; 2],
+    region: Option<&Region>,
 ) -> Result<Summary> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let eps = Arc::new(Endpoints::default());
@@ -534,6 +596,15 @@ async fn run_schedule(
                 eps.set(2, Some(cloud.addr));
                 actions.push("kill-cloud".to_owned());
             }
+            // With a region: the kernel drops everything between the regions.
+            9 if region.is_some() => {
+                if let Some(r) = region {
+                    r.set("delay 15ms 5ms loss 100%")?;
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+                    r.set(NETEM)?;
+                }
+                actions.push("region-cut".to_owned());
+            }
             _ => actions.push("calm".to_owned()),
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
@@ -607,10 +678,7 @@ async fn check(
         }));
     }
     let http = reqwest::Client::new();
-    let (acked, attempted): (
-        HashMap<String, String>,
-        HashMap<String, (String, Option<String>)>,
-    ) = {
+    let (acked, attempted): (HashMap<String, String>, Attempted) = {
         let r = lock(&rec);
         (r.acked.clone(), r.attempted.clone())
     };
