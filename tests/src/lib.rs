@@ -103,31 +103,25 @@ impl Edge {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("edge.toml");
         std::fs::write(&config, merge_toml(&base_config(&dir.join("data")), extra)?)?;
+        let prlimit = [
+            "prlimit".to_owned(),
+            format!("--nofile={nofile}:{nofile}"),
+            "--".to_owned(),
+        ];
+        Self::spawn_in(dir, config, &prlimit)
+    }
+
+    fn spawn(dir: &Path, config: PathBuf) -> Result<Self> {
+        Self::spawn_in(dir, config, &[])
+    }
+
+    fn spawn_in(dir: &Path, config: PathBuf, prefix: &[String]) -> Result<Self> {
         let (child, lines) = spawn_proc_in(
             "outpost-edge",
             dir,
             &config,
             &["outpost-edge listening on http://"],
-            &[
-                "prlimit".to_owned(),
-                format!("--nofile={nofile}:{nofile}"),
-                "--".to_owned(),
-            ],
-        )?;
-        Ok(Self {
-            child: Some(child),
-            addr: lines[0].parse()?,
-            dir: dir.to_owned(),
-            config,
-        })
-    }
-
-    fn spawn(dir: &Path, config: PathBuf) -> Result<Self> {
-        let (child, lines) = spawn_proc(
-            "outpost-edge",
-            dir,
-            &config,
-            &["outpost-edge listening on http://"],
+            prefix,
         )?;
         Ok(Self {
             child: Some(child),
@@ -194,18 +188,10 @@ impl Edge {
     }
 }
 
-/// Spawns a binary with `--config`, stderr to `<dir>/<name>.log`, and waits until its
-/// stdout has printed a line starting with each of `wait_for` (in order); returns the
-/// rest of each such line.
-fn spawn_proc(
-    name: &str,
-    dir: &Path,
-    config: &Path,
-    wait_for: &[&str],
-) -> Result<(Child, Vec<String>)> {
-    spawn_proc_in(name, dir, config, wait_for, &[])
-}
-
+/// Spawns a binary with `--config` (through `prefix`, e.g. `prlimit ... --` or
+/// `ip netns exec NS`), stderr to `<dir>/<name>.log`, and waits until its stdout has
+/// printed a line starting with each of `wait_for` (in order); returns the rest of
+/// each such line.
 fn spawn_proc_in(
     name: &str,
     dir: &Path,

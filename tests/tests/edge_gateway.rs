@@ -424,7 +424,7 @@ async fn slow_consumer_is_closed_with_resume_code_and_resumes_without_loss() -> 
     let dir = tempfile::tempdir()?;
     let edge = Edge::start(
         dir.path(),
-        "[limits]\nsend_queue = 16\nmax_message_bytes = 65536\n[storage]\ndurability = \"os\"\n",
+        "[limits]\nsend_queue = 64\nmax_message_bytes = 65536\n[storage]\ndurability = \"os\"\n",
     )?;
     let t = admin_token();
     let http = reqwest::Client::new();
