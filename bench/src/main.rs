@@ -5,6 +5,12 @@
 //! - `latency`: S subscribers on one channel, one publisher sending at a fixed rate
 //!   on an open-loop schedule; latency is measured from each message's *scheduled*
 //!   send time to its delivery (no coordinated omission), in an HDR histogram.
+//! - `fanout`: the same against Outpost, NATS (WebSocket), Socket.IO or a plain `ws`
+//!   server, with subscribers spread over topics and 127.0.0.x source addresses, and
+//!   the server's CPU time read from `/proc`; prints one JSON line of results.
+//! - `idle-any`: idle connections of any of those protocols; server RSS per connection.
+
+mod proto;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +48,92 @@ enum Cmd {
         #[arg(long)]
         channel: Option<String>,
     },
+    /// Fan-out from one publisher to many subscribers, for any protocol.
+    Fanout {
+        #[arg(long, value_enum)]
+        proto: proto::Proto,
+        /// The server's base URL, e.g. ws://127.0.0.1:7700
+        #[arg(long)]
+        url: String,
+        /// Outpost token (other protocols ignore it).
+        #[arg(long, default_value = "")]
+        token: String,
+        #[arg(long, default_value_t = 100)]
+        subs: usize,
+        /// Subscriber i follows topic i % topics; the publisher round-robins.
+        #[arg(long, default_value_t = 1)]
+        topics: usize,
+        /// Messages per second (all topics together).
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+        /// Outpost: ephemeral (never stored) instead of durable events.
+        #[arg(long)]
+        ephemeral: bool,
+        /// The server's PID, to read its CPU time.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Spread subscribers over this many source addresses 127.0.0.2.. (ports).
+        #[arg(long, default_value_t = 4)]
+        source_ips: u8,
+        /// A label for the results (e.g. "outpost-fsync").
+        #[arg(long)]
+        label: Option<String>,
+        /// Where the publisher connects (default: --url); another edge measures the
+        /// edge -> cloud -> edge path.
+        #[arg(long)]
+        publish_url: Option<String>,
+        /// Exit with an error unless every expected delivery arrived.
+        #[arg(long)]
+        require_all: bool,
+    },
+    /// Publishes N durable events on one channel over one WebSocket, keeping up to 256
+    /// unacknowledged (an edge cut off from the cloud acknowledges locally).
+    Burst {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value = "bench:heal")]
+        channel: String,
+        #[arg(long, default_value_t = 10_000)]
+        n: u64,
+    },
+    /// Subscribes on every edge and waits until each has seen `expect` ops on the
+    /// channel; prints how long that took.
+    Converge {
+        /// Edge base URLs (ws://host:port), comma-separated.
+        #[arg(long)]
+        urls: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value = "bench:heal")]
+        channel: String,
+        #[arg(long)]
+        expect: u64,
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
+    /// Idle connections of any protocol: server RSS per connection.
+    IdleAny {
+        #[arg(long, value_enum)]
+        proto: proto::Proto,
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value = "")]
+        token: String,
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long, default_value_t = 4)]
+        source_ips: u8,
+        #[arg(long)]
+        label: Option<String>,
+    },
     /// Publish -> deliver latency at a fixed rate.
     Latency {
         /// Where the subscribers connect.
@@ -78,6 +170,333 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .context("VmRSS")
+}
+
+/// The process's CPU time (user + system, all threads) in seconds.
+fn cpu_secs(pid: u32) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = s.rsplit_once(") ").map(|(_, r)| r).context("stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Ok(ticks as f64 / 100.0)
+}
+
+fn source_ip(i: usize, n: u8) -> Option<std::net::IpAddr> {
+    (n > 0).then(|| std::net::IpAddr::from([127, 0, 0, 2 + (i % n as usize) as u8]))
+}
+
+/// The topic name for `proto`: channels for Outpost, subjects for NATS, rooms for
+/// Socket.IO.
+fn topic(p: proto::Proto, k: usize) -> String {
+    match p {
+        proto::Proto::Outpost => format!("bench:t{k}"),
+        proto::Proto::Nats => format!("bench.t{k}"),
+        proto::Proto::Socketio | proto::Proto::Ws => format!("t{k}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fanout(
+    p: proto::Proto,
+    url: String,
+    token: String,
+    subs: usize,
+    topics: usize,
+    rate: u64,
+    secs: u64,
+    size: usize,
+    ephemeral: bool,
+    pid: Option<u32>,
+    source_ips: u8,
+    label: Option<String>,
+    publish_url: Option<String>,
+    require_all: bool,
+) -> Result<()> {
+    let topics = topics.max(1);
+    if p == proto::Proto::Ws && topics > 1 {
+        bail!("the ws peer broadcasts to everyone: one topic only");
+    }
+    let total = rate * secs;
+    let per_topic = |k: usize| (total as usize + topics - 1 - k) / topics;
+    let new_hist = || Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3);
+    let hist = Arc::new(Mutex::new(new_hist()?));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let publishing_done = Arc::new(tokio::sync::Notify::new());
+    let done_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Connect subscribers, 64 at a time.
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(subs);
+    let mut connected = 0;
+    while connected < subs {
+        let batch: Vec<usize> = (connected..(connected + 64).min(subs)).collect();
+        let conns = futures_util::future::join_all(batch.iter().map(|&i| {
+            let (url, token) = (url.clone(), token.clone());
+            async move {
+                let mut ws = proto::connect(p, &url, &token, source_ip(i, source_ips)).await?;
+                proto::subscribe(p, &mut ws, &topic(p, i % topics)).await?;
+                anyhow::Ok((i, ws))
+            }
+        }))
+        .await;
+        for c in conns {
+            let (i, mut ws) = c?;
+            let expect = per_topic(i % topics) as u64;
+            let (hist, delivered, done, done_flag) = (
+                hist.clone(),
+                delivered.clone(),
+                publishing_done.clone(),
+                done_flag.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut local = new_hist()?;
+                let mut buf = Vec::new();
+                let mut n = 0u64;
+                while n < expect {
+                    // After publishing ends, give stragglers 5 s, then count what came.
+                    let wait = if done_flag.load(Ordering::Relaxed) {
+                        Duration::from_secs(5)
+                    } else {
+                        Duration::from_secs(3600)
+                    };
+                    let m = tokio::select! {
+                        m = tokio::time::timeout(wait, ws.next()) => m,
+                        () = done.notified(), if !done_flag.load(Ordering::Relaxed) => continue,
+                    };
+                    let Ok(Some(Ok(m))) = m else { break };
+                    let data: &[u8] = match &m {
+                        Message::Text(t) => t.as_bytes(),
+                        Message::Binary(b) => b,
+                        _ => continue,
+                    };
+                    let parsed = proto::parse(p, data, &mut buf);
+                    let now = unix_ns();
+                    for t in parsed.times {
+                        let _ = local.record(now.saturating_sub(t).max(1_000));
+                        n += 1;
+                    }
+                    if let Some(r) = parsed.reply {
+                        ws.send(Message::Text(r.into())).await?;
+                    }
+                }
+                delivered.fetch_add(n, Ordering::Relaxed);
+                hist.lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .add(&local)?;
+                anyhow::Ok(())
+            }));
+        }
+        connected += batch.len();
+        if connected % 1000 == 0 || connected == subs {
+            eprintln!(
+                "  {connected}/{subs} subscribed ({:.1?})",
+                started.elapsed()
+            );
+        }
+    }
+    let publisher = proto::connect(p, publish_url.as_deref().unwrap_or(&url), &token, None).await?;
+    if p == proto::Proto::Ws {
+        // Make sure the broadcast server has registered everyone.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pad = "p".repeat(size);
+    let cpu_before = pid.map(cpu_secs).transpose()?;
+    let t0 = Instant::now() + Duration::from_millis(50);
+    let t0_ns = unix_ns() + 50_000_000;
+    let interval_ns = 1_000_000_000 / rate.max(1);
+    let (mut tx, mut rx) = publisher.split();
+    // Drain replies (acks, pings) so the server never blocks on the publisher.
+    let drain = tokio::spawn(async move { while let Some(Ok(_)) = rx.next().await {} });
+    for i in 0..total {
+        let due = t0 + Duration::from_nanos(i * interval_ns);
+        tokio::time::sleep_until(due.into()).await;
+        let k = i as usize % topics;
+        tx.send(proto::publish_frame(
+            p,
+            &topic(p, k),
+            t0_ns + i * interval_ns,
+            &pad,
+            ephemeral,
+        ))
+        .await?;
+    }
+    done_flag.store(true, Ordering::Relaxed);
+    publishing_done.notify_waiters();
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = match (pid, cpu_before) {
+        (Some(pid), Some(b)) => Some(cpu_secs(pid)? - b),
+        _ => None,
+    };
+    drain.abort();
+    let h = hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e6;
+    let expected: u64 = (0..subs).map(|i| per_topic(i % topics) as u64).sum();
+    let got = delivered.load(Ordering::Relaxed);
+    let label = label.unwrap_or_else(|| p.name().to_owned());
+    let out = json!({
+        "label": label, "proto": p.name(), "subs": subs, "topics": topics, "rate": rate,
+        "secs": secs, "size": size, "sent": total, "expected": expected, "delivered": got,
+        "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": h.max() as f64 / 1e6,
+        "deliveries_per_s": got as f64 / elapsed,
+        "server_cpu_s": cpu,
+        "cpu_s_per_1m": cpu.map(|c| c / (got.max(1) as f64) * 1e6),
+    });
+    eprintln!(
+        "fanout {label}: {rate} msg/s x {secs} s to {subs} subscribers over {topics} topic(s): delivered {got}/{expected}; p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms; server CPU {}",
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        cpu.map(|c| format!("{c:.2} s")).unwrap_or_else(|| "n/a".into())
+    );
+    println!("{out}");
+    if require_all && got != expected {
+        bail!("lost deliveries: {got} of {expected}");
+    }
+    Ok(())
+}
+
+async fn burst(url: String, token: String, channel: String, n: u64) -> Result<()> {
+    let ws = proto::connect(proto::Proto::Outpost, &url, &token, None).await?;
+    let (mut tx, mut rx) = ws.split();
+    let started = Instant::now();
+    let acked = Arc::new(AtomicU64::new(0));
+    let counter = acked.clone();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = rx.next().await {
+            if let Message::Text(t) = m {
+                if t.contains("\"type\":\"ack\"") {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                } else if t.contains("\"type\":\"error\"") {
+                    bail!("publish refused: {t}");
+                }
+            }
+        }
+        anyhow::Ok(())
+    });
+    for i in 0..n {
+        while i.saturating_sub(acked.load(Ordering::Relaxed)) >= 256 {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let m = format!(
+            "{{\"type\":\"publish\",\"id\":{i},\"channel\":\"{channel}\",\"event\":\"b\",\"data\":{{\"n\":{i}}}}}"
+        );
+        tx.send(Message::Text(m.into())).await?;
+    }
+    while acked.load(Ordering::Relaxed) < n {
+        if reader.is_finished() {
+            reader.await??;
+            bail!(
+                "connection ended after {} acks",
+                acked.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    reader.abort();
+    eprintln!(
+        "burst: {n} events acked in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn converge(
+    urls: String,
+    token: String,
+    channel: String,
+    expect: u64,
+    timeout_secs: u64,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for url in urls.split(',') {
+        let mut ws = proto::connect(proto::Proto::Outpost, url, &token, None).await?;
+        ws.send(Message::Text(
+            format!("{{\"type\":\"subscribe\",\"channel\":\"{channel}\"}}").into(),
+        ))
+        .await?;
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while n < expect {
+                let m = tokio::time::timeout(Duration::from_secs(timeout_secs), ws.next())
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!("{url}: {n} of {expect} ops after {timeout_secs} s")
+                    })?
+                    .context("closed")??;
+                if let Message::Text(t) = m {
+                    if t.starts_with("{\"type\":\"op\"") || t.contains("\"type\":\"op\"") {
+                        n += 1;
+                    }
+                }
+            }
+            anyhow::Ok(started.elapsed())
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        slowest = slowest.max(t.await??);
+    }
+    eprintln!(
+        "converge: every edge holds {expect} ops after {:.2} s",
+        slowest.as_secs_f64()
+    );
+    println!(
+        "{}",
+        json!({"label": "heal", "expect": expect, "converged_s": slowest.as_secs_f64()})
+    );
+    Ok(())
+}
+
+async fn idle_any(
+    p: proto::Proto,
+    url: String,
+    token: String,
+    conns: usize,
+    pid: u32,
+    source_ips: u8,
+    label: Option<String>,
+) -> Result<()> {
+    let before = rss_kib(pid)?;
+    let started = Instant::now();
+    let mut all = Vec::with_capacity(conns);
+    let mut i = 0;
+    while i < conns {
+        let batch: Vec<usize> = (i..(i + 64).min(conns)).collect();
+        let opened = futures_util::future::join_all(batch.iter().map(|&k| {
+            let (url, token) = (url.clone(), token.clone());
+            async move { proto::connect(p, &url, &token, source_ip(k, source_ips)).await }
+        }))
+        .await;
+        for ws in opened {
+            all.push(ws?);
+        }
+        i += batch.len();
+        if i % 1000 == 0 || i == conns {
+            eprintln!("  {i}/{conns} open ({:.1?})", started.elapsed());
+        }
+    }
+    // Let the server settle, answering pings meanwhile (Engine.IO, NATS).
+    let settle = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = rss_kib(pid)?;
+    let per = after.saturating_sub(before) as f64 / conns as f64;
+    let label = label.unwrap_or_else(|| p.name().to_owned());
+    eprintln!("idle {label}: {conns} connections: server RSS {before} KiB -> {after} KiB = {per:.2} KiB per connection");
+    println!(
+        "{}",
+        json!({"label": label, "proto": p.name(), "conns": conns, "rss_before_kib": before, "rss_after_kib": after, "kib_per_conn": per})
+    );
+    drop(all);
+    Ok(())
 }
 
 fn unix_ns() -> u64 {
@@ -130,6 +549,62 @@ async fn subscribe(ws: &mut Ws, channel: &str) -> Result<()> {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Fanout {
+            proto,
+            url,
+            token,
+            subs,
+            topics,
+            rate,
+            secs,
+            size,
+            ephemeral,
+            pid,
+            source_ips,
+            label,
+            publish_url,
+            require_all,
+        } => {
+            fanout(
+                proto,
+                url,
+                token,
+                subs,
+                topics,
+                rate,
+                secs,
+                size,
+                ephemeral,
+                pid,
+                source_ips,
+                label,
+                publish_url,
+                require_all,
+            )
+            .await?
+        }
+        Cmd::Burst {
+            url,
+            token,
+            channel,
+            n,
+        } => burst(url, token, channel, n).await?,
+        Cmd::Converge {
+            urls,
+            token,
+            channel,
+            expect,
+            timeout_secs,
+        } => converge(urls, token, channel, expect, timeout_secs).await?,
+        Cmd::IdleAny {
+            proto,
+            url,
+            token,
+            conns,
+            pid,
+            source_ips,
+            label,
+        } => idle_any(proto, url, token, conns, pid, source_ips, label).await?,
         Cmd::Idle {
             url,
             token,

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Turns bench/run's results.jsonl into the tables for BENCHMARKS.md (REPORT.md) and a
+PNG of latency percentiles. With --quick it only checks that nothing was lost."""
+import json
+import os
+import platform
+import subprocess
+import sys
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def machine():
+    try:
+        cpu = next(
+            l.split(":", 1)[1].strip()
+            for l in open("/proc/cpuinfo")
+            if l.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown CPU"
+    cores = os.cpu_count()
+    mem = 0
+    try:
+        mem = int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) // 1024 // 1024
+    except (OSError, StopIteration, ValueError):
+        pass
+    return f"{cpu}, {cores} cores, {mem} GiB, Linux {platform.release()}; servers pinned to CPU 0, load to CPU 1"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}"
+
+
+def lost(r):
+    return r.get("delivered", 0) != r.get("expected", 0)
+
+
+def main():
+    path, out = sys.argv[1], sys.argv[2]
+    quick = "--quick" in sys.argv
+    rs = load(path)
+    losses = [r for r in rs if "expected" in r and lost(r)]
+    for r in rs:
+        if "expected" in r:
+            print(
+                f"{r['workload']} {r['label']:<20} subs {r['subs']:>6} rate {r['rate']:>5}: "
+                f"delivered {r['delivered']}/{r['expected']} p99 {r['p99_ms']:.2f} ms"
+            )
+        elif "kib_per_conn" in r:
+            print(f"A {r['label']:<20} {r['kib_per_conn']:.2f} KiB/conn")
+        elif "converged_s" in r:
+            print(f"F heal: {r['converged_s']:.2f} s for {r['expect']} ops")
+    if losses:
+        print(f"LOST DELIVERIES in {len(losses)} runs", file=sys.stderr)
+        sys.exit(1)
+    if quick:
+        print("quick run: every expected delivery arrived (speed is not checked in quick mode)")
+        return
+
+    md = []
+    md.append(f"Machine: {machine()}.\n")
+    md.append("Command: `bench/run` (one run, every peer on the same machine, same load tool).\n")
+
+    idle = {r["label"]: r for r in rs if r.get("workload") == "A"}
+    o = idle.get("outpost-fsync", {}).get("kib_per_conn")
+    md.append("### A — idle connections: server memory per connection\n")
+    md.append("| server | connections | KiB per connection | ÷ Outpost |")
+    md.append("| --- | ---: | ---: | ---: |")
+    for k, r in idle.items():
+        md.append(f"| {k} | {r['conns']} | {r['kib_per_conn']:.2f} | {ratio(r['kib_per_conn'], o)} |")
+    md.append("")
+
+    def table(work, title):
+        runs = [r for r in rs if r.get("workload") == work]
+        if not runs:
+            return
+        md.append(f"### {title}\n")
+        md.append("| server | subscribers | topics | msg/s | delivered | deliveries/s | p50 ms | p99 ms | p99.9 ms | server CPU s / 1M deliveries | CPU ÷ Outpost | slow consumers |")
+        md.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        base = {}
+        for r in runs:
+            if r["label"].startswith("outpost"):
+                base.setdefault((r["subs"], r["topics"], r["rate"]), r.get("cpu_s_per_1m"))
+        for r in runs:
+            b = base.get((r["subs"], r["topics"], r["rate"]))
+            md.append(
+                f"| {r['label']} | {r['subs']} | {r['topics']} | {r['rate']} | {r['delivered']}/{r['expected']} | "
+                f"{r['deliveries_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | "
+                f"{(r.get('cpu_s_per_1m') or 0):.2f} | {ratio(r.get('cpu_s_per_1m'), b)} | {r.get('slow_consumers', 0)} |"
+            )
+        md.append("")
+
+    table("B", "B — fan-out, one publisher, 128 B messages")
+    table("C", "C — many channels")
+    table("D", "D — Outpost durability modes")
+    table("E", "E — cross-edge latency (edge A → cloud → edge B)")
+    heal = [r for r in rs if r.get("workload") == "F"]
+    if heal:
+        r = heal[0]
+        md.append("### F — partition heal\n")
+        md.append(
+            f"{r['ops_per_edge']} ops written at each of two edges while the cloud was down; "
+            f"after the cloud came back, both edges held all {r['expect']} ops after **{r['converged_s']:.2f} s**.\n"
+        )
+
+    # Summary ratios.
+    md.append("### Summary (peer ÷ Outpost; above 1 means Outpost is ahead, except for deliveries/s)\n")
+    md.append("| peer | server CPU per 1M deliveries (B, largest load) | KiB per idle connection | p99 at matched load (B, largest) | max deliveries/s with p99 < 50 ms |")
+    md.append("| --- | ---: | ---: | ---: | ---: |")
+    b = [r for r in rs if r.get("workload") == "B"]
+    if b:
+        top = max((r["subs"] * r["rate"] for r in b))
+        heavy = {r["label"]: r for r in b if r["subs"] * r["rate"] == top}
+        best = {}
+        for r in b:
+            if r["p99_ms"] < 50 and not lost(r):
+                best[r["label"]] = max(best.get(r["label"], 0), r["deliveries_per_s"])
+        ob = heavy.get("outpost-fsync", {})
+        for peer in ["nats", "socketio", "ws"]:
+            h = heavy.get(peer, {})
+            md.append(
+                f"| {peer} | {ratio(h.get('cpu_s_per_1m'), ob.get('cpu_s_per_1m'))} | "
+                f"{ratio(idle.get(peer, {}).get('kib_per_conn'), o)} | {ratio(h.get('p99_ms'), ob.get('p99_ms'))} | "
+                f"{best.get(peer, 0):.0f} vs Outpost {best.get('outpost-fsync', 0):.0f} |"
+            )
+    md.append("")
+    with open(os.path.join(out, "REPORT.md"), "w") as f:
+        f.write("\n".join(md))
+    print(f"wrote {os.path.join(out, 'REPORT.md')}")
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"], check=False)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    runs = [r for r in rs if "p99_ms" in r]
+    fig, ax = plt.subplots(figsize=(12, 6))
+    labels = [f"{r['workload']} {r['label']}\n{r['subs']}s/{r['rate']}/s" for r in runs]
+    xs = range(len(runs))
+    for q, key in [("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms")]:
+        ax.scatter(xs, [max(r[key], 0.01) for r in runs], label=q)
+    ax.set_yscale("log")
+    ax.set_ylabel("publish → deliver latency, ms (log)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    ax.legend()
+    ax.set_title("Latency percentiles per server and workload (bench/run)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "latency.png"), dpi=110)
+    print(f"wrote {os.path.join(out, 'latency.png')}")
+
+
+if __name__ == "__main__":
+    main()
