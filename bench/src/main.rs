@@ -226,12 +226,12 @@ async fn fanout(
     let delivered = Arc::new(AtomicU64::new(0));
     let publishing_done = Arc::new(tokio::sync::Notify::new());
     let done_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Connect subscribers, 64 at a time.
+    // Connect subscribers, 256 at a time.
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(subs);
     let mut connected = 0;
     while connected < subs {
-        let batch: Vec<usize> = (connected..(connected + 64).min(subs)).collect();
+        let batch: Vec<usize> = (connected..(connected + 256).min(subs)).collect();
         let conns = futures_util::future::join_all(batch.iter().map(|&i| {
             let (url, token) = (url.clone(), token.clone());
             async move {
@@ -415,24 +415,34 @@ async fn converge(
     let started = Instant::now();
     let mut tasks = Vec::new();
     for url in urls.split(',') {
-        let mut ws = proto::connect(proto::Proto::Outpost, url, &token, None).await?;
-        ws.send(Message::Text(
-            format!("{{\"type\":\"subscribe\",\"channel\":\"{channel}\"}}").into(),
-        ))
-        .await?;
-        let url = url.to_owned();
+        let (url, token, channel) = (url.to_owned(), token.clone(), channel.clone());
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
+            let mut since: Option<String> = None;
+            // A burst can overflow the subscriber's queue (close 4100): resume with
+            // the last token, as a client would.
             while n < expect {
-                let m = tokio::time::timeout(Duration::from_secs(timeout_secs), ws.next())
-                    .await
-                    .map_err(|_| {
-                        anyhow::anyhow!("{url}: {n} of {expect} ops after {timeout_secs} s")
-                    })?
-                    .context("closed")??;
-                if let Message::Text(t) = m {
-                    if t.starts_with("{\"type\":\"op\"") || t.contains("\"type\":\"op\"") {
+                let mut ws = proto::connect(proto::Proto::Outpost, &url, &token, None).await?;
+                let sub = match &since {
+                    Some(t) => format!(
+                        "{{\"type\":\"subscribe\",\"channel\":\"{channel}\",\"since\":\"{t}\"}}"
+                    ),
+                    None => format!("{{\"type\":\"subscribe\",\"channel\":\"{channel}\"}}"),
+                };
+                ws.send(Message::Text(sub.into())).await?;
+                while n < expect {
+                    let m = tokio::time::timeout(Duration::from_secs(timeout_secs), ws.next())
+                        .await
+                        .map_err(|_| {
+                            anyhow::anyhow!("{url}: {n} of {expect} ops after {timeout_secs} s")
+                        })?;
+                    let Some(Ok(Message::Text(t))) = m else {
+                        break;
+                    };
+                    if t.contains("\"type\":\"op\"") {
                         n += 1;
+                        let v: Value = serde_json::from_str(&t)?;
+                        since = v["token"].as_str().map(str::to_owned);
                     }
                 }
             }
@@ -468,7 +478,7 @@ async fn idle_any(
     let mut all = Vec::with_capacity(conns);
     let mut i = 0;
     while i < conns {
-        let batch: Vec<usize> = (i..(i + 64).min(conns)).collect();
+        let batch: Vec<usize> = (i..(i + 256).min(conns)).collect();
         let opened = futures_util::future::join_all(batch.iter().map(|&k| {
             let (url, token) = (url.clone(), token.clone());
             async move { proto::connect(p, &url, &token, source_ip(k, source_ips)).await }

@@ -52,8 +52,10 @@ pub async fn upgrade(
     // tungstenite's own limit sits above ours, so an oversized message gets our error
     // code and the connection stays up; far larger frames are refused by tungstenite.
     let max = state.cfg.limits.max_message_bytes;
+    // Frames gather in an 8 KiB write buffer until the connection task flushes (after
+    // a batch of queued messages): one write per batch instead of one per message.
     ws.read_buffer_size(4096)
-        .write_buffer_size(0)
+        .write_buffer_size(8 * 1024)
         .max_message_size(max * 4 + 4096)
         .max_frame_size(max * 4 + 4096)
         .on_upgrade(move |socket| {
