@@ -159,15 +159,15 @@ impl ChannelReplica {
 
     /// Makes a fresh replica continue this replica's own dots after `own_seq` (the
     /// last one it wrote before the channel was evicted). Those ops are not here: the
-    /// floor says so, and a snapshot from upstream brings their effects back.
+    /// floor says so, and [`ChannelReplica::rebase`] brings them back from upstream.
     pub fn resume_after_eviction(&mut self, own_seq: u64) {
         self.vv.raise(self.me, own_seq);
         self.floor.raise(self.me, own_seq);
     }
 
-    /// Replaces a re-opened channel's base with the upstream's: its state (joined with
-    /// ours), its floor and its retained log, followed by our own ops the upstream does
-    /// not have yet. Returns the registers that changed, the upstream ops that are new
+    /// Replaces a re-opened channel's base with the upstream's: its state with our own
+    /// newer writes applied on top, its floor, and its retained log followed by our own
+    /// ops the upstream does not have yet. Returns the registers that changed, the upstream ops that are new
     /// here (in log order, to deliver), and the whole new log (to store in this order).
     pub fn rebase(
         &mut self,
@@ -248,20 +248,17 @@ impl ChannelReplica {
     /// Register writes are idempotent and commute, so replaying the log repairs that
     /// and changes nothing otherwise.
     pub fn repair_state(&mut self) -> Vec<(String, Register)> {
+        let before = self.state.clone();
         let log = std::mem::take(&mut self.log);
-        let mut changed: Vec<(String, Register)> = Vec::new();
         for op in &log {
-            let Some(key) = op.body.key() else { continue };
-            let before = self.state.get(key).cloned();
             self.apply_to_state(op);
-            let after = self.state.get(key);
-            if before.as_ref() != after {
-                changed.retain(|(k, _)| k != key);
-                changed.extend(after.map(|r| (key.to_owned(), r.clone())));
-            }
         }
         self.log = log;
-        changed
+        self.state
+            .iter()
+            .filter(|(k, r)| before.get(*k) != Some(*r))
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect()
     }
 
     pub fn channel(&self) -> &ChannelName {
@@ -479,31 +476,12 @@ impl ChannelReplica {
                     self.idempotency.entry(k.clone()).or_insert(op.dot);
                 }
             }
-            OpBody::Set {
-                key,
-                value,
-                context,
-            } => {
-                let reg = self.state.entry(key.clone()).or_default();
-                let sib = Sibling {
-                    dot: op.dot,
-                    hlc: op.hlc,
-                    value: Some(value.clone()),
-                };
-                reg.apply(sib, context);
-                conflict = reg.conflict(key);
-                register = Some((key.clone(), reg.clone()));
-            }
-            OpBody::Delete { key, context } => {
-                let reg = self.state.entry(key.clone()).or_default();
-                let sib = Sibling {
-                    dot: op.dot,
-                    hlc: op.hlc,
-                    value: None,
-                };
-                reg.apply(sib, context);
-                conflict = reg.conflict(key);
-                register = Some((key.clone(), reg.clone()));
+            OpBody::Set { key, .. } | OpBody::Delete { key, .. } => {
+                self.apply_to_state(&op);
+                if let Some(reg) = self.state.get(key) {
+                    conflict = reg.conflict(key);
+                    register = Some((key.clone(), reg.clone()));
+                }
             }
         }
         self.log.push_back(op.clone());
