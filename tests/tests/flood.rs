@@ -83,7 +83,10 @@ async fn a_flood_to_the_descriptor_limit_is_refused_and_clients_keep_working() -
     let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir()?;
     // This machine's hard limit; the edge's socket cap (19,000) sits below it.
-    let edge = Edge::start_with_nofile(dir.path(), "", 20_000)?;
+    // A long header timeout: a slow flood must pile up past the cap instead of having
+    // its first sockets closed as slowloris before the last ones arrive.
+    let edge =
+        Edge::start_with_nofile(dir.path(), "[limits]\nheader_timeout_secs = 300\n", 20_000)?;
     let (mut sub, mut publ) = clients(&edge).await?;
     still_serving(&mut sub, &mut publ, 1).await?;
     let t = Instant::now();
