@@ -49,47 +49,7 @@ enum Cmd {
         channel: Option<String>,
     },
     /// Fan-out from one publisher to many subscribers, for any protocol.
-    Fanout {
-        #[arg(long, value_enum)]
-        proto: proto::Proto,
-        /// The server's base URL, e.g. ws://127.0.0.1:7700
-        #[arg(long)]
-        url: String,
-        /// Outpost token (other protocols ignore it).
-        #[arg(long, default_value = "")]
-        token: String,
-        #[arg(long, default_value_t = 100)]
-        subs: usize,
-        /// Subscriber i follows topic i % topics; the publisher round-robins.
-        #[arg(long, default_value_t = 1)]
-        topics: usize,
-        /// Messages per second (all topics together).
-        #[arg(long, default_value_t = 50)]
-        rate: u64,
-        #[arg(long, default_value_t = 5)]
-        secs: u64,
-        #[arg(long, default_value_t = 128)]
-        size: usize,
-        /// Outpost: ephemeral (never stored) instead of durable events.
-        #[arg(long)]
-        ephemeral: bool,
-        /// The server's PID, to read its CPU time.
-        #[arg(long)]
-        pid: Option<u32>,
-        /// Spread subscribers over this many source addresses 127.0.0.2.. (ports).
-        #[arg(long, default_value_t = 4)]
-        source_ips: u8,
-        /// A label for the results (e.g. "outpost-fsync").
-        #[arg(long)]
-        label: Option<String>,
-        /// Where the publisher connects (default: --url); another edge measures the
-        /// edge -> cloud -> edge path.
-        #[arg(long)]
-        publish_url: Option<String>,
-        /// Exit with an error unless every expected delivery arrived.
-        #[arg(long)]
-        require_all: bool,
-    },
+    Fanout(FanoutArgs),
     /// Publishes N durable events on one channel over one WebSocket, keeping up to 256
     /// unacknowledged (an edge cut off from the cloud acknowledges locally).
     Burst {
@@ -163,6 +123,50 @@ enum Cmd {
     },
 }
 
+/// `outpost-bench fanout`.
+#[derive(Debug, clap::Args)]
+struct FanoutArgs {
+    #[arg(long, value_enum)]
+    pub proto: proto::Proto,
+    /// The server's base URL, e.g. ws://127.0.0.1:7700
+    #[arg(long)]
+    pub url: String,
+    /// Outpost token (other protocols ignore it).
+    #[arg(long, default_value = "")]
+    pub token: String,
+    #[arg(long, default_value_t = 100)]
+    pub subs: usize,
+    /// Subscriber i follows topic i % topics; the publisher round-robins.
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
+    /// Messages per second (all topics together).
+    #[arg(long, default_value_t = 50)]
+    pub rate: u64,
+    #[arg(long, default_value_t = 5)]
+    pub secs: u64,
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Outpost: ephemeral (never stored) instead of durable events.
+    #[arg(long)]
+    pub ephemeral: bool,
+    /// The server's PID, to read its CPU time.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Spread subscribers over this many source addresses 127.0.0.2.. (ports).
+    #[arg(long, default_value_t = 4)]
+    pub source_ips: u8,
+    /// A label for the results (e.g. "outpost-fsync").
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Where the publisher connects (default: --url); another edge measures the
+    /// edge -> cloud -> edge path.
+    #[arg(long)]
+    pub publish_url: Option<String>,
+    /// Exit with an error unless every expected delivery arrived.
+    #[arg(long)]
+    pub require_all: bool,
+}
+
 fn rss_kib(pid: u32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     s.lines()
@@ -198,23 +202,23 @@ fn topic(p: proto::Proto, k: usize) -> String {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn fanout(
-    p: proto::Proto,
-    url: String,
-    token: String,
-    subs: usize,
-    topics: usize,
-    rate: u64,
-    secs: u64,
-    size: usize,
-    ephemeral: bool,
-    pid: Option<u32>,
-    source_ips: u8,
-    label: Option<String>,
-    publish_url: Option<String>,
-    require_all: bool,
-) -> Result<()> {
+async fn fanout(args: FanoutArgs) -> Result<()> {
+    let FanoutArgs {
+        proto: p,
+        url,
+        token,
+        subs,
+        topics,
+        rate,
+        secs,
+        size,
+        ephemeral,
+        pid,
+        source_ips,
+        label,
+        publish_url,
+        require_all,
+    } = args;
     let topics = topics.max(1);
     if p == proto::Proto::Ws && topics > 1 {
         bail!("the ws peer broadcasts to everyone: one topic only");
@@ -559,40 +563,7 @@ async fn subscribe(ws: &mut Ws, channel: &str) -> Result<()> {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Fanout {
-            proto,
-            url,
-            token,
-            subs,
-            topics,
-            rate,
-            secs,
-            size,
-            ephemeral,
-            pid,
-            source_ips,
-            label,
-            publish_url,
-            require_all,
-        } => {
-            fanout(
-                proto,
-                url,
-                token,
-                subs,
-                topics,
-                rate,
-                secs,
-                size,
-                ephemeral,
-                pid,
-                source_ips,
-                label,
-                publish_url,
-                require_all,
-            )
-            .await?
-        }
+        Cmd::Fanout(args) => fanout(args).await?,
         Cmd::Burst {
             url,
             token,

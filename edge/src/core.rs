@@ -639,10 +639,16 @@ impl Core {
         let gen = g.written + 1;
         let mut dirty = false;
         let mut result = Ok(());
+        // Looked up once per drain, not per storage action.
+        let storage = self.storage();
         while let Some(out) = g.node.poll() {
             match out {
                 Output::Persist(p) => {
-                    if let Err(e) = self.storage().and_then(|s| Ok(s.apply(&p)?)) {
+                    let applied = match &storage {
+                        Ok(s) => s.apply(&p).map_err(CoreError::from),
+                        Err(e) => Err(CoreError::Storage(e.to_string())),
+                    };
+                    if let Err(e) = applied {
                         result = Err(e);
                         break;
                     }

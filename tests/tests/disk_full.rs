@@ -54,6 +54,15 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Publishes one 16 KiB event as request `n`; returns the reply.
+async fn publish_blob(ws: &mut Ws, n: u64, blob: &str) -> Result<Value> {
+    ws.request(
+        json!({"type": "publish", "channel": "project:disk", "event": "e", "data": {"n": n, "blob": blob}}),
+        n,
+    )
+    .await
+}
+
 async fn history_dots(edge: &Edge) -> Result<BTreeSet<String>> {
     let http = reqwest::Client::new();
     let mut dots = BTreeSet::new();
@@ -98,12 +107,7 @@ async fn a_full_disk_refuses_writes_clearly_and_loses_nothing_acknowledged() -> 
     let mut acked = BTreeSet::new();
     let mut error = None;
     for n in 1..2_000u64 {
-        let r = ws
-            .request(
-                json!({"type": "publish", "channel": "project:disk", "event": "e", "data": {"n": n, "blob": blob}}),
-                n,
-            )
-            .await?;
+        let r = publish_blob(&mut ws, n, &blob).await?;
         match r["type"].as_str() {
             Some("ack") => {
                 acked.insert(r["dot"].as_str().unwrap_or_default().to_owned());
@@ -136,12 +140,7 @@ async fn a_full_disk_refuses_writes_clearly_and_loses_nothing_acknowledged() -> 
     fs.resize("64m")?;
     let mut resumed = false;
     for n in 10_000..10_200u64 {
-        let r = ws
-            .request(
-                json!({"type": "publish", "channel": "project:disk", "event": "e", "data": {"n": n, "blob": blob}}),
-                n,
-            )
-            .await?;
+        let r = publish_blob(&mut ws, n, &blob).await?;
         if r["type"] == "ack" {
             acked.insert(r["dot"].as_str().unwrap_or_default().to_owned());
             resumed = true;
