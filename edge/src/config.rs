@@ -317,6 +317,57 @@ impl Default for CacheConfig {
     }
 }
 
+/// WebRTC data channels to this server (`[webrtc]`, `POST /v1/rtc/offer`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebRtcConfig {
+    pub enabled: bool,
+    /// Local address the ICE UDP sockets bind to. A concrete address: a wildcard
+    /// skips loopback. Defaults to the gateway's listen address's IP.
+    pub bind_ip: Option<std::net::IpAddr>,
+    /// UDP ports for ICE, inclusive; `[0, 0]` lets the OS pick.
+    pub udp_port_min: u16,
+    pub udp_port_max: u16,
+    /// The public IPs of an edge behind 1:1 NAT, advertised as host candidates.
+    pub public_ips: Vec<String>,
+    /// STUN/TURN servers (`stun:host:port`, `turn:host:port`) for this server's ICE
+    /// agent; browsers get their own list from the SDK.
+    pub ice_servers: Vec<IceServer>,
+    /// At most this many peer connections at once (each also counts as a connection).
+    pub max_peers: usize,
+    /// A peer whose data channel is not open this long after the answer is dropped.
+    pub connect_timeout_secs: u64,
+    /// Per data channel: bytes handed to SCTP but not yet acknowledged. Past it the
+    /// connection's queue backs up and a slow consumer is closed (4100), as on
+    /// WebSocket; it also paces a fresh channel's first flight.
+    pub send_buffer_bytes: usize,
+}
+
+/// One ICE server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    pub username: String,
+    pub credential: String,
+}
+
+impl Default for WebRtcConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind_ip: None,
+            udp_port_min: 0,
+            udp_port_max: 0,
+            public_ips: Vec::new(),
+            ice_servers: Vec::new(),
+            max_peers: 1_000,
+            connect_timeout_secs: 15,
+            send_buffer_bytes: 256 * 1024,
+        }
+    }
+}
+
 /// Test-only endpoints (`[testing]`), off by default and never for production.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -353,6 +404,7 @@ pub struct EdgeConfig {
     pub uplink: Option<UplinkConfig>,
     /// Cloud only: the QUIC endpoint edges connect to.
     pub hub: Option<HubConfig>,
+    pub webrtc: WebRtcConfig,
     pub testing: TestingConfig,
 }
 
@@ -377,6 +429,7 @@ impl Default for EdgeConfig {
             cache: CacheConfig::default(),
             uplink: None,
             hub: None,
+            webrtc: WebRtcConfig::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -399,6 +452,7 @@ const ENV_KEYS: &[&str] = &[
     "cache",
     "uplink",
     "hub",
+    "webrtc",
 ];
 
 /// Variables the `outpost` CLI reads; servers ignore them silently.
@@ -560,6 +614,28 @@ impl EdgeConfig {
             bad(
                 "storage.commit_window_ms",
                 "must be at most 100 (it delays every ack)",
+            );
+        }
+        let w = &self.webrtc;
+        if w.udp_port_min > w.udp_port_max {
+            bad(
+                "webrtc.udp_port_min",
+                "must not be above webrtc.udp_port_max",
+            );
+        }
+        if w.max_peers == 0 {
+            bad("webrtc.max_peers", "must be at least 1");
+        }
+        if w.connect_timeout_secs == 0 {
+            bad("webrtc.connect_timeout_secs", "must be at least 1");
+        }
+        if w.send_buffer_bytes < 16 * 1024 {
+            bad("webrtc.send_buffer_bytes", "must be at least 16384");
+        }
+        if w.bind_ip.is_some_and(|ip| ip.is_unspecified()) {
+            bad(
+                "webrtc.bind_ip",
+                "must be a concrete address (a wildcard bind skips loopback)",
             );
         }
         if self.sse_heartbeat_secs == 0 {

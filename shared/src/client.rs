@@ -312,6 +312,13 @@ pub enum ServerMsg {
     Pong {
         id: Option<u64>,
     },
+    /// WebRTC data channels only (they have no close frame): the server is about to
+    /// close the connection; `code` is a WebSocket close code (4100 slow consumer,
+    /// 4101 going away, 4102 idle, 4001 unauthorized) and means the same.
+    Close {
+        code: u16,
+        reason: String,
+    },
     Error {
         id: Option<u64>,
         code: ErrorCode,

@@ -2,6 +2,7 @@
 //! limits, health and metrics. The cloud serves the same gateway.
 
 pub mod rest;
+pub mod rtc;
 pub mod sse;
 pub mod ws;
 
@@ -34,6 +35,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The edge's link to the cloud, when it has one.
     pub uplink: Arc<Mutex<crate::link::uplink::UplinkStatus>>,
+    /// Permits for WebRTC peer connections (`webrtc.max_peers`).
+    pub rtc_peers: Arc<tokio::sync::Semaphore>,
     next_conn: AtomicU64,
 }
 
@@ -55,6 +58,7 @@ impl AppState {
                 cfg.limits.max_connections,
                 cfg.limits.max_connections_per_ip,
             )),
+            rtc_peers: Arc::new(tokio::sync::Semaphore::new(cfg.webrtc.max_peers)),
             core,
             auth,
             cfg,
@@ -262,6 +266,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.cfg.limits.max_message_bytes;
     let r = Router::new()
         .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/rtc/offer", axum::routing::post(rtc::offer))
         .route(
             "/v1/channels/{channel}/events",
             get(rest::events_get).post(rest::publish),

@@ -8,12 +8,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::{FuturesOrdered, SplitSink};
-use futures_util::{Future, SinkExt, StreamExt};
+use futures_util::stream::FuturesOrdered;
+use futures_util::{Future, Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use shared::client::{self, dot_string, ClientMsg, CloseCode, ErrorCode, ServerMsg};
 use shared::replica::{LocalOutcome, LocalWrite};
@@ -60,7 +60,11 @@ pub async fn upgrade(
         .max_frame_size(max * 4 + 4096)
         .on_upgrade(move |socket| {
             let span = tracing::info_span!("ws", peer = %addr);
-            async move { Conn::run(state, socket, slot, cred).await }.instrument(span)
+            async move {
+                let (sink, stream) = socket.split();
+                serve(state, sink, stream, slot, cred).await
+            }
+            .instrument(span)
         })
 }
 
@@ -113,9 +117,7 @@ struct Conn {
     _slot: ConnGuard,
 }
 
-type Sink = SplitSink<WebSocket, Message>;
-
-async fn close(sink: &mut Sink, code: CloseCode, reason: &str) {
+async fn close<K: Sink<Message> + Unpin>(sink: &mut K, code: CloseCode, reason: &str) {
     let _ = sink
         .send(Message::Close(Some(CloseFrame {
             code: code as u16,
@@ -155,111 +157,121 @@ async fn sleep_until_expiry(exp: Option<u64>) {
     }
 }
 
-impl Conn {
-    async fn run(state: Arc<AppState>, socket: WebSocket, slot: ConnGuard, cred: Option<String>) {
-        let (mut sink, mut stream) = socket.split();
-        let limits = state.cfg.limits.clone();
-        let mut conn = Conn {
-            state: state.clone(),
-            principal: None,
-            handle: None,
-            queue: None,
-            kill: CancellationToken::new(),
-            subs: HashSet::new(),
-            acks: FuturesOrdered::new(),
-            tokens: f64::from(limits.publish_burst),
-            refilled: Instant::now(),
-            _slot: slot,
-        };
-        // A token in the URL or header authenticates at once; otherwise the first
-        // message must be `connect` (unless anonymous access is on).
-        if cred.is_some() || state.cfg.auth.allow_anonymous {
-            match state.principal(cred.as_deref()) {
-                Ok(p) => {
-                    let hello = conn.authenticated(p);
-                    if sink.send(text(&hello)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = sink
-                        .send(text(&ServerMsg::error(None, e.code, &e.message)))
-                        .await;
-                    close(&mut sink, CloseCode::Unauthorized, &e.message).await;
+/// Serves one client connection over a message transport: a WebSocket, or the
+/// WebRTC data channels (`super::rtc`), which carry the same messages.
+pub(crate) async fn serve<K, S, E>(
+    state: Arc<AppState>,
+    mut sink: K,
+    mut stream: S,
+    slot: ConnGuard,
+    cred: Option<String>,
+) where
+    K: Sink<Message> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Unpin,
+{
+    let limits = state.cfg.limits.clone();
+    let mut conn = Conn {
+        state: state.clone(),
+        principal: None,
+        handle: None,
+        queue: None,
+        kill: CancellationToken::new(),
+        subs: HashSet::new(),
+        acks: FuturesOrdered::new(),
+        tokens: f64::from(limits.publish_burst),
+        refilled: Instant::now(),
+        _slot: slot,
+    };
+    // A token in the URL or header authenticates at once; otherwise the first
+    // message must be `connect` (unless anonymous access is on).
+    if cred.is_some() || state.cfg.auth.allow_anonymous {
+        match state.principal(cred.as_deref()) {
+            Ok(p) => {
+                let hello = conn.authenticated(p);
+                if sink.send(text(&hello)).await.is_err() {
                     return;
                 }
             }
-        }
-        let idle = Duration::from_secs(limits.idle_timeout_secs);
-        let mut deadline = tokio::time::Instant::now() + idle;
-        loop {
-            let exp = conn.principal.as_ref().and_then(|p| p.expires_at);
-            tokio::select! {
-                biased;
-                _ = state.shutdown.cancelled() => {
-                    close(&mut sink, CloseCode::GoingAwayResume, "server shutting down: reconnect to another endpoint and resume").await;
-                    break;
-                }
-                _ = state.core.draining.cancelled() => {
-                    close(&mut sink, CloseCode::GoingAwayResume, "this edge is being drained: reconnect to another endpoint and resume").await;
-                    break;
-                }
-                _ = conn.kill.cancelled() => {
-                    let code = conn.handle.as_ref().map(ConnHandle::kill_code).unwrap_or(CloseCode::GoingAwayResume);
-                    let reason = match code {
-                        CloseCode::SlowConsumerResume => "slow consumer: reconnect and resume with your tokens",
-                        _ => "go elsewhere and resume",
-                    };
-                    close(&mut sink, code, reason).await;
-                    break;
-                }
-                p = recv_queue(&mut conn.queue) => {
-                    let Some(p) = p else { break };
-                    if sink.feed(Message::Text(p.json.clone())).await.is_err() { break; }
-                    let mut more = 0;
-                    while more < 64 {
-                        match conn.queue.as_mut().map(|q| q.try_recv()) {
-                            Some(Ok(p)) => {
-                                if sink.feed(Message::Text(p.json.clone())).await.is_err() { break; }
-                                more += 1;
-                            }
-                            _ => break,
-                        }
-                    }
-                    if sink.flush().await.is_err() { break; }
-                }
-                ack = next_ack(&mut conn.acks) => {
-                    if sink.send(text(&ack)).await.is_err() { break; }
-                }
-                m = stream.next() => {
-                    let Some(Ok(m)) = m else { break };
-                    deadline = tokio::time::Instant::now() + idle;
-                    let replies = match m {
-                        Message::Text(t) => conn.on_text(&t),
-                        Message::Binary(_) => vec![ServerMsg::error(None, ErrorCode::BadRequest, "binary messages are not part of the protocol; send JSON text")],
-                        Message::Close(_) => break,
-                        Message::Ping(_) | Message::Pong(_) => Vec::new(),
-                    };
-                    let mut failed = false;
-                    for r in &replies {
-                        if sink.feed(text(r)).await.is_err() { failed = true; break; }
-                    }
-                    if failed || sink.flush().await.is_err() { break; }
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    close(&mut sink, CloseCode::IdleTimeout, "idle timeout").await;
-                    break;
-                }
-                _ = sleep_until_expiry(exp) => {
-                    let _ = sink.send(text(&ServerMsg::error(None, ErrorCode::TokenExpired, "token expired"))).await;
-                    close(&mut sink, CloseCode::Unauthorized, "token expired: reconnect with a fresh token").await;
-                    break;
-                }
+            Err(e) => {
+                let _ = sink
+                    .send(text(&ServerMsg::error(None, e.code, &e.message)))
+                    .await;
+                close(&mut sink, CloseCode::Unauthorized, &e.message).await;
+                return;
             }
         }
-        conn.cleanup();
     }
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    let mut deadline = tokio::time::Instant::now() + idle;
+    loop {
+        let exp = conn.principal.as_ref().and_then(|p| p.expires_at);
+        tokio::select! {
+            biased;
+            _ = state.shutdown.cancelled() => {
+                close(&mut sink, CloseCode::GoingAwayResume, "server shutting down: reconnect to another endpoint and resume").await;
+                break;
+            }
+            _ = state.core.draining.cancelled() => {
+                close(&mut sink, CloseCode::GoingAwayResume, "this edge is being drained: reconnect to another endpoint and resume").await;
+                break;
+            }
+            _ = conn.kill.cancelled() => {
+                let code = conn.handle.as_ref().map(ConnHandle::kill_code).unwrap_or(CloseCode::GoingAwayResume);
+                let reason = match code {
+                    CloseCode::SlowConsumerResume => "slow consumer: reconnect and resume with your tokens",
+                    _ => "go elsewhere and resume",
+                };
+                close(&mut sink, code, reason).await;
+                break;
+            }
+            p = recv_queue(&mut conn.queue) => {
+                let Some(p) = p else { break };
+                if sink.feed(Message::Text(p.json.clone())).await.is_err() { break; }
+                let mut more = 0;
+                while more < 64 {
+                    match conn.queue.as_mut().map(|q| q.try_recv()) {
+                        Some(Ok(p)) => {
+                            if sink.feed(Message::Text(p.json.clone())).await.is_err() { break; }
+                            more += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                if sink.flush().await.is_err() { break; }
+            }
+            ack = next_ack(&mut conn.acks) => {
+                if sink.send(text(&ack)).await.is_err() { break; }
+            }
+            m = stream.next() => {
+                let Some(Ok(m)) = m else { break };
+                deadline = tokio::time::Instant::now() + idle;
+                let replies = match m {
+                    Message::Text(t) => conn.on_text(&t),
+                    Message::Binary(_) => vec![ServerMsg::error(None, ErrorCode::BadRequest, "binary messages are not part of the protocol; send JSON text")],
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => Vec::new(),
+                };
+                let mut failed = false;
+                for r in &replies {
+                    if sink.feed(text(r)).await.is_err() { failed = true; break; }
+                }
+                if failed || sink.flush().await.is_err() { break; }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                close(&mut sink, CloseCode::IdleTimeout, "idle timeout").await;
+                break;
+            }
+            _ = sleep_until_expiry(exp) => {
+                let _ = sink.send(text(&ServerMsg::error(None, ErrorCode::TokenExpired, "token expired"))).await;
+                close(&mut sink, CloseCode::Unauthorized, "token expired: reconnect with a fresh token").await;
+                break;
+            }
+        }
+    }
+    conn.cleanup();
+}
 
+impl Conn {
     fn authenticated(&mut self, p: Principal) -> ServerMsg {
         if self.handle.is_none() {
             let (handle, queue) = self.state.new_conn(&p.subject);
