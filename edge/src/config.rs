@@ -339,7 +339,8 @@ pub struct WebRtcConfig {
     pub connect_timeout_secs: u64,
     /// Per data channel: bytes handed to SCTP but not yet acknowledged. Past it the
     /// connection's queue backs up and a slow consumer is closed (4100), as on
-    /// WebSocket; it also paces a fresh channel's first flight.
+    /// WebSocket. (A fresh channel's first flight is paced tighter, see
+    /// `gateway::rtc`.)
     pub send_buffer_bytes: usize,
 }
 

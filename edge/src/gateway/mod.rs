@@ -283,13 +283,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .route("/metrics", get(rest::metrics))
-        .route("/", get(rest::index));
+        .route("/", get(rest::index))
+        .route("/demo/app.js", get(rest::demo_app))
+        .route("/sdk/outpost.js", get(rest::sdk));
     let r = if state.cfg.testing.websocket_echo {
         r.route("/v1/test/echo", get(ws::echo))
     } else {
         r
     };
+    // Credentials travel in headers or the query string, never in cookies, so any
+    // origin may call: a page served by one endpoint fails over to the others.
+    let cors = tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods(tower_http::cors::Any)
+        .allow_headers(tower_http::cors::Any)
+        .max_age(std::time::Duration::from_secs(3600));
     r.fallback(rest::not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(cors)
         .with_state(state)
 }

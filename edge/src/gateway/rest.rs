@@ -380,7 +380,50 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// What this server is and where its endpoints are.
-pub async fn index(State(state): State<Arc<AppState>>) -> Response {
+/// The flowboard demo page (`edge/src/demo/`), served at `/` to browsers.
+const DEMO_HTML: &str = include_str!("../demo/index.html");
+const DEMO_APP: &str = include_str!("../demo/app.js");
+/// The browser SDK (`clients/js/outpost.js`), served so that pages need no build step.
+const SDK: &str = include_str!("../../../clients/js/outpost.js");
+
+fn javascript(body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /demo/app.js`
+pub async fn demo_app() -> Response {
+    javascript(DEMO_APP)
+}
+
+/// `GET /sdk/outpost.js`
+pub async fn sdk() -> Response {
+    javascript(SDK)
+}
+
+/// `GET /`: the demo page for browsers (`Accept: text/html`), otherwise what this
+/// server is, as JSON.
+pub async fn index(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let html = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    if html {
+        return (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            DEMO_HTML,
+        )
+            .into_response();
+    }
     Json(serde_json::json!({
         "name": "outpost",
         "version": env!("CARGO_PKG_VERSION"),
@@ -393,6 +436,9 @@ pub async fn index(State(state): State<Arc<AppState>>) -> Response {
             "history": "/v1/channels/{channel}/history?since=TOKEN&limit=N",
             "state": "/v1/channels/{channel}/state[/{key}]",
             "presence": "/v1/channels/{channel}/presence",
+            "webrtc": "POST /v1/rtc/offer",
+            "demo": "/ (Accept: text/html)",
+            "sdk": "/sdk/outpost.js",
             "health": ["/healthz", "/readyz"],
             "metrics": "/metrics",
         },
