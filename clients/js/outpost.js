@@ -606,6 +606,9 @@ export class Channel extends Emitter {
     this.dots = new DotWindow(client.opts.dedupWindow);
     this.keyed = new Map(); // key -> {value, deleted, resolvers, inflight: dot|null|'sent'}
     this.state = new Map(); // key -> {value, hlc, origin}
+    this.keyVersion = new Map(); // key -> ops seen for it (to notice others' writes)
+    this.unconfirmed = new Map(); // key -> acknowledged write not yet seen come back
+    this.resent = 0;
     this.members = new Map(); // client -> {client, subject, data, seen, via}
     this.presenceData = null;
     this.peers = new Map(); // client id -> PeerLink
@@ -630,6 +633,15 @@ export class Channel extends Emitter {
     const r = await this.client._request(msg, { retry: false });
     if (r.token) this.token = r.token;
     this.emit('subscribed', r);
+    // A state write acknowledged by an endpoint that then died may not have left it:
+    // if the replay from this endpoint did not bring it back and nobody wrote the key
+    // since, write the same value again (its context now covers everything seen).
+    for (const [key, u] of this.unconfirmed) {
+      this.unconfirmed.delete(key);
+      if (this.keyed.has(key) || (this.keyVersion.get(key) || 0) !== u.version) continue;
+      this.resent += 1;
+      this._keyed(key, { value: u.value, deleted: u.deleted }).catch(() => {});
+    }
     if (r.truncated) await this.loadState();
     if (this.presenceData) await this._joinServer().catch(() => {});
   }
@@ -648,7 +660,11 @@ export class Channel extends Emitter {
       case 'op': {
         if (m.token) this.token = m.token;
         if (!this.dots.add(m.dot)) return; // at-least-once duplicate
-        if (m.op === 'set' || m.op === 'delete') this._applyState(m);
+        if (m.op === 'set' || m.op === 'delete') {
+          this.keyVersion.set(m.key, (this.keyVersion.get(m.key) || 0) + 1);
+          if (this.unconfirmed.get(m.key)?.dot === m.dot) this.unconfirmed.delete(m.key);
+          this._applyState(m);
+        }
         for (const k of this.keyed.values()) if (k.inflight === m.dot) k.inflight = 'seen';
         this.emit('op', m);
         this._flushKeyed();
@@ -752,8 +768,12 @@ export class Channel extends Emitter {
       const msg = w.deleted ? { type: 'delete', channel: this.name, key } : { type: 'set', channel: this.name, key, value: w.value };
       const ctx = w.context || (this.subscribed ? this.token : null);
       if (ctx) msg.context = ctx;
+      const sent = { value: w.value, deleted: w.deleted };
       c._request(msg, { retry: false }).then(
         (ack) => {
+          if (this.subscribed && !this.dots.has(ack.dot)) {
+            this.unconfirmed.set(key, { ...sent, dot: ack.dot, version: this.keyVersion.get(key) || 0 });
+          }
           const cur = this.keyed.get(key);
           if (cur === w) {
             if (cur.dirty) cur.inflight = this.dots.has(ack.dot) ? 'seen' : ack.dot;

@@ -7,62 +7,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use outpost_tests::{admin_token, eventually, free_udp_port, metric, publish, Cloud, Edge, Ws};
+use outpost_tests::fleet::{browser_ready, connected, fleet, fleet_with, Fleet, OPERATOR_KEY, TOKEN_A};
+use outpost_tests::{admin_token, eventually, metric, publish, Edge, Ws};
 use serde_json::{json, Value};
 
-const TOKEN_A: &str = "edge-a-uplink-token-0123456789";
-const TOKEN_B: &str = "edge-b-uplink-token-0123456789";
 
-struct Fleet {
-    cloud: Cloud,
-    a: Edge,
-    b: Edge,
-    _dir: tempfile::TempDir,
-}
-
-fn fleet() -> Result<Fleet> {
-    fleet_with("")
-}
-
-const OPERATOR_KEY: &str = "opk_operator_test_key_0123456789";
-
-/// A cloud and two edges; `extra_a` is added to edge A's configuration.
-fn fleet_with(extra_a: &str) -> Result<Fleet> {
-    let dir = match std::env::var("TEST_KEEP_DIR") {
-        Ok(p) => tempfile::Builder::new()
-            .disable_cleanup(true)
-            .tempdir_in(p)?,
-        Err(_) => tempfile::tempdir()?,
-    };
-    let cloud = Cloud::start(
-        &dir.path().join("cloud"),
-        free_udp_port()?,
-        &[("edge-a", TOKEN_A), ("edge-b", TOKEN_B)],
-        &format!(
-            "[auth]\noperator_keys = [{{ name = \"ops\", sha256 = \"{}\" }}]\n",
-            edge::auth::api_key_hash(OPERATOR_KEY)
-        ),
-    )?;
-    let a = Edge::start(
-        &dir.path().join("a"),
-        &format!("{}\n{extra_a}", cloud.uplink_toml(TOKEN_A)),
-    )?;
-    let b = Edge::start(&dir.path().join("b"), &cloud.uplink_toml(TOKEN_B))?;
-    Ok(Fleet {
-        cloud,
-        a,
-        b,
-        _dir: dir,
-    })
-}
-
-async fn connected(http: &reqwest::Client, cloud: &Cloud, n: f64) -> Result<()> {
-    let url = cloud.url("/metrics");
-    eventually(Duration::from_secs(20), "edges to connect", || async {
-        Ok((metric(http, &url, "outpost_edges_connected").await? == n).then_some(()))
-    })
-    .await
-}
 
 async fn history(http: &reqwest::Client, base: String, channel: &str) -> Result<Vec<Value>> {
     let v: Value = http
@@ -127,21 +76,6 @@ async fn an_op_published_on_edge_a_reaches_a_subscriber_on_edge_b() -> Result<()
     Ok(())
 }
 
-impl Fleet {
-    /// The tail of every log, for a failing test's report.
-    fn logs(&self) -> String {
-        let tail = |s: String| {
-            let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        };
-        format!(
-            "--- cloud log\n{}\n--- edge A log\n{}\n--- edge B log\n{}",
-            tail(self.cloud.log()),
-            tail(self.a.log()),
-            tail(self.b.log())
-        )
-    }
-}
 
 /// Runs a fleet test; on failure, attaches the processes' logs to the error.
 async fn with_logs<F>(f: &mut Fleet, body: F) -> Result<()>
@@ -684,22 +618,6 @@ async fn operators_see_the_fleet_read_the_reconciliation_report_and_drain_and_re
     Ok(())
 }
 
-/// Whether the browser tests can run here: Debian's chromium and the npm packages.
-/// Off CI they are skipped with a message when missing; `scripts/test` installs them.
-fn browser_ready() -> Result<bool> {
-    let chromium = Path::new("/usr/bin/chromium").exists();
-    let modules = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("browser/node_modules/playwright-core")
-        .exists();
-    if chromium && modules {
-        return Ok(true);
-    }
-    if std::env::var("CI").is_ok() {
-        anyhow::bail!("CI must run the browser tests: chromium {chromium}, playwright-core {modules} (scripts/test installs both)");
-    }
-    eprintln!("skipping the browser test: chromium installed {chromium}, playwright-core installed {modules}; run scripts/test to install them");
-    Ok(false)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_a_dead_edge_and_the_reconciliation_report() -> Result<()> {

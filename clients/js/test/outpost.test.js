@@ -1,0 +1,266 @@
+// Unit tests of the SDK's connection logic against an in-memory server:
+// reconnect and failover, resume by token, de-duplication by dot, the offline queue,
+// coalesced state writes and the re-send of writes lost with a dead endpoint.
+// Run: node --test clients/js/test/
+import test from 'node:test';
+import assert from 'node:assert/strict';
+import { Outpost, backoffDelay, DotWindow } from '../outpost.js';
+
+/** A fake of one Outpost server per endpoint, sharing one log (as replicas converge). */
+class FakeNet {
+  constructor() {
+    this.down = new Set();
+    this.conns = [];
+    this.log = []; // every message clients sent: {endpoint, msg}
+    this.ops = new Map(); // channel -> [op]
+    this.seq = 0;
+    this.autoAck = true;
+  }
+  transport() {
+    const net = this;
+    return class FakeTransport {
+      constructor(endpoint) {
+        this.name = 'websocket';
+        this.endpoint = endpoint;
+      }
+      async open() {
+        await Promise.resolve();
+        if (net.down.has(this.endpoint)) throw Object.assign(new Error(`${this.endpoint} refused`), { code: 'transport' });
+        net.conns.push(this);
+        return { type: 'connected', client: `c-${net.conns.length}`, replica: this.endpoint };
+      }
+      send(msg) {
+        net.log.push({ endpoint: this.endpoint, msg });
+        queueMicrotask(() => net.handle(this, msg));
+      }
+      close() {
+        this.closed = true;
+      }
+    };
+  }
+  /** Tokens are just the count of ops the subscriber has, as a string. */
+  handle(t, msg) {
+    if (t.closed) return;
+    if (msg.type === 'subscribe') {
+      const ops = this.ops.get(msg.channel) || [];
+      const from = msg.since ? Number(msg.since) : 0;
+      // Re-deliver the last op before the token too: at-least-once duplicates.
+      for (const op of ops.slice(Math.max(0, from - 1))) t.onMessage(op);
+      t.onMessage({ type: 'subscribed', id: msg.id, channel: msg.channel, token: String(ops.length), replayed: ops.length - from });
+    } else if ((msg.type === 'publish' && !msg.ephemeral) || msg.type === 'set' || msg.type === 'delete') {
+      if (!this.autoAck) return;
+      const op = this.append(msg.channel, msg);
+      t.onMessage({ type: 'ack', id: msg.id, dot: op.dot });
+      this.broadcast(op);
+    } else if (msg.id != null) {
+      t.onMessage({ type: msg.type === 'ping' ? 'pong' : 'ack', id: msg.id });
+    }
+  }
+  append(channel, msg) {
+    const ops = this.ops.get(channel) || [];
+    this.ops.set(channel, ops);
+    const op = {
+      type: 'op',
+      channel,
+      dot: `r:${++this.seq}`,
+      hlc: `${1000 + this.seq}.0`,
+      token: String(ops.length + 1),
+      op: msg.type === 'publish' ? 'event' : msg.type,
+      event: msg.event,
+      data: msg.data,
+      key: msg.key,
+      value: msg.value,
+    };
+    ops.push(op);
+    return op;
+  }
+  broadcast(op) {
+    for (const c of this.conns) if (!c.closed) c.onMessage(op);
+  }
+  /** The server side drops every connection (an endpoint dies). */
+  kill(endpoint) {
+    this.down.add(endpoint);
+    for (const c of this.conns) {
+      if (c.endpoint === endpoint && !c.closed) {
+        c.closed = true;
+        c.onClose({ code: 1006, reason: 'gone' });
+      }
+    }
+  }
+}
+
+const client = (net, extra = {}) =>
+  new Outpost({
+    endpoints: ['http://a', 'http://b', 'http://cloud'],
+    token: 't',
+    backoff: { min: 1, max: 5 },
+    peerToPeer: false,
+    env: { transports: { websocket: net.transport() }, random: () => 0.5 },
+    ...extra,
+  });
+
+const until = async (pred, what, ms = 2000) => {
+  const t0 = Date.now();
+  while (!pred()) {
+    if (Date.now() - t0 > ms) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+};
+
+test('backoff: immediate first retry, then full jitter under an exponential cap', () => {
+  assert.equal(backoffDelay(0, { min: 100, max: 5000 }, () => 0.99), 0);
+  assert.equal(backoffDelay(1, { min: 100, max: 5000 }, () => 0.5), 100);
+  assert.equal(backoffDelay(3, { min: 100, max: 5000 }, () => 0.5), 400);
+  assert.equal(backoffDelay(30, { min: 100, max: 5000 }, () => 0.999), 4995);
+  for (let a = 1; a < 40; a++) {
+    const d = backoffDelay(a, { min: 100, max: 5000 });
+    assert.ok(d >= 0 && d < 5000, `attempt ${a}: ${d}`);
+  }
+});
+
+test('DotWindow drops repeats and forgets the oldest past its size', () => {
+  const w = new DotWindow(3);
+  assert.ok(w.add('a:1'));
+  assert.ok(!w.add('a:1'));
+  w.add('a:2');
+  w.add('a:3');
+  w.add('a:4');
+  assert.ok(!w.has('a:1') && w.has('a:4'));
+  assert.ok(w.add('a:1'));
+});
+
+test('fails over to the next endpoint, resumes from the token, drops duplicates', async () => {
+  const net = new FakeNet();
+  const c = client(net);
+  const ch = c.channel('project:1');
+  const seen = [];
+  ch.on('op', (m) => seen.push(m.data.n));
+  await ch.subscribe();
+  await until(() => c.status.online, 'online');
+  assert.equal(c.status.endpoint, 'http://a');
+  for (let n = 1; n <= 3; n++) net.broadcast(net.append('project:1', { type: 'publish', event: 'e', data: { n } }));
+  await until(() => seen.length === 3, 'three ops');
+  net.kill('http://a');
+  await until(() => c.status.online && c.status.endpoint === 'http://b', 'failover to b');
+  const resub = net.log.filter((l) => l.msg.type === 'subscribe' && l.endpoint === 'http://b');
+  assert.equal(resub.length, 1);
+  assert.equal(resub[0].msg.since, '3', 'resumes from the last token');
+  net.broadcast(net.append('project:1', { type: 'publish', event: 'e', data: { n: 4 } }));
+  await until(() => seen.length === 4, 'the fourth op');
+  assert.deepEqual(seen, [1, 2, 3, 4], 'the re-delivered op 3 was dropped by its dot');
+  c.close();
+});
+
+test('with every endpoint down it backs off and reconnects when one returns', async () => {
+  const net = new FakeNet();
+  ['http://a', 'http://b', 'http://cloud'].forEach((e) => net.down.add(e));
+  const c = client(net);
+  const states = [];
+  c.onStatus((s) => states.push(s.state));
+  await until(() => c.status.attempt >= 3, 'several rounds');
+  assert.ok(states.includes('offline'));
+  net.down.delete('http://cloud');
+  await until(() => c.status.online, 'online');
+  assert.equal(c.status.endpoint, 'http://cloud');
+  c.close();
+});
+
+test('writes made offline are queued, counted, and sent once in order on connect', async () => {
+  const net = new FakeNet();
+  ['http://a', 'http://b', 'http://cloud'].forEach((e) => net.down.add(e));
+  const c = client(net);
+  const ch = c.channel('project:q');
+  const acks = [ch.publish('one', 1), ch.publish('two', 2)];
+  await until(() => c.status.queued === 2, 'two queued');
+  net.down.delete('http://b');
+  const dots = await Promise.all(acks);
+  assert.equal(dots.length, 2);
+  const sent = net.log.filter((l) => l.msg.type === 'publish').map((l) => l.msg.event);
+  assert.deepEqual(sent, ['one', 'two']);
+  assert.equal(c.status.queued, 0);
+  c.close();
+});
+
+test('a write whose ack was lost is re-sent with the same idempotency key', async () => {
+  const net = new FakeNet();
+  const c = client(net);
+  await until(() => c.status.online, 'online');
+  net.autoAck = false;
+  const ch = c.channel('project:k');
+  const p = ch.publish('job.created', { job: 7 });
+  await until(() => net.log.some((l) => l.msg.type === 'publish'), 'sent');
+  net.autoAck = true;
+  net.kill('http://a');
+  const dot = await p;
+  const sent = net.log.filter((l) => l.msg.type === 'publish');
+  assert.equal(sent.length, 2);
+  assert.equal(sent[0].msg.key, sent[1].msg.key);
+  assert.equal(sent[1].endpoint, 'http://b');
+  assert.match(dot, /^r:/);
+  c.close();
+});
+
+test('state writes to one key coalesce and carry the channel token as context', async () => {
+  const net = new FakeNet();
+  const c = client(net);
+  const ch = c.channel('project:s');
+  await ch.subscribe();
+  await until(() => c.status.online, 'online');
+  const ps = [1, 2, 3, 4].map((x) => ch.set('pos', { x }));
+  await Promise.all(ps);
+  const sets = net.log.filter((l) => l.msg.type === 'set');
+  assert.deepEqual(
+    sets.map((l) => l.msg.value.x),
+    [1, 4],
+    'the first write goes at once; the latest waits for it to come back',
+  );
+  assert.equal(sets[1].msg.context, '1', 'the second write has seen the first');
+  assert.equal(ch.state.get('pos').value.x, 4);
+  c.close();
+});
+
+test('an acknowledged state write that died with its endpoint is written again', async () => {
+  const net = new FakeNet();
+  const c = client(net);
+  const ch = c.channel('project:u');
+  await ch.subscribe();
+  await until(() => c.status.online, 'online');
+  // Endpoint a acks but dies before the op replicates or comes back.
+  const ackOnly = net.handle.bind(net);
+  net.handle = (t, msg) => {
+    if (msg.type === 'set' && t.endpoint === 'http://a') {
+      t.onMessage({ type: 'ack', id: msg.id, dot: 'a:99' });
+      return;
+    }
+    ackOnly(t, msg);
+  };
+  await ch.set('node:1', { x: 5 });
+  net.kill('http://a');
+  await until(() => (net.ops.get('project:u') || []).length === 1, 'the write again, at b');
+  assert.equal(net.ops.get('project:u')[0].value.x, 5);
+  assert.equal(ch.resent, 1);
+  c.close();
+});
+
+test('a write another client superseded is not written again after failover', async () => {
+  const net = new FakeNet();
+  const c = client(net);
+  const ch = c.channel('project:v');
+  await ch.subscribe();
+  await until(() => c.status.online, 'online');
+  const orig = net.handle.bind(net);
+  net.handle = (t, msg) => {
+    if (msg.type === 'set' && t.endpoint === 'http://a') return t.onMessage({ type: 'ack', id: msg.id, dot: 'a:99' });
+    orig(t, msg);
+  };
+  await ch.set('k', 'mine');
+  // Someone else's write to the key arrives before the failover.
+  net.broadcast(net.append('project:v', { type: 'set', key: 'k', value: 'theirs' }));
+  await until(() => ch.state.get('k')?.value === 'theirs', 'their write');
+  net.kill('http://a');
+  await until(() => c.status.endpoint === 'http://b' && c.status.online, 'failover');
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(ch.resent, 0);
+  assert.equal(net.ops.get('project:v').length, 1);
+  c.close();
+});
