@@ -7,11 +7,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use outpost_tests::fleet::{browser_ready, connected, fleet, fleet_with, Fleet, OPERATOR_KEY, TOKEN_A};
+use outpost_tests::fleet::{
+    browser_ready, connected, fleet, fleet_with, Fleet, OPERATOR_KEY, TOKEN_A,
+};
 use outpost_tests::{admin_token, eventually, metric, publish, Edge, Ws};
 use serde_json::{json, Value};
-
-
 
 async fn history(http: &reqwest::Client, base: String, channel: &str) -> Result<Vec<Value>> {
     let v: Value = http
@@ -75,7 +75,6 @@ async fn an_op_published_on_edge_a_reaches_a_subscriber_on_edge_b() -> Result<()
     );
     Ok(())
 }
-
 
 /// Runs a fleet test; on failure, attaches the processes' logs to the error.
 async fn with_logs<F>(f: &mut Fleet, body: F) -> Result<()>
@@ -617,7 +616,6 @@ async fn operators_see_the_fleet_read_the_reconciliation_report_and_drain_and_re
     ensure!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unauthorized"));
     Ok(())
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_the_fleet_a_dead_edge_and_the_reconciliation_report() -> Result<()> {

@@ -297,3 +297,98 @@ async fn slowloris_connections_are_closed_and_the_edge_keeps_serving() -> Result
     );
     Ok(())
 }
+
+/// `POST /v1/rtc/offer` refuses what it cannot use before it opens a peer connection:
+/// no or bad credentials, junk, answers instead of offers, oversized bodies; with
+/// WebRTC off it says so. Each refusal has its error code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webrtc_offers_that_cannot_be_used_are_refused_with_clear_errors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(&dir.path().join("on"), "")?;
+    let off = Edge::start(&dir.path().join("off"), "[webrtc]\nenabled = false\n")?;
+    let http = reqwest::Client::new();
+    let good = token("ada", "*", &Action::ALL, 600);
+    let offer = |e: &Edge, tok: Option<&str>, body: String| {
+        let mut r = http
+            .post(e.url("/v1/rtc/offer"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(t) = tok {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let cases: Vec<(&Edge, Option<&str>, String, u16, &str)> = vec![
+        (
+            &edge,
+            None,
+            r#"{"type":"offer","sdp":"v=0"}"#.into(),
+            401,
+            "unauthorized",
+        ),
+        (
+            &edge,
+            Some("junk"),
+            r#"{"type":"offer","sdp":"v=0"}"#.into(),
+            401,
+            "unauthorized",
+        ),
+        (&edge, Some(&good), "not json".into(), 400, "bad_request"),
+        (
+            &edge,
+            Some(&good),
+            r#"{"type":"answer","sdp":"v=0"}"#.into(),
+            400,
+            "bad_request",
+        ),
+        (
+            &edge,
+            Some(&good),
+            r#"{"type":"offer","sdp":"garbage"}"#.into(),
+            400,
+            "bad_request",
+        ),
+        (
+            &edge,
+            Some(&good),
+            format!(r#"{{"type":"offer","sdp":"{}"}}"#, "a".repeat(70_000)),
+            413,
+            "message_too_large",
+        ),
+        (
+            &off,
+            Some(&good),
+            r#"{"type":"offer","sdp":"v=0"}"#.into(),
+            404,
+            "not_found",
+        ),
+    ];
+    for (i, (e, tok, body, status, code)) in cases.into_iter().enumerate() {
+        let r = offer(e, tok, body).await?;
+        let got = r.status().as_u16();
+        let v: Value = r.json().await.context("error body")?;
+        ensure!(
+            got == status && v["error"]["code"] == code,
+            "case {i}: {got} {v}, expected {status} {code}"
+        );
+    }
+    // Nothing was left behind: no peer connections, and the edge still answers.
+    let metrics = http.get(edge.url("/metrics")).send().await?.text().await?;
+    let peers = metrics
+        .lines()
+        .find(|l| l.starts_with("outpost_rtc_peers "))
+        .map(|l| l.trim_start_matches("outpost_rtc_peers ").trim().to_owned());
+    ensure!(
+        peers.as_deref().unwrap_or("0") == "0",
+        "peers left: {peers:?}"
+    );
+    publish(
+        &http,
+        &edge,
+        &good,
+        "project:1",
+        json!({"event": "still-up"}),
+    )
+    .await?;
+    Ok(())
+}

@@ -125,6 +125,8 @@ board.subscribe();
 activity.subscribe();
 board.join(me);
 setInterval(renderCursors, 1000);
+// Leaving the page says goodbye (presence leave) instead of timing out.
+addEventListener('pagehide', () => client.close());
 
 // --- interaction -------------------------------------------------------------------
 const svg = $('canvas');

@@ -32,6 +32,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 
+use axum::extract::rejection::StringRejection;
 use axum::extract::ws::Message;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
@@ -103,8 +104,19 @@ pub async fn offer(
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     Query(q): Query<WsQuery>,
     headers: HeaderMap,
-    body: String,
+    body: Result<String, StringRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            return ApiError::new(
+                ErrorCode::MessageTooLarge,
+                format!("an offer is at most {MAX_OFFER_BYTES} bytes"),
+            )
+            .into_response()
+        }
+        Err(e) => return ApiError::new(ErrorCode::BadRequest, e.body_text()).into_response(),
+    };
     match answer(state, addr, q, headers, body).await {
         Ok(a) => {
             metrics::counter!("outpost_rtc_offers_total", "result" => "answered").increment(1);
@@ -269,6 +281,11 @@ fn rand_u32() -> u32 {
     u32::from_le_bytes(b)
 }
 
+/// A data-channel send in progress.
+type Sending = Pin<Box<dyn Future<Output = Result<(), Gone>> + Send>>;
+/// The unreliable channel, once it is open.
+type EphemeralSlot = Arc<Mutex<Option<Arc<dyn DataChannel>>>>;
+
 /// Why the connection's message stream ended.
 #[derive(Debug)]
 struct Gone;
@@ -280,10 +297,10 @@ struct Gone;
 /// packet each overflows the browser's UDP receive buffer long before the bytes do.
 struct RtcSink {
     reliable: Arc<dyn DataChannel>,
-    ephemeral: Arc<Mutex<Option<Arc<dyn DataChannel>>>>,
+    ephemeral: EphemeralSlot,
     rel: String,
     eph: String,
-    sending: Option<Pin<Box<dyn Future<Output = Result<(), Gone>> + Send>>>,
+    sending: Option<Sending>,
     /// Until then the channel sends with [`FIRST_FLIGHT_WINDOW`].
     first_flight_until: Instant,
 }
@@ -405,7 +422,7 @@ impl Sink<Message> for RtcSink {
 async fn pump(
     dc: Arc<dyn DataChannel>,
     inbound: mpsc::Sender<Result<Message, Gone>>,
-    opened: Option<Arc<Mutex<Option<Arc<dyn DataChannel>>>>>,
+    opened: Option<EphemeralSlot>,
     reliable: bool,
 ) {
     while let Some(ev) = dc.poll().await {
@@ -453,7 +470,7 @@ async fn session(
     // Bounded: a peer that sends faster than its connection task reads is slowed
     // down by SCTP flow control instead of filling memory.
     let (in_tx, in_rx) = mpsc::channel::<Result<Message, Gone>>(INBOUND_QUEUE);
-    let ephemeral: Arc<Mutex<Option<Arc<dyn DataChannel>>>> = Arc::default();
+    let ephemeral: EphemeralSlot = Arc::default();
     let deadline = tokio::time::Instant::now() + timeout;
     // Wait for the reliable channel; route any channel that arrives meanwhile.
     let reliable = loop {
