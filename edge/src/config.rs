@@ -853,6 +853,28 @@ ttl_secs = 600
 max_bytes = 268435456
 sweep_secs = 10
 
+# WebRTC data channels to this server (POST /v1/rtc/offer).
+[webrtc]
+enabled = true
+# ICE UDP sockets bind here; a concrete address (a wildcard skips loopback).
+# Default: the IP of `listen`.
+# bind_ip = "10.0.0.5"
+# UDP port range for ICE (inclusive); 0-0 lets the OS pick. Open it in firewalls.
+udp_port_min = 0
+udp_port_max = 0
+# The public IPs of an edge behind 1:1 NAT, advertised as host candidates.
+public_ips = []
+# STUN/TURN servers for this server's ICE agent, e.g.
+# ice_servers = [{ urls = ["stun:stun.example.org:3478"] }]
+ice_servers = []
+# Peer connections at once (each also counts as a connection).
+max_peers = 1000
+# A peer whose data channel has not opened this long after the answer is dropped.
+connect_timeout_secs = 15
+# Per data channel: bytes handed to SCTP and not yet acknowledged. Past it the
+# connection's queue backs up and a slow consumer is closed (4100).
+send_buffer_bytes = 262144
+
 # The link to the cloud. Without this section the edge runs on its own.
 # [uplink]
 # endpoints = ["127.0.0.1:7800"]        # cloud QUIC addresses, tried in order
