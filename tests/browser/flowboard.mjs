@@ -130,6 +130,16 @@ try {
   await waitFor(ps, () => window.flowboard.nodes().find((n) => n.id === 'enrich')?.y === 60, null, 'the SSE page sees A\'s move');
   await ps.close();
   await pr.close();
+  // Peers that went away are cleaned up on the edge.
+  t0 = Date.now();
+  for (;;) {
+    const m = await (await fetch(`${cfg.b}/metrics`)).text();
+    const peers = Number((m.match(/^outpost_rtc_peers (\S+)/m) || [])[1] || 0);
+    if (peers === 0) break;
+    if (Date.now() - t0 > 45000) throw new Error(`edge B still holds ${peers} WebRTC peers 45 s after the pages closed`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  figures.rtc_cleanup_ms = Date.now() - t0;
 
   // 5. Activity from the sample publisher.
   step('job activity from scripts/demo-jobs');
