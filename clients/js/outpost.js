@@ -98,6 +98,34 @@ const wsBase = (endpoint) => httpBase(endpoint).replace(/^http/, 'ws');
 //   open(): Promise (resolves once the server said `connected`, or for SSE once the
 //   endpoint answered); send(msg); close(); and calls onMessage(msg) / onClose(info).
 
+/** Parses a transport's JSON lines: settles `open()` on `connected` or an error,
+ * keeps a data channel's `close` notice, passes everything else on. */
+function handshake(t, resolve, reject) {
+  const hs = {
+    connected: false,
+    line(text) {
+      let msg;
+      try {
+        msg = JSON.parse(text);
+      } catch {
+        return;
+      }
+      if (!hs.connected && msg.type === 'connected') {
+        hs.connected = true;
+        resolve(msg);
+      } else if (!hs.connected && msg.type === 'error') {
+        reject(new OutpostError(msg.code, msg.message));
+      }
+      if (msg.type === 'close') {
+        t.closeInfo = { code: msg.code, reason: msg.reason };
+        return;
+      }
+      t.onMessage?.(msg);
+    },
+  };
+  return hs;
+}
+
 class WebSocketTransport {
   constructor(endpoint, token, env) {
     this.name = 'websocket';
@@ -108,24 +136,10 @@ class WebSocketTransport {
     return new Promise((resolve, reject) => {
       const ws = new this.env.WebSocket(this.url);
       this.ws = ws;
-      let connected = false;
-      ws.onmessage = (e) => {
-        let msg;
-        try {
-          msg = JSON.parse(e.data);
-        } catch {
-          return;
-        }
-        if (!connected && msg.type === 'connected') {
-          connected = true;
-          resolve(msg);
-        } else if (!connected && msg.type === 'error') {
-          reject(new OutpostError(msg.code, msg.message));
-        }
-        this.onMessage?.(msg);
-      };
+      const hs = handshake(this, resolve, reject);
+      ws.onmessage = (e) => hs.line(e.data);
       ws.onclose = (e) => {
-        if (!connected) reject(new OutpostError('transport', `WebSocket closed before it connected (${e.code})`));
+        if (!hs.connected) reject(new OutpostError('transport', `WebSocket closed before it connected (${e.code})`));
         else this.onClose({ code: e.code, reason: e.reason });
       };
       ws.onerror = () => {};
@@ -167,36 +181,17 @@ class WebRtcTransport {
     if (!res.ok) throw new OutpostError(body.error?.code || 'transport', body.error?.message || `HTTP ${res.status}`);
     await pc.setRemoteDescription(body);
     return new Promise((resolve, reject) => {
-      let connected = false;
+      const hs = handshake(this, resolve, reject);
       // One data-channel message may carry several protocol messages, one per line.
       const onData = (e) => {
-        if (typeof e.data === 'string') for (const line of e.data.split('\n')) onMsg(line);
-      };
-      const onMsg = (line) => {
-        let msg;
-        try {
-          msg = JSON.parse(line);
-        } catch {
-          return;
-        }
-        if (!connected && msg.type === 'connected') {
-          connected = true;
-          resolve(msg);
-        } else if (!connected && msg.type === 'error') {
-          reject(new OutpostError(msg.code, msg.message));
-        }
-        if (msg.type === 'close') {
-          this.closeInfo = { code: msg.code, reason: msg.reason };
-          return;
-        }
-        this.onMessage?.(msg);
+        if (typeof e.data === 'string') for (const line of e.data.split('\n')) hs.line(line);
       };
       reliable.onmessage = onData;
       eph.onmessage = onData;
       const down = () => {
         if (this.closed) return;
         this.closed = true;
-        if (!connected) reject(new OutpostError('transport', 'data channel closed before it connected'));
+        if (!hs.connected) reject(new OutpostError('transport', 'data channel closed before it connected'));
         else this.onClose(this.closeInfo || { code: 1006, reason: 'data channel closed' });
         try {
           pc.close();
