@@ -88,6 +88,9 @@ try {
   await waitFor(pa, () => window.flowboard.nodes().some((n) => n.id === 'rtc'), null, 'A sees the WebRTC page\'s node');
   await pa.evaluate(() => window.flowboard.moveNode('ingest', 80, 120));
   await waitFor(pr, () => window.flowboard.nodes().find((n) => n.id === 'ingest')?.y === 120, null, 'the WebRTC page sees A\'s move');
+  // Messages larger than one SCTP chunk (the browser fragments, the edge reassembles).
+  const bigDot = await pr.evaluate(() => window.flowboard.board.publish('big', 'y'.repeat(40000)));
+  if (!/^[0-9a-f]+:\d+$/.test(bigDot)) throw new Error(`a 40 KB publish over WebRTC: ${bigDot}`);
   // First flight: 3,000 ops (~1.4 MB) replayed to fresh data channels.
   const burst = `${activity}/burst`;
   const pad = 'x'.repeat(400);
