@@ -27,6 +27,10 @@ use super::{channel, credential, now_secs, ApiError, AppState, ConnGuard};
 use crate::auth::{Action, Principal};
 use crate::hub::{ConnHandle, Push};
 
+/// tungstenite's read chunk: an idle connection keeps one allocated, so it is most of
+/// an idle connection's memory; a larger message takes a few more reads.
+const READ_BUFFER: usize = 1024;
+
 #[derive(Debug, Default, Deserialize)]
 pub struct WsQuery {
     pub token: Option<String>,
@@ -54,7 +58,7 @@ pub async fn upgrade(
     let max = state.cfg.limits.max_message_bytes;
     // Frames gather in an 8 KiB write buffer until the connection task flushes (after
     // a batch of queued messages): one write per batch instead of one per message.
-    ws.read_buffer_size(4096)
+    ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(8 * 1024)
         .max_message_size(max * 4 + 4096)
         .max_frame_size(max * 4 + 4096)
