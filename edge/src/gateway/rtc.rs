@@ -346,10 +346,11 @@ impl RtcSink {
                     // Slow start: no more than FIRST_FLIGHT_WINDOW in flight while the
                     // association has no RTT estimate yet (its retransmit timer is
                     // then 1 s, so one lost packet would stall the channel that long).
-                    while reliable.outstanding_bytes().await.unwrap_or(0) + rel.len()
-                        > FIRST_FLIGHT_WINDOW
-                        && reliable.outstanding_bytes().await.unwrap_or(0) > 0
-                    {
+                    loop {
+                        let out = reliable.outstanding_bytes().await.unwrap_or(0);
+                        if out == 0 || out + rel.len() <= FIRST_FLIGHT_WINDOW {
+                            break;
+                        }
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
