@@ -179,10 +179,8 @@ function moveNode(id, x, y) {
 function deleteNode(id) {
   const waits = [board.delete(`node:${id}`)];
   for (const [k, v] of board.state) if (k.startsWith('edge:') && v.value && (v.value.from === id || v.value.to === id)) waits.push(board.delete(k));
-  const cur = board.state.get(`node:${id}`);
-  board.state.set(`node:${id}`, { deleted: true, hlc: cur?.hlc || [0, 0], origin: cur?.origin || '' });
   selected = null;
-  render();
+  localSet(`node:${id}`, undefined, true);
   return Promise.all(waits);
 }
 function addLink(from, to) {
@@ -191,9 +189,9 @@ function addLink(from, to) {
   return board.set(k, { from, to });
 }
 // Optimistic local update; the server's op (same or newer) replaces it when it arrives.
-function localSet(key, value) {
+function localSet(key, value, deleted = false) {
   const cur = board.state.get(key);
-  board.state.set(key, { value, deleted: false, hlc: cur?.hlc || [0, 0], origin: cur?.origin || '' });
+  board.state.set(key, { value, deleted, hlc: cur?.hlc || [0, 0], origin: cur?.origin || '' });
   render();
 }
 

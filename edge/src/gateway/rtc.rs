@@ -229,12 +229,22 @@ async fn build(
     } else {
         // Start at a random port of the range so concurrent offers do not collide.
         let n = u32::from(w.udp_port_max - w.udp_port_min) + 1;
-        let start = (rand_u32() % n) as u16;
+        let start = (getrandom::u64().unwrap_or(0) % u64::from(n)) as u16;
         (0..n.min(64) as u16)
             .map(|i| w.udp_port_min + ((start + i) % n as u16))
             .collect()
     };
+    let ice_servers: Vec<RTCIceServer> = w
+        .ice_servers
+        .iter()
+        .map(|s| RTCIceServer {
+            urls: s.urls.clone(),
+            username: s.username.clone(),
+            credential: s.credential.clone(),
+        })
+        .collect();
     let mut last = String::new();
+    // The builders are consumed by each attempt, so they are made per port.
     for port in ports {
         let mut settings = SettingEngineBuilder::new()
             // mDNS needs a multicast interface ("No such device" without one) and
@@ -245,16 +255,7 @@ async fn build(
             settings = settings.with_nat_1to1_ips(w.public_ips.clone(), RTCIceCandidateType::Host);
         }
         let config = RTCConfigurationBuilder::new()
-            .with_ice_servers(
-                w.ice_servers
-                    .iter()
-                    .map(|s| RTCIceServer {
-                        urls: s.urls.clone(),
-                        username: s.username.clone(),
-                        credential: s.credential.clone(),
-                    })
-                    .collect(),
-            )
+            .with_ice_servers(ice_servers.clone())
             .build();
         match PeerConnectionBuilder::new()
             .with_configuration(config)
@@ -273,12 +274,6 @@ async fn build(
         ErrorCode::Internal,
         format!("could not open a WebRTC peer connection ({last})"),
     ))
-}
-
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    let _ = getrandom::fill(&mut b);
-    u32::from_le_bytes(b)
 }
 
 /// A data-channel send in progress.
@@ -458,6 +453,27 @@ async fn pump(
     }
 }
 
+/// Starts reading an ephemeral channel, closes unknown ones, and hands back the
+/// reliable one.
+async fn route(
+    dc: Arc<dyn DataChannel>,
+    inbound: &mpsc::Sender<Result<Message, Gone>>,
+    ephemeral: &EphemeralSlot,
+) -> Option<Arc<dyn DataChannel>> {
+    match dc.label().await.unwrap_or_default().as_str() {
+        RELIABLE => Some(dc),
+        EPHEMERAL => {
+            tokio::spawn(pump(dc, inbound.clone(), Some(ephemeral.clone()), false));
+            None
+        }
+        other => {
+            tracing::debug!(label = other, "closing an unknown data channel");
+            let _ = dc.close().await;
+            None
+        }
+    }
+}
+
 async fn session(
     state: Arc<AppState>,
     pc: Box<dyn PeerConnection>,
@@ -483,16 +499,11 @@ async fn session(
             }
         };
         match ev {
-            Some(Event::Channel(dc)) => match dc.label().await.unwrap_or_default().as_str() {
-                RELIABLE => break Some(dc),
-                EPHEMERAL => {
-                    tokio::spawn(pump(dc, in_tx.clone(), Some(ephemeral.clone()), false));
+            Some(Event::Channel(dc)) => {
+                if let Some(dc) = route(dc, &in_tx, &ephemeral).await {
+                    break Some(dc);
                 }
-                other => {
-                    tracing::debug!(label = other, "closing an unknown data channel");
-                    let _ = dc.close().await;
-                }
-            },
+            }
             Some(Event::Ended(s)) => {
                 tracing::info!(%s, "peer connection ended before its data channel");
                 break None;
@@ -508,11 +519,11 @@ async fn session(
         let watcher = tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
                 match ev {
-                    Event::Channel(dc) if dc.label().await.ok().as_deref() == Some(EPHEMERAL) => {
-                        tokio::spawn(pump(dc, ev_tx.clone(), Some(eph.clone()), false));
-                    }
                     Event::Channel(dc) => {
-                        let _ = dc.close().await;
+                        // A second reliable channel has no connection task to feed.
+                        if let Some(dc) = route(dc, &ev_tx, &eph).await {
+                            let _ = dc.close().await;
+                        }
                     }
                     Event::Ended(s) => {
                         tracing::info!(%s, "peer connection ended");
