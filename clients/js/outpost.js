@@ -700,11 +700,14 @@ export class Channel extends Emitter {
   /** Loads every live key (REST, any transport) into `state` and emits `state` for each. */
   async loadState() {
     const c = this.client;
+    // Ops that arrive while the read is under way are newer than what it returns.
+    const versions = new Map(this.keyVersion);
     const base = httpBase(c.status.endpoint || c.opts.endpoints[0]);
     const res = await c.env.fetch(`${base}/v1/channels/${encodeURIComponent(this.name)}/state?token=${encodeURIComponent(await c._token())}`);
     if (!res.ok) throw new OutpostError('state', `HTTP ${res.status}`);
     const body = await res.json();
     for (const k of body.keys) {
+      if ((this.keyVersion.get(k.key) || 0) !== (versions.get(k.key) || 0)) continue;
       const cur = this.state.get(k.key);
       if (cur && cur.hlc && k.hlc && cmpHlc(cur.hlc, parseHlc(k.hlc)) > 0) continue;
       const entry = { value: k.value, deleted: !!k.deleted, conflict: !!k.conflict, hlc: k.hlc ? parseHlc(k.hlc) : cur?.hlc || [0, 0], origin: cur?.origin || '' };
