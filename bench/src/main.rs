@@ -165,6 +165,28 @@ struct FanoutArgs {
     /// Exit with an error unless every expected delivery arrived.
     #[arg(long)]
     pub require_all: bool,
+    /// A shell command run when the measured window opens (after the subscriptions
+    /// settle, before the first publish), e.g. `callgrind_control -z PID`.
+    #[arg(long)]
+    pub at_start: Option<String>,
+    /// A shell command run when the window closes (every delivery in), e.g.
+    /// `callgrind_control -d PID`.
+    #[arg(long)]
+    pub at_end: Option<String>,
+}
+
+/// Runs a window hook and waits for it.
+fn hook(cmd: Option<&str>) -> Result<()> {
+    if let Some(cmd) = cmd {
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .status()?;
+        if !st.success() {
+            bail!("`{cmd}` failed: {st}");
+        }
+    }
+    Ok(())
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -177,15 +199,15 @@ fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 /// The process's CPU time (user + system, all threads) in seconds.
-fn cpu_secs(pid: u32) -> Result<f64> {
+/// The server's CPU time so far, user and kernel (seconds), from `/proc/PID/stat`.
+fn cpu_secs(pid: u32) -> Result<(f64, f64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start at ") ".
     let rest = s.rsplit_once(") ").map(|(_, r)| r).context("stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // USER_HZ is 100 on Linux.
-    Ok(ticks as f64 / 100.0)
+    Ok((ticks(11) as f64 / 100.0, ticks(12) as f64 / 100.0))
 }
 
 fn source_ip(i: usize, n: u8) -> Option<std::net::IpAddr> {
@@ -218,6 +240,8 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
         label,
         publish_url,
         require_all,
+        at_start,
+        at_end,
     } = args;
     let topics = topics.max(1);
     if p == proto::Proto::Ws && topics > 1 {
@@ -289,7 +313,9 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
                 hist.lock()
                     .map_err(|_| anyhow::anyhow!("poisoned"))?
                     .add(&local)?;
-                anyhow::Ok(())
+                // Kept open until the server's CPU time has been read: closing 10k
+                // connections is not part of delivering.
+                anyhow::Ok(ws)
             }));
         }
         connected += batch.len();
@@ -306,6 +332,9 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let pad = "p".repeat(size);
+    // Let the server finish the subscriptions' work before the CPU window opens.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    hook(at_start.as_deref())?;
     let cpu_before = pid.map(cpu_secs).transpose()?;
     let t0 = Instant::now() + Duration::from_millis(50);
     let t0_ns = unix_ns() + 50_000_000;
@@ -328,14 +357,20 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
     }
     done_flag.store(true, Ordering::Relaxed);
     publishing_done.notify_waiters();
+    let mut open = Vec::with_capacity(tasks.len());
     for t in tasks {
-        t.await??;
+        open.push(t.await??);
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = match (pid, cpu_before) {
-        (Some(pid), Some(b)) => Some(cpu_secs(pid)? - b),
-        _ => None,
+    hook(at_end.as_deref())?;
+    let (cpu, cpu_user) = match (pid, cpu_before) {
+        (Some(pid), Some((u0, s0))) => {
+            let (u1, s1) = cpu_secs(pid)?;
+            (Some(u1 - u0 + s1 - s0), Some(u1 - u0))
+        }
+        _ => (None, None),
     };
+    drop(open);
     drain.abort();
     let h = hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e6;
@@ -348,6 +383,7 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
         "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": h.max() as f64 / 1e6,
         "deliveries_per_s": got as f64 / elapsed,
         "server_cpu_s": cpu,
+        "server_user_s": cpu_user,
         "cpu_s_per_1m": cpu.map(|c| c / (got.max(1) as f64) * 1e6),
     });
     eprintln!(

@@ -870,3 +870,85 @@ async fn export_and_import_restore_a_stopped_edge() -> Result<()> {
     ensure!(s["value"]["v"] == 1, "{s}");
     Ok(())
 }
+
+/// The connection's timers (idle timeout, token expiry) and its kill paths wait in a
+/// gate that is polled only when they fire: traffic keeps a connection open, silence
+/// closes it with 4102, an expired token closes it with `token_expired` + 4001, a
+/// token renewed with `connect` moves the expiry, and messages keep flowing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_and_token_expiry_close_connections_and_renewal_moves_them() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(dir.path(), "[limits]\nidle_timeout_secs = 2\n")?;
+    let http = reqwest::Client::new();
+    let t = admin_token();
+    let short = token("u-short", "*", &Action::ALL, 2);
+    let mut busy = Ws::connect(&edge, &t).await?;
+    busy.subscribe("project:timers", None).await?;
+    let mut expiring = Ws::connect(&edge, &short).await?;
+    let mut renewed = Ws::connect(&edge, &short).await?;
+    renewed.send(json!({"type": "connect", "token": t})).await?;
+    let hello = renewed.recv().await?;
+    ensure!(hello["type"] == "connected", "renewal: {hello}");
+    let mut silent = Ws::connect(&edge, &t).await?;
+    let started = tokio::time::Instant::now();
+    // 4.2 s of traffic every 0.6 s: twice the idle timeout, past the short token's
+    // expiry (2 s, rounded up to the next second plus one).
+    let mut expired_at = None;
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_millis(4200) {
+        n += 1;
+        let pong = busy.request(json!({"type": "ping"}), 10 + n).await?;
+        ensure!(pong["type"] == "pong", "{pong}");
+        let (status, _) = publish(
+            &http,
+            &edge,
+            API_KEY,
+            "project:timers",
+            json!({"event": "tick", "data": {"n": n}}),
+        )
+        .await?;
+        ensure!(status == 200);
+        let op = busy.recv_until(|m| m["type"] == "op").await?;
+        ensure!(op["data"]["n"] == n, "{op}");
+        let pong = renewed.request(json!({"type": "ping"}), 10 + n).await?;
+        ensure!(
+            pong["type"] == "pong",
+            "the renewed connection closed: {pong}"
+        );
+        if expired_at.is_none() {
+            expiring.send(json!({"type": "ping", "id": 10 + n})).await?;
+            let m = expiring
+                .recv_within(Duration::from_secs(2))
+                .await
+                .context("expiring connection")?;
+            if m["code"] == "token_expired" {
+                expired_at = Some(started.elapsed());
+            } else {
+                ensure!(m["type"] == "pong", "unexpected {m}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    let expired_at = expired_at.context("the short token never expired")?;
+    ensure!(
+        expired_at >= Duration::from_millis(1500),
+        "expired too early: {expired_at:?}"
+    );
+    ensure!(
+        expiring.close_code(Duration::from_secs(3)).await? == Some(4001),
+        "expired token: close code"
+    );
+    // The silent connection was closed for idleness long ago; the busy one only now.
+    ensure!(
+        silent.close_code(Duration::from_millis(100)).await? == Some(4102),
+        "silent connection: close code"
+    );
+    let quiet_from = tokio::time::Instant::now();
+    ensure!(busy.close_code(Duration::from_secs(5)).await? == Some(4102));
+    let quiet = quiet_from.elapsed();
+    ensure!(
+        quiet >= Duration::from_millis(1000),
+        "closed {quiet:?} after the last message: the timer did not move"
+    );
+    Ok(())
+}

@@ -14,7 +14,7 @@
 //! within `webrtc.connect_timeout_secs`.
 //!
 //! Batching: messages written together travel as one data-channel message, joined
-//! by `\n` (see [`RtcSink`]); the SDK splits them.
+//! by `\n` (see [`RtcIo`]); the SDK splits them.
 //!
 //! Pacing: every data channel has a send-buffer limit (`webrtc.send_buffer_bytes`,
 //! bytes handed to SCTP and not yet acknowledged); past it, the connection's queue
@@ -290,7 +290,9 @@ struct Gone;
 /// messages separated by `\n` (JSON text never contains a raw newline), up to
 /// [`BATCH_BYTES`]. Fewer, fuller SCTP packets: a burst of small messages as one
 /// packet each overflows the browser's UDP receive buffer long before the bytes do.
-struct RtcSink {
+/// Also the stream of messages the pumps read from both channels.
+struct RtcIo {
+    inbound: mpsc::Receiver<Result<Message, Gone>>,
     reliable: Arc<dyn DataChannel>,
     ephemeral: EphemeralSlot,
     rel: String,
@@ -310,7 +312,7 @@ const FIRST_FLIGHT: Duration = Duration::from_secs(3);
 /// A data-channel message is flushed once it holds this much.
 const BATCH_BYTES: usize = 16 * 1024;
 
-impl RtcSink {
+impl RtcIo {
     fn push(buf: &mut String, text: &str) {
         if !buf.is_empty() {
             buf.push('\n');
@@ -365,7 +367,7 @@ impl RtcSink {
     }
 }
 
-impl Sink<Message> for RtcSink {
+impl Sink<Message> for RtcIo {
     type Error = Gone;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Gone>> {
@@ -534,7 +536,8 @@ async fn session(
             }
         });
         drop(in_tx);
-        let sink = RtcSink {
+        let io = RtcIo {
+            inbound: in_rx,
             reliable,
             ephemeral,
             rel: String::new(),
@@ -542,15 +545,17 @@ async fn session(
             sending: None,
             first_flight_until: Instant::now() + FIRST_FLIGHT,
         };
-        serve(state, sink, inbound_stream(in_rx), slot, cred).await;
+        serve(state, io, slot, cred).await;
         watcher.abort();
     }
     let _ = pc.close().await;
     metrics::gauge!("outpost_rtc_peers").decrement(1.0);
 }
 
-fn inbound_stream(
-    mut rx: mpsc::Receiver<Result<Message, Gone>>,
-) -> impl Stream<Item = Result<Message, Gone>> + Unpin {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+impl Stream for RtcIo {
+    type Item = Result<Message, Gone>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().inbound.poll_recv(cx)
+    }
 }
