@@ -7,15 +7,15 @@
 //! Queues are bounded: a subscriber whose queue is full is killed as a slow consumer
 //! (it reconnects and resumes with its token; the log has everything).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::task::AtomicWaker;
 use shared::client::{self, CloseCode, PresenceAction, ServerMsg};
 use shared::{token, ChannelName, Ephemeral, Op, Payload, VersionVector};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub type ConnId = u64;
@@ -31,6 +31,123 @@ pub struct Push {
     pub event: &'static str,
 }
 
+/// A connection's bounded queue of pushes. The hub appends under a short lock; the
+/// connection task takes a whole batch under one lock. (A tokio bounded channel paid a
+/// semaphore lock per message on each side — a fifth of a fan-out's instructions —
+/// and allocated a block of slots per connection up front.)
+#[derive(Debug)]
+pub struct Outbox {
+    inner: Mutex<OutboxState>,
+    waker: AtomicWaker,
+    cap: usize,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    items: VecDeque<Arc<Push>>,
+    /// The connection task is gone: pushes are refused.
+    closed: bool,
+}
+
+/// What became of a push.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The queue holds `cap` messages already: a slow consumer.
+    Full,
+    Closed,
+}
+
+impl Outbox {
+    /// A queue of at most `cap` messages and its receiving end.
+    pub fn new(cap: usize) -> (Arc<Self>, OutboxRx) {
+        let q = Arc::new(Self {
+            inner: Mutex::new(OutboxState::default()),
+            waker: AtomicWaker::new(),
+            cap,
+        });
+        (q.clone(), OutboxRx { q })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutboxState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn push(&self, p: Arc<Push>) -> Pushed {
+        {
+            let mut st = self.lock();
+            if st.closed {
+                return Pushed::Closed;
+            }
+            if st.items.len() >= self.cap {
+                return Pushed::Full;
+            }
+            st.items.push_back(p);
+        }
+        self.waker.wake();
+        Pushed::Queued
+    }
+}
+
+/// The connection task's end of an [`Outbox`].
+#[derive(Debug)]
+pub struct OutboxRx {
+    q: Arc<Outbox>,
+}
+
+impl OutboxRx {
+    /// Moves up to `max` queued messages into `into` (which should be empty), or waits
+    /// for the first one.
+    pub fn poll_take(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        into: &mut VecDeque<Arc<Push>>,
+        max: usize,
+    ) -> std::task::Poll<()> {
+        if self.take(into, max) {
+            return std::task::Poll::Ready(());
+        }
+        self.q.waker.register(cx.waker());
+        // A push between the first look and the registration woke no one: look again.
+        if self.take(into, max) {
+            return std::task::Poll::Ready(());
+        }
+        std::task::Poll::Pending
+    }
+
+    fn take(&mut self, into: &mut VecDeque<Arc<Push>>, max: usize) -> bool {
+        let mut st = self.q.lock();
+        if st.items.is_empty() {
+            return false;
+        }
+        if st.items.len() <= max {
+            // Swap buffers: no copying and, in a steady state, no allocation.
+            std::mem::swap(&mut st.items, into);
+        } else {
+            into.extend(st.items.drain(..max));
+        }
+        true
+    }
+
+    /// The next message.
+    pub async fn recv(&mut self) -> Arc<Push> {
+        let mut one = VecDeque::new();
+        std::future::poll_fn(|cx| self.poll_take(cx, &mut one, 1)).await;
+        match one.pop_front() {
+            Some(p) => p,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for OutboxRx {
+    fn drop(&mut self) {
+        let mut st = self.q.lock();
+        st.closed = true;
+        st.items = VecDeque::new();
+    }
+}
+
 /// Why a connection was killed by the hub.
 pub const KILL_NONE: u8 = 0;
 pub const KILL_SLOW: u8 = 1;
@@ -42,22 +159,22 @@ pub struct ConnHandle {
     /// The id other clients use to address it (signals) and see it by (presence).
     pub client: Arc<str>,
     pub subject: Arc<str>,
-    pub tx: mpsc::Sender<Arc<Push>>,
+    pub tx: Arc<Outbox>,
     pub kill: CancellationToken,
     pub kill_reason: Arc<AtomicU8>,
 }
 
 impl ConnHandle {
     fn push(&self, p: Arc<Push>) -> bool {
-        match self.tx.try_send(p) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        match self.tx.push(p) {
+            Pushed::Queued => true,
+            Pushed::Full => {
                 self.kill_reason.store(KILL_SLOW, Ordering::Relaxed);
                 self.kill.cancel();
                 metrics::counter!("outpost_slow_consumer_closes_total").increment(1);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Pushed::Closed => false,
         }
     }
 
@@ -407,5 +524,57 @@ impl Hub {
                 sub.conn.kill.cancel();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn push(n: usize) -> Arc<Push> {
+        Arc::new(Push {
+            json: format!("{{\"n\":{n}}}").into(),
+            token: None,
+            event: "op",
+        })
+    }
+
+    #[test]
+    fn outbox_is_bounded_batches_in_order_wakes_and_refuses_once_the_task_is_gone() {
+        let (tx, mut rx) = Outbox::new(3);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut batch = VecDeque::new();
+        // Empty: waits, and the next push wakes it.
+        assert!(rx.poll_take(&mut cx, &mut batch, 2).is_pending());
+        assert_eq!(tx.push(push(1)), Pushed::Queued);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(tx.push(push(2)), Pushed::Queued);
+        assert_eq!(tx.push(push(3)), Pushed::Queued);
+        // Full at the cap: the hub kills the connection as a slow consumer.
+        assert_eq!(tx.push(push(4)), Pushed::Full);
+        // At most `max` per take, in order.
+        assert_eq!(rx.poll_take(&mut cx, &mut batch, 2), Poll::Ready(()));
+        let got: Vec<_> = batch.drain(..).map(|p| p.json.to_string()).collect();
+        assert_eq!(got, [r#"{"n":1}"#, r#"{"n":2}"#]);
+        assert_eq!(rx.poll_take(&mut cx, &mut batch, 2), Poll::Ready(()));
+        assert_eq!(
+            batch.pop_front().map(|p| p.json.to_string()).as_deref(),
+            Some(r#"{"n":3}"#)
+        );
+        assert!(batch.is_empty());
+        assert!(rx.poll_take(&mut cx, &mut batch, 2).is_pending());
+        drop(rx);
+        assert_eq!(tx.push(push(5)), Pushed::Closed);
     }
 }

@@ -74,15 +74,9 @@ impl AppState {
     }
 
     /// A fresh connection handle for the hub, with its bounded queue.
-    pub fn new_conn(
-        &self,
-        subject: &str,
-    ) -> (
-        crate::hub::ConnHandle,
-        tokio::sync::mpsc::Receiver<Arc<crate::hub::Push>>,
-    ) {
+    pub fn new_conn(&self, subject: &str) -> (crate::hub::ConnHandle, crate::hub::OutboxRx) {
         let id = self.next_conn_id();
-        let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.limits.send_queue);
+        let (tx, rx) = crate::hub::Outbox::new(self.cfg.limits.send_queue);
         (
             crate::hub::ConnHandle {
                 id,

@@ -16,13 +16,12 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream;
 use shared::client::{self, ServerMsg};
 use shared::ChannelName;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::rest::{since, HistoryQuery};
 use super::{channel, credential, now_secs, ApiError, AppState, ConnGuard};
 use crate::auth::Action;
-use crate::hub::Push;
+use crate::hub::{OutboxRx, Push};
 
 /// Unsubscribes when the stream is dropped (client gone, slow, or shutdown).
 struct SubGuard {
@@ -40,7 +39,7 @@ impl Drop for SubGuard {
 
 struct Live {
     replay: VecDeque<Event>,
-    rx: mpsc::Receiver<Arc<Push>>,
+    rx: OutboxRx,
     kill: CancellationToken,
     shutdown: CancellationToken,
     draining: CancellationToken,
@@ -118,7 +117,7 @@ pub async fn stream(
             _ = live.kill.cancelled() => None,
             _ = live.shutdown.cancelled() => None,
             _ = live.draining.cancelled() => None,
-            p = live.rx.recv() => p.map(|p| (Ok(event(&p)), live)),
+            p = live.rx.recv() => Some((Ok(event(&p)), live)),
         }
     });
     let beat = Duration::from_secs(state.cfg.sse_heartbeat_secs);

@@ -2,7 +2,7 @@
 //! docs/PROTOCOL.md). One task per connection reads requests, writes replies and
 //! queued pushes, and keeps acks in request order while writes are pipelined.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,14 +21,13 @@ use serde::Deserialize;
 use shared::client::{self, dot_string, ClientMsg, CloseCode, ErrorCode, ServerMsg};
 use shared::replica::{LocalOutcome, LocalWrite};
 use shared::{ChannelName, Ephemeral};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::rest::{members, since, state_view};
 use super::{channel, credential, now_secs, ApiError, AppState, ConnGuard};
 use crate::auth::{Action, Principal};
-use crate::hub::{ConnHandle, Push};
+use crate::hub::{ConnHandle, OutboxRx, Push};
 
 /// tungstenite's read chunk: an idle connection keeps one allocated, so it is most of
 /// an idle connection's memory; a larger message takes a few more reads.
@@ -113,7 +112,7 @@ struct Conn {
     state: Arc<AppState>,
     principal: Option<Principal>,
     handle: Option<ConnHandle>,
-    queue: Option<mpsc::Receiver<Arc<Push>>>,
+    queue: Option<OutboxRx>,
     /// The hub's kill switch for this connection (a never-fired one until connect).
     kill: CancellationToken,
     subs: HashSet<ChannelName>,
@@ -136,11 +135,15 @@ fn text(msg: &ServerMsg) -> Message {
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
 }
 
-async fn recv_queue(q: &mut Option<mpsc::Receiver<Arc<Push>>>) -> Option<Arc<Push>> {
-    match q {
-        Some(q) => q.recv().await,
-        None => std::future::pending().await,
-    }
+/// Waits for queued messages and moves up to 64 of them into `into`.
+fn take_queue<'a>(
+    q: &'a mut Option<OutboxRx>,
+    into: &'a mut VecDeque<Arc<Push>>,
+) -> impl Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| match q {
+        Some(q) => q.poll_take(cx, into, 64),
+        None => Poll::Pending,
+    })
 }
 
 async fn next_ack(acks: &mut FuturesOrdered<Ack>) -> ServerMsg {
@@ -289,6 +292,7 @@ pub(crate) async fn serve<T, E>(
     let mut expiry = std::pin::pin!(sleep_until_expiry(exp));
     let gate = WakeGate::new();
     let read_gate = WakeGate::new();
+    let mut batch = VecDeque::new();
     loop {
         let rare = std::future::poll_fn(|cx| {
             gate.poll(cx, |cx| {
@@ -338,20 +342,14 @@ pub(crate) async fn serve<T, E>(
                     break;
                 }
             },
-            p = recv_queue(&mut conn.queue) => {
-                let Some(p) = p else { break };
-                if io.feed(Message::Text(p.json.clone())).await.is_err() { break; }
-                let mut more = 0;
-                while more < 64 {
-                    match conn.queue.as_mut().map(|q| q.try_recv()) {
-                        Some(Ok(p)) => {
-                            if io.feed(Message::Text(p.json.clone())).await.is_err() { break; }
-                            more += 1;
-                        }
-                        _ => break,
-                    }
+            // Up to 64 queued messages go out in one write.
+            () = take_queue(&mut conn.queue, &mut batch) => {
+                let mut failed = false;
+                while let Some(p) = batch.pop_front() {
+                    if io.feed(Message::Text(p.json.clone())).await.is_err() { failed = true; break; }
                 }
-                if io.flush().await.is_err() { break; }
+                batch.clear();
+                if failed || io.flush().await.is_err() { break; }
             }
             ack = next_ack(&mut conn.acks) => {
                 if io.send(text(&ack)).await.is_err() { break; }
