@@ -952,3 +952,42 @@ async fn idle_timeout_and_token_expiry_close_connections_and_renewal_moves_them(
     );
     Ok(())
 }
+
+/// A client that pipelines 1,000 publishes without reading gets every ack, in request
+/// order, with the dots in order; reading pauses at 256 pending acks and resumes, and
+/// a subscriber sees all 1,000 in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_are_acked_in_order_past_the_pending_ack_cap() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let edge = Edge::start(
+        dir.path(),
+        "[limits]\npublish_rate_per_sec = 100000\npublish_burst = 100000\n",
+    )?;
+    let t = admin_token();
+    let mut sub = Ws::connect(&edge, &t).await?;
+    sub.subscribe("project:pipe", None).await?;
+    let mut publisher = Ws::connect(&edge, &t).await?;
+    const N: u64 = 1000;
+    for i in 0..N {
+        publisher
+            .send(json!({"type": "publish", "id": i, "channel": "project:pipe", "event": "e", "data": {"n": i}}))
+            .await?;
+    }
+    let mut last_seq = 0;
+    for i in 0..N {
+        let ack = publisher.recv().await?;
+        ensure!(ack["type"] == "ack" && ack["id"] == i, "ack {i}: {ack}");
+        let seq: u64 = ack["dot"]
+            .as_str()
+            .and_then(|d| d.rsplit(':').next())
+            .and_then(|s| s.parse().ok())
+            .context("dot")?;
+        ensure!(seq > last_seq, "dot {seq} after {last_seq}");
+        last_seq = seq;
+    }
+    for i in 0..N {
+        let op = sub.recv_until(|m| m["type"] == "op").await?;
+        ensure!(n(&op) == i as i64, "op {i}: {op}");
+    }
+    Ok(())
+}

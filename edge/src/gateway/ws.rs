@@ -16,7 +16,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::FuturesOrdered;
 use futures_util::task::AtomicWaker;
-use futures_util::{Future, Sink, SinkExt, Stream, StreamExt};
+use futures_util::{Future, FutureExt, Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use shared::client::{self, dot_string, ClientMsg, CloseCode, ErrorCode, ServerMsg};
 use shared::replica::{LocalOutcome, LocalWrite};
@@ -28,6 +28,10 @@ use super::rest::{members, since, state_view};
 use super::{channel, credential, now_secs, ApiError, AppState, ConnGuard};
 use crate::auth::{Action, Principal};
 use crate::hub::{ConnHandle, OutboxRx, Push};
+
+/// Requests whose acks wait (for durability, or for their turn) before the connection
+/// stops reading more.
+const MAX_PENDING_ACKS: usize = 256;
 
 /// tungstenite's read chunk: an idle connection keeps one allocated, so it is most of
 /// an idle connection's memory; a larger message takes a few more reads.
@@ -351,12 +355,11 @@ pub(crate) async fn serve<T, E>(
                 batch.clear();
                 if failed || io.flush().await.is_err() { break; }
             }
-            ack = next_ack(&mut conn.acks) => {
-                if io.send(text(&ack)).await.is_err() { break; }
-            }
             // The read side too is polled only when the socket woke it (or right after
-            // a message, as more may be buffered).
-            m = std::future::poll_fn(|cx| read_gate.poll(cx, |cx| io.poll_next_unpin(cx))) => {
+            // a message, as more may be buffered). Requests already read are handled
+            // before their acks are written, so a burst of publishes is acked in one
+            // write; at most MAX_PENDING_ACKS wait, then reading pauses.
+            m = std::future::poll_fn(|cx| read_gate.poll(cx, |cx| io.poll_next_unpin(cx))), if conn.acks.len() < MAX_PENDING_ACKS => {
                 read_gate.rearm();
                 let Some(Ok(m)) = m else { break };
                 last_read = tokio::time::Instant::now();
@@ -366,11 +369,13 @@ pub(crate) async fn serve<T, E>(
                     Message::Close(_) => break,
                     Message::Ping(_) | Message::Pong(_) => Vec::new(),
                 };
-                let mut failed = false;
-                for r in &replies {
-                    if io.feed(text(r)).await.is_err() { failed = true; break; }
+                if !replies.is_empty() {
+                    let mut failed = false;
+                    for r in &replies {
+                        if io.feed(text(r)).await.is_err() { failed = true; break; }
+                    }
+                    if failed || io.flush().await.is_err() { break; }
                 }
-                if failed || io.flush().await.is_err() { break; }
                 // `connect` may have authenticated (a new kill switch) or renewed the
                 // token (a new expiry).
                 if !kill_armed && conn.handle.is_some() {
@@ -384,6 +389,15 @@ pub(crate) async fn serve<T, E>(
                     expiry.set(sleep_until_expiry(exp));
                     gate.rearm();
                 }
+            }
+            // Every ack that is ready goes out in one write.
+            ack = next_ack(&mut conn.acks) => {
+                if io.feed(text(&ack)).await.is_err() { break; }
+                let mut failed = false;
+                while let Some(Some(ack)) = conn.acks.next().now_or_never() {
+                    if io.feed(text(&ack)).await.is_err() { failed = true; break; }
+                }
+                if failed || io.flush().await.is_err() { break; }
             }
         }
     }
