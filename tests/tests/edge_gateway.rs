@@ -977,13 +977,9 @@ async fn pipelined_publishes_are_acked_in_order_past_the_pending_ack_cap() -> Re
     for i in 0..N {
         let ack = publisher.recv().await?;
         ensure!(ack["type"] == "ack" && ack["id"] == i, "ack {i}: {ack}");
-        let seq: u64 = ack["dot"]
-            .as_str()
-            .and_then(|d| d.rsplit(':').next())
-            .and_then(|s| s.parse().ok())
-            .context("dot")?;
-        ensure!(seq > last_seq, "dot {seq} after {last_seq}");
-        last_seq = seq;
+        let got = seq(&ack);
+        ensure!(got > last_seq, "dot {got} after {last_seq}");
+        last_seq = got;
     }
     for i in 0..N {
         let op = sub.recv_until(|m| m["type"] == "op").await?;
