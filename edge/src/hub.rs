@@ -66,7 +66,13 @@ impl Outbox {
             waker: AtomicWaker::new(),
             cap,
         });
-        (q.clone(), OutboxRx { q })
+        (
+            q.clone(),
+            OutboxRx {
+                q,
+                ready: VecDeque::new(),
+            },
+        )
     }
 
     fn lock(&self) -> MutexGuard<'_, OutboxState> {
@@ -93,6 +99,8 @@ impl Outbox {
 #[derive(Debug)]
 pub struct OutboxRx {
     q: Arc<Outbox>,
+    /// Taken from the queue, not yet handed out by [`OutboxRx::recv`].
+    ready: VecDeque<Arc<Push>>,
 }
 
 impl OutboxRx {
@@ -104,40 +112,51 @@ impl OutboxRx {
         into: &mut VecDeque<Arc<Push>>,
         max: usize,
     ) -> std::task::Poll<()> {
-        if self.take(into, max) {
-            return std::task::Poll::Ready(());
-        }
-        self.q.waker.register(cx.waker());
-        // A push between the first look and the registration woke no one: look again.
-        if self.take(into, max) {
-            return std::task::Poll::Ready(());
-        }
-        std::task::Poll::Pending
+        poll_take(&self.q, cx, into, max)
     }
 
-    fn take(&mut self, into: &mut VecDeque<Arc<Push>>, max: usize) -> bool {
-        let mut st = self.q.lock();
-        if st.items.is_empty() {
-            return false;
-        }
-        if st.items.len() <= max {
-            // Swap buffers: no copying and, in a steady state, no allocation.
-            std::mem::swap(&mut st.items, into);
-        } else {
-            into.extend(st.items.drain(..max));
-        }
-        true
-    }
-
-    /// The next message.
+    /// The next message (taken from the queue up to 64 at a time).
     pub async fn recv(&mut self) -> Arc<Push> {
-        let mut one = VecDeque::new();
-        std::future::poll_fn(|cx| self.poll_take(cx, &mut one, 1)).await;
-        match one.pop_front() {
-            Some(p) => p,
-            None => std::future::pending().await,
+        loop {
+            if let Some(p) = self.ready.pop_front() {
+                return p;
+            }
+            let (q, ready) = (&self.q, &mut self.ready);
+            std::future::poll_fn(|cx| poll_take(q, cx, ready, 64)).await;
         }
     }
+}
+
+fn poll_take(
+    q: &Outbox,
+    cx: &mut std::task::Context<'_>,
+    into: &mut VecDeque<Arc<Push>>,
+    max: usize,
+) -> std::task::Poll<()> {
+    if take(q, into, max) {
+        return std::task::Poll::Ready(());
+    }
+    q.waker.register(cx.waker());
+    // A push between the first look and the registration woke no one: look again.
+    if take(q, into, max) {
+        return std::task::Poll::Ready(());
+    }
+    std::task::Poll::Pending
+}
+
+fn take(q: &Outbox, into: &mut VecDeque<Arc<Push>>, max: usize) -> bool {
+    let mut st = q.lock();
+    if st.items.is_empty() {
+        return false;
+    }
+    if st.items.len() <= max && into.is_empty() {
+        // Swap buffers: no copying and, in a steady state, no allocation.
+        std::mem::swap(&mut st.items, into);
+    } else {
+        let n = st.items.len().min(max);
+        into.extend(st.items.drain(..n));
+    }
+    true
 }
 
 impl Drop for OutboxRx {
@@ -574,6 +593,16 @@ mod tests {
         );
         assert!(batch.is_empty());
         assert!(rx.poll_take(&mut cx, &mut batch, 2).is_pending());
+        // `recv` (SSE) hands them out one by one, in order.
+        use futures_util::FutureExt;
+        assert!(rx.recv().now_or_never().is_none());
+        for n in 6..9 {
+            assert_eq!(tx.push(push(n)), Pushed::Queued);
+        }
+        for n in 6..9 {
+            let p = rx.recv().now_or_never().expect("queued");
+            assert_eq!(p.json.to_string(), format!("{{\"n\":{n}}}"));
+        }
         drop(rx);
         assert_eq!(tx.push(push(5)), Pushed::Closed);
     }

@@ -352,7 +352,6 @@ pub(crate) async fn serve<T, E>(
                 while let Some(p) = batch.pop_front() {
                     if io.feed(Message::Text(p.json.clone())).await.is_err() { failed = true; break; }
                 }
-                batch.clear();
                 if failed || io.flush().await.is_err() { break; }
             }
             // The read side too is polled only when the socket woke it (or right after
