@@ -237,12 +237,15 @@ impl Storage {
                 k.extend_from_slice(&arrival.to_be_bytes());
                 self.log
                     .insert(k, codec::to_bytes(op).map_err(StorageError::Encode)?)?;
-                self.arrivals
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(channel.clone())
-                    .or_default()
-                    .insert(op.dot, arrival);
+                let mut all = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
+                // Look up before cloning the name: this runs for every stored op.
+                match all.get_mut(channel) {
+                    Some(index) => index.insert(op.dot, arrival),
+                    None => all
+                        .entry(channel.clone())
+                        .or_default()
+                        .insert(op.dot, arrival),
+                };
             }
             Persist::Register {
                 channel,
