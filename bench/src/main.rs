@@ -198,7 +198,6 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("VmRSS")
 }
 
-/// The process's CPU time (user + system, all threads) in seconds.
 /// The server's CPU time so far, user and kernel (seconds), from `/proc/PID/stat`.
 fn cpu_secs(pid: u32) -> Result<(f64, f64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -362,7 +361,6 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
         open.push(t.await??);
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    hook(at_end.as_deref())?;
     let (cpu, cpu_user) = match (pid, cpu_before) {
         (Some(pid), Some((u0, s0))) => {
             let (u1, s1) = cpu_secs(pid)?;
@@ -370,6 +368,8 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
         }
         _ => (None, None),
     };
+    // After the CPU reading: a hook's own work (a profile dump) is not delivery.
+    hook(at_end.as_deref())?;
     drop(open);
     drain.abort();
     let h = hist.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;

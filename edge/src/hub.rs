@@ -95,68 +95,69 @@ impl Outbox {
     }
 }
 
+/// At most this many queued messages are taken under one lock (and written together).
+pub const BATCH: usize = 64;
+
 /// The connection task's end of an [`Outbox`].
 #[derive(Debug)]
 pub struct OutboxRx {
     q: Arc<Outbox>,
-    /// Taken from the queue, not yet handed out by [`OutboxRx::recv`].
+    /// Taken from the queue, not yet handed out.
     ready: VecDeque<Arc<Push>>,
 }
 
 impl OutboxRx {
-    /// Moves up to `max` queued messages into `into` (which should be empty), or waits
-    /// for the first one.
-    pub fn poll_take(
+    /// Ready once there are messages to [`OutboxRx::pop`]: takes up to [`BATCH`]
+    /// queued messages under one lock, or waits for the first one.
+    pub fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.poll_ready_max(cx, BATCH)
+    }
+
+    fn poll_ready_max(
         &mut self,
         cx: &mut std::task::Context<'_>,
-        into: &mut VecDeque<Arc<Push>>,
         max: usize,
     ) -> std::task::Poll<()> {
-        poll_take(&self.q, cx, into, max)
+        if !self.ready.is_empty() || self.take(max) {
+            return std::task::Poll::Ready(());
+        }
+        self.q.waker.register(cx.waker());
+        // A push between the first look and the registration woke no one: look again.
+        if self.take(max) {
+            return std::task::Poll::Ready(());
+        }
+        std::task::Poll::Pending
     }
 
-    /// The next message (taken from the queue up to 64 at a time).
+    /// The next message already taken from the queue.
+    pub fn pop(&mut self) -> Option<Arc<Push>> {
+        self.ready.pop_front()
+    }
+
+    /// The next message.
     pub async fn recv(&mut self) -> Arc<Push> {
         loop {
-            if let Some(p) = self.ready.pop_front() {
+            if let Some(p) = self.pop() {
                 return p;
             }
-            let (q, ready) = (&self.q, &mut self.ready);
-            std::future::poll_fn(|cx| poll_take(q, cx, ready, 64)).await;
+            std::future::poll_fn(|cx| self.poll_ready(cx)).await;
         }
     }
-}
 
-fn poll_take(
-    q: &Outbox,
-    cx: &mut std::task::Context<'_>,
-    into: &mut VecDeque<Arc<Push>>,
-    max: usize,
-) -> std::task::Poll<()> {
-    if take(q, into, max) {
-        return std::task::Poll::Ready(());
+    /// Moves up to `max` queued messages into `ready` (empty when called).
+    fn take(&mut self, max: usize) -> bool {
+        let mut st = self.q.lock();
+        if st.items.is_empty() {
+            return false;
+        }
+        if st.items.len() <= max {
+            // Swap buffers: no copying and, in a steady state, no allocation.
+            std::mem::swap(&mut st.items, &mut self.ready);
+        } else {
+            self.ready.extend(st.items.drain(..max));
+        }
+        true
     }
-    q.waker.register(cx.waker());
-    // A push between the first look and the registration woke no one: look again.
-    if take(q, into, max) {
-        return std::task::Poll::Ready(());
-    }
-    std::task::Poll::Pending
-}
-
-fn take(q: &Outbox, into: &mut VecDeque<Arc<Push>>, max: usize) -> bool {
-    let mut st = q.lock();
-    if st.items.is_empty() {
-        return false;
-    }
-    if st.items.len() <= max && into.is_empty() {
-        // Swap buffers: no copying and, in a steady state, no allocation.
-        std::mem::swap(&mut st.items, into);
-    } else {
-        let n = st.items.len().min(max);
-        into.extend(st.items.drain(..n));
-    }
-    true
 }
 
 impl Drop for OutboxRx {
@@ -573,9 +574,8 @@ mod tests {
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
-        let mut batch = VecDeque::new();
         // Empty: waits, and the next push wakes it.
-        assert!(rx.poll_take(&mut cx, &mut batch, 2).is_pending());
+        assert!(rx.poll_ready_max(&mut cx, 2).is_pending());
         assert_eq!(tx.push(push(1)), Pushed::Queued);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         assert_eq!(tx.push(push(2)), Pushed::Queued);
@@ -583,16 +583,15 @@ mod tests {
         // Full at the cap: the hub kills the connection as a slow consumer.
         assert_eq!(tx.push(push(4)), Pushed::Full);
         // At most `max` per take, in order.
-        assert_eq!(rx.poll_take(&mut cx, &mut batch, 2), Poll::Ready(()));
-        let got: Vec<_> = batch.drain(..).map(|p| p.json.to_string()).collect();
-        assert_eq!(got, [r#"{"n":1}"#, r#"{"n":2}"#]);
-        assert_eq!(rx.poll_take(&mut cx, &mut batch, 2), Poll::Ready(()));
-        assert_eq!(
-            batch.pop_front().map(|p| p.json.to_string()).as_deref(),
-            Some(r#"{"n":3}"#)
-        );
-        assert!(batch.is_empty());
-        assert!(rx.poll_take(&mut cx, &mut batch, 2).is_pending());
+        let mut take = |rx: &mut OutboxRx| {
+            assert_eq!(rx.poll_ready_max(&mut cx, 2), Poll::Ready(()));
+            std::iter::from_fn(|| rx.pop())
+                .map(|p| p.json.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(take(&mut rx), [r#"{"n":1}"#, r#"{"n":2}"#]);
+        assert_eq!(take(&mut rx), [r#"{"n":3}"#]);
+        assert!(rx.poll_ready_max(&mut cx, 2).is_pending());
         // `recv` (SSE) hands them out one by one, in order.
         use futures_util::FutureExt;
         assert!(rx.recv().now_or_never().is_none());

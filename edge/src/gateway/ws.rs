@@ -2,7 +2,7 @@
 //! docs/PROTOCOL.md). One task per connection reads requests, writes replies and
 //! queued pushes, and keeps acks in request order while writes are pipelined.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +27,7 @@ use tracing::Instrument;
 use super::rest::{members, since, state_view};
 use super::{channel, credential, now_secs, ApiError, AppState, ConnGuard};
 use crate::auth::{Action, Principal};
-use crate::hub::{ConnHandle, OutboxRx, Push};
+use crate::hub::{ConnHandle, OutboxRx};
 
 /// Requests whose acks wait (for durability, or for their turn) before the connection
 /// stops reading more.
@@ -117,8 +117,6 @@ struct Conn {
     principal: Option<Principal>,
     handle: Option<ConnHandle>,
     queue: Option<OutboxRx>,
-    /// The hub's kill switch for this connection (a never-fired one until connect).
-    kill: CancellationToken,
     subs: HashSet<ChannelName>,
     acks: FuturesOrdered<Ack>,
     tokens: f64,
@@ -139,13 +137,10 @@ fn text(msg: &ServerMsg) -> Message {
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
 }
 
-/// Waits for queued messages and moves up to 64 of them into `into`.
-fn take_queue<'a>(
-    q: &'a mut Option<OutboxRx>,
-    into: &'a mut VecDeque<Arc<Push>>,
-) -> impl Future<Output = ()> + 'a {
+/// Waits until queued messages are ready to pop (none before `connect`).
+fn queue_ready(q: &mut Option<OutboxRx>) -> impl Future<Output = ()> + '_ {
     std::future::poll_fn(move |cx| match q {
-        Some(q) => q.poll_take(cx, into, 64),
+        Some(q) => q.poll_ready(cx),
         None => Poll::Pending,
     })
 }
@@ -247,7 +242,6 @@ pub(crate) async fn serve<T, E>(
         principal: None,
         handle: None,
         queue: None,
-        kill: CancellationToken::new(),
         subs: HashSet::new(),
         acks: FuturesOrdered::new(),
         tokens: f64::from(limits.publish_burst),
@@ -285,7 +279,14 @@ pub(crate) async fn serve<T, E>(
             () = draining.cancelled() => "this edge is being drained: reconnect to another endpoint and resume",
         }
     });
-    let mut kill = std::pin::pin!(conn.kill.clone().cancelled_owned());
+    // The hub's kill switch, once `connect` has made this a hub connection (until
+    // then a switch that never fires).
+    let kill_of = |conn: &Conn| {
+        conn.handle
+            .as_ref()
+            .map_or_else(CancellationToken::new, |h| h.kill.clone())
+    };
+    let mut kill = std::pin::pin!(kill_of(&conn).cancelled_owned());
     let mut kill_armed = conn.handle.is_some();
     // Reading a message just notes the time; the idle timer, when it fires early,
     // moves to the new deadline.
@@ -296,7 +297,6 @@ pub(crate) async fn serve<T, E>(
     let mut expiry = std::pin::pin!(sleep_until_expiry(exp));
     let gate = WakeGate::new();
     let read_gate = WakeGate::new();
-    let mut batch = VecDeque::new();
     loop {
         let rare = std::future::poll_fn(|cx| {
             gate.poll(cx, |cx| {
@@ -346,10 +346,10 @@ pub(crate) async fn serve<T, E>(
                     break;
                 }
             },
-            // Up to 64 queued messages go out in one write.
-            () = take_queue(&mut conn.queue, &mut batch) => {
+            // Up to hub::BATCH queued messages go out in one write.
+            () = queue_ready(&mut conn.queue) => {
                 let mut failed = false;
-                while let Some(p) = batch.pop_front() {
+                while let Some(p) = conn.queue.as_mut().and_then(OutboxRx::pop) {
                     if io.feed(Message::Text(p.json.clone())).await.is_err() { failed = true; break; }
                 }
                 if failed || io.flush().await.is_err() { break; }
@@ -379,7 +379,7 @@ pub(crate) async fn serve<T, E>(
                 // token (a new expiry).
                 if !kill_armed && conn.handle.is_some() {
                     kill_armed = true;
-                    kill.set(conn.kill.clone().cancelled_owned());
+                    kill.set(kill_of(&conn).cancelled_owned());
                     gate.rearm();
                 }
                 let now_exp = conn.principal.as_ref().and_then(|p| p.expires_at);
@@ -407,7 +407,6 @@ impl Conn {
     fn authenticated(&mut self, p: Principal) -> ServerMsg {
         if self.handle.is_none() {
             let (handle, queue) = self.state.new_conn(&p.subject);
-            self.kill = handle.kill.clone();
             self.handle = Some(handle);
             self.queue = Some(queue);
         }
