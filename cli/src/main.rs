@@ -286,10 +286,16 @@ fn open_storage(dir: &std::path::Path) -> Result<edge::storage::Storage> {
     })
 }
 
-/// Backup format: JSON lines. A header with the replica id, then per channel a
+/// Files of a data dir that a backup carries besides the database: the cloud's dev
+/// certificate and key (edges pin it) and the QUIC stateless-reset key.
+const BACKUP_FILES: [&str; 3] = ["hub-cert.pem", "hub-key.pem", "quic-reset-key"];
+
+/// Backup format: JSON lines. A header with the replica id, then a `file` line
+/// (base64) for each of [`BACKUP_FILES`] the data dir holds, then per channel a
 /// `channel` line (floor, acked), its `register` lines and its `op` lines in applied
 /// order.
 fn export(data_dir: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    use base64::Engine as _;
     use std::io::Write;
     let storage = open_storage(data_dir)?;
     let id = storage.replica_id().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -303,6 +309,17 @@ fn export(data_dir: &std::path::Path, out: &std::path::Path) -> Result<()> {
         "{}",
         json!({"outpost_export": 1, "replica": id.to_string(), "channels": channels.len(), "ops": total})
     )?;
+    for name in BACKUP_FILES {
+        match std::fs::read(data_dir.join(name)) {
+            Ok(bytes) => writeln!(
+                w,
+                "{}",
+                json!({"file": name, "base64": base64::engine::general_purpose::STANDARD.encode(bytes)})
+            )?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {name}")),
+        }
+    }
     let pb = bar(total, "export");
     for (name, c) in &channels {
         writeln!(
@@ -332,7 +349,13 @@ fn export(data_dir: &std::path::Path, out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Restores a backup under a **new replica id**: the replica that was backed up may
+/// have written ops after the backup, under dots the restored one would otherwise
+/// hand out again. The old id's ops are kept as they are (ops of another origin), and
+/// the first link compares every channel with its peers, so the edges send back what
+/// the backup lacks.
 fn import(data_dir: &std::path::Path, input: &std::path::Path) -> Result<()> {
+    use base64::Engine as _;
     use shared::sync::Persist;
     use std::io::BufRead;
     if data_dir.join("db").exists() {
@@ -348,16 +371,26 @@ fn import(data_dir: &std::path::Path, input: &std::path::Path) -> Result<()> {
     if header["outpost_export"] != 1 {
         bail!("{} is not an outpost export (version 1)", input.display());
     }
-    let id: shared::ReplicaId = header["replica"].as_str().unwrap_or_default().parse()?;
+    let old: shared::ReplicaId = header["replica"].as_str().unwrap_or_default().parse()?;
     std::fs::create_dir_all(data_dir)?;
     let storage = open_storage(data_dir)?;
-    storage
-        .set_replica_id(id)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A fresh data dir makes a fresh id.
+    let id = storage.replica_id().map_err(|e| anyhow::anyhow!("{e}"))?;
     let pb = bar(header["ops"].as_u64().unwrap_or(0), "import");
     let apply = |p: Persist| storage.apply(&p).map_err(|e| anyhow::anyhow!("{e}"));
     for (n, line) in lines.enumerate() {
         let v: Value = serde_json::from_str(&line?).with_context(|| format!("line {}", n + 2))?;
+        if let Some(name) = v.get("file").and_then(Value::as_str) {
+            let name = BACKUP_FILES
+                .into_iter()
+                .find(|f| *f == name)
+                .with_context(|| format!("line {}: unknown file {name:?}", n + 2))?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v["base64"].as_str().unwrap_or_default())
+                .with_context(|| format!("line {}: {name}", n + 2))?;
+            std::fs::write(data_dir.join(name), bytes)?;
+            continue;
+        }
         let channel = shared::ChannelName::new(v["channel"].as_str().unwrap_or_default())?;
         if let Some(op) = v.get("op") {
             apply(Persist::Op {
@@ -387,7 +420,10 @@ fn import(data_dir: &std::path::Path, input: &std::path::Path) -> Result<()> {
     let rt = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| rt.block_on(storage.flush()))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    eprintln!("imported replica {id} into {}", data_dir.display());
+    eprintln!(
+        "imported the backup of replica {old} into {} as replica {id} (a restored replica never reuses the old one's dots)",
+        data_dir.display()
+    );
     Ok(())
 }
 

@@ -226,7 +226,10 @@ pub struct UplinkConfig {
     /// Reconnect backoff bounds, in milliseconds (exponential with full jitter).
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
-    /// QUIC keep-alive and idle timeout, in milliseconds.
+    /// QUIC keep-alive and idle timeout, in milliseconds. A restarted cloud answers
+    /// the next packet of the old connection with a stateless reset, so the keep-alive
+    /// bounds how long an edge takes to notice it; the idle timeout bounds how long a
+    /// silent (dead or cut off) cloud goes unnoticed.
     pub keepalive_ms: u64,
     pub idle_timeout_ms: u64,
     /// Largest frame accepted or sent on the link, in bytes.
@@ -243,7 +246,7 @@ impl Default for UplinkConfig {
             pin_sha256: None,
             backoff_min_ms: 100,
             backoff_max_ms: 5_000,
-            keepalive_ms: 2_000,
+            keepalive_ms: 500,
             idle_timeout_ms: 10_000,
             max_frame_bytes: shared::wire::DEFAULT_MAX_FRAME,
         }
@@ -288,7 +291,7 @@ impl Default for HubConfig {
             key: None,
             dev_cert_names: vec!["outpost-cloud".into(), "localhost".into()],
             edges: Vec::new(),
-            keepalive_ms: 2_000,
+            keepalive_ms: 500,
             idle_timeout_ms: 10_000,
             max_frame_bytes: shared::wire::DEFAULT_MAX_FRAME,
         }
@@ -408,6 +411,11 @@ pub struct EdgeConfig {
     pub webrtc: WebRtcConfig,
     pub testing: TestingConfig,
 }
+
+/// The link's frame limit must hold this many of the largest client message: sync
+/// batches are an eighth of a frame (see [`EdgeConfig::link_batch_bytes`]) and every
+/// op must fit in one batch with room for its dot, clock and dependencies.
+pub const MIN_FRAME_FOR_MESSAGE: usize = 16;
 
 /// The cloud reads the same configuration, with `[hub]` instead of `[uplink]`.
 pub type CloudConfig = EdgeConfig;
@@ -739,6 +747,14 @@ impl EdgeConfig {
                     "must be longer than uplink.keepalive_ms",
                 );
             }
+            if u.max_frame_bytes < MIN_FRAME_FOR_MESSAGE * l.max_message_bytes
+                || u.max_frame_bytes > shared::wire::ABSOLUTE_MAX_FRAME
+            {
+                bad(
+                    "uplink.max_frame_bytes",
+                    &format!("must be at least {MIN_FRAME_FOR_MESSAGE} x limits.max_message_bytes (an op must fit in a sync batch) and at most {}", shared::wire::ABSOLUTE_MAX_FRAME),
+                );
+            }
         }
         if let Some(h) = &self.hub {
             if h.cert.is_some() != h.key.is_some() {
@@ -764,12 +780,34 @@ impl EdgeConfig {
                     "must be longer than hub.keepalive_ms",
                 );
             }
+            if h.max_frame_bytes < MIN_FRAME_FOR_MESSAGE * l.max_message_bytes
+                || h.max_frame_bytes > shared::wire::ABSOLUTE_MAX_FRAME
+            {
+                bad(
+                    "hub.max_frame_bytes",
+                    &format!("must be at least {MIN_FRAME_FOR_MESSAGE} x limits.max_message_bytes (an op must fit in a sync batch) and at most {}", shared::wire::ABSOLUTE_MAX_FRAME),
+                );
+            }
         }
         if p.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(p))
         }
+    }
+
+    /// Bytes per sync batch on the link (ops or snapshot parts in one frame): an
+    /// eighth of the smaller frame limit of this node's link sections.
+    pub fn link_batch_bytes(&self) -> usize {
+        let frame = [
+            self.uplink.as_ref().map(|u| u.max_frame_bytes),
+            self.hub.as_ref().map(|h| h.max_frame_bytes),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(shared::wire::DEFAULT_MAX_FRAME);
+        (frame / 8).max(1)
     }
 
     /// The retention that applies to a channel's namespace.
@@ -884,9 +922,9 @@ send_buffer_bytes = 262144
 # pin_sha256 = "<64 hex digits>"         # development: pin the cloud's self-signed cert
 # backoff_min_ms = 100
 # backoff_max_ms = 5000
-# keepalive_ms = 2000
-# idle_timeout_ms = 10000
-# max_frame_bytes = 8388608
+# keepalive_ms = 500                    # also how soon a restarted cloud is noticed
+# idle_timeout_ms = 10000                # how soon a silent (dead) cloud is noticed
+# max_frame_bytes = 8388608              # at least 16 x limits.max_message_bytes
 "#;
 
 #[cfg(test)]

@@ -211,6 +211,7 @@ pub fn sync_config(cfg: &EdgeConfig) -> SyncConfig {
             .iter()
             .map(|(k, v)| (k.clone(), conv(v)))
             .collect(),
+        batch_bytes: cfg.link_batch_bytes(),
         ..SyncConfig::default()
     }
 }
@@ -241,7 +242,16 @@ impl Core {
             .keys()
             .map(|c| (c.clone(), Instant::now()))
             .collect();
-        let node = Node::restore(id, role, sync_cfg.clone(), channels, retired, now_ms());
+        let upstream = storage.upstream()?;
+        let node = Node::restore(
+            id,
+            role,
+            sync_cfg.clone(),
+            channels,
+            retired,
+            upstream,
+            now_ms(),
+        );
         Ok(Arc::new(Self {
             storage: std::sync::RwLock::new(Some(Arc::new(storage))),
             storage_at: (cfg.data_dir.clone(), cfg.storage.cache_mb),
@@ -696,7 +706,8 @@ impl Core {
                 let role = g.node.role();
                 let cfg = self.sync_config.clone();
                 let retired = storage.retired().unwrap_or_default();
-                g.node = Node::restore(self.id, role, cfg, channels, retired, now_ms());
+                let upstream = storage.upstream().unwrap_or_default();
+                g.node = Node::restore(self.id, role, cfg, channels, retired, upstream, now_ms());
                 tracing::warn!("node rebuilt from storage after a storage failure");
             }
             Err(e) => tracing::error!(error = %e, "cannot reload storage"),

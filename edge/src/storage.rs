@@ -122,7 +122,17 @@ impl Storage {
         Ok(id)
     }
 
-    /// Sets the replica id (restoring a backup of the same replica).
+    /// The upstream that last compared every channel with this node
+    /// ([`Persist::Upstream`]).
+    pub fn upstream(&self) -> Result<Option<ReplicaId>, StorageError> {
+        Ok(self
+            .db
+            .get("upstream")?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .and_then(|raw| ReplicaId::new(u64::from_be_bytes(raw))))
+    }
+
+    /// Sets the replica id (a restored backup takes a new one).
     pub fn set_replica_id(&self, id: ReplicaId) -> Result<(), StorageError> {
         self.db.insert("replica_id", &id.get().to_be_bytes())?;
         Ok(())
@@ -284,6 +294,12 @@ impl Storage {
             }
             Persist::Acked { channel, seq } => {
                 self.update_meta(channel, |m| m.acked = m.acked.max(*seq))?;
+            }
+            Persist::Unacked { channel, seq } => {
+                self.update_meta(channel, |m| m.acked = m.acked.min(*seq))?;
+            }
+            Persist::Upstream { id } => {
+                self.db.insert("upstream", &id.get().to_be_bytes())?;
             }
             Persist::Evict { channel, own_seq } => {
                 self.remove_channel(channel)?;

@@ -110,7 +110,32 @@ pub enum OpBody {
     Delete { key: String, context: VersionVector },
 }
 
+impl Op {
+    /// An upper bound, roughly, of this op's encoded size on the wire and in memory
+    /// (what byte-bounded batches and residency budgets count).
+    pub fn approx_bytes(&self) -> usize {
+        64 + 16 * self.deps.len() + self.body.approx_bytes()
+    }
+}
+
 impl OpBody {
+    /// Bytes of the body's variable parts (names, payloads, contexts).
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            OpBody::Event {
+                kind,
+                data,
+                idempotency_key,
+            } => kind.len() + data.len() + idempotency_key.as_ref().map_or(0, String::len),
+            OpBody::Set {
+                key,
+                value,
+                context,
+            } => key.len() + value.len() + 16 * context.len(),
+            OpBody::Delete { key, context } => key.len() + 16 * context.len(),
+        }
+    }
+
     /// The state key this op writes, if any.
     pub fn key(&self) -> Option<&str> {
         match self {

@@ -279,33 +279,11 @@ impl ChannelReplica {
 
     /// A rough count of the bytes this replica holds in memory (log and state).
     pub fn approx_bytes(&self) -> u64 {
-        fn body(b: &OpBody) -> usize {
-            match b {
-                OpBody::Event { kind, data, .. } => kind.len() + data.len(),
-                OpBody::Set {
-                    key,
-                    value,
-                    context,
-                } => key.len() + value.len() + 16 * context.len(),
-                OpBody::Delete { key, context } => key.len() + 16 * context.len(),
-            }
-        }
-        let log: usize = self
-            .log
-            .iter()
-            .map(|op| 64 + body(&op.body) + 16 * op.deps.len())
-            .sum();
+        let log: usize = self.log.iter().map(Op::approx_bytes).sum();
         let state: usize = self
             .state
             .iter()
-            .map(|(k, r)| {
-                k.len()
-                    + 16 * r.context().len()
-                    + r.siblings()
-                        .iter()
-                        .map(|s| 48 + s.value.as_ref().map_or(0, Payload::len))
-                        .sum::<usize>()
-            })
+            .map(|(k, r)| k.len() + r.approx_bytes())
             .sum();
         (log + state) as u64
     }

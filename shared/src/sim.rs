@@ -65,6 +65,11 @@ impl SimConfig {
         if rng.random_bool(0.1) {
             sync.retention.max_age_ms = Some(rng.random_range(500..=3_000));
         }
+        // Half the seeds batch by bytes so tightly that most `Ops` frames are cut by
+        // size and most snapshots travel in parts.
+        if rng.random_bool(0.5) {
+            sync.batch_bytes = rng.random_range(100..=600);
+        }
         Self {
             seed,
             edges: rng.random_range(2..=4),
@@ -96,6 +101,8 @@ pub struct SimReport {
     pub deliveries: usize,
     pub conflicts: usize,
     pub snapshots: usize,
+    /// Snapshot frames sent in parts (a snapshot larger than `batch_bytes`).
+    pub snapshot_parts: usize,
     pub messages: usize,
     pub dropped: usize,
     pub crashes: usize,
@@ -136,6 +143,8 @@ struct SimNode {
     disk: BTreeMap<ChannelName, DurableChannel>,
     /// Evicted channels and the node's last own seq in each (on disk).
     retired: BTreeMap<ChannelName, u64>,
+    /// The upstream that confirmed every channel (on disk).
+    upstream: Option<ReplicaId>,
     /// The register the last storage write replaced, while that write is the newest: a
     /// crash may lose it (storage keeps a prefix of its writes; an op's log entry is
     /// written before its register).
@@ -219,6 +228,7 @@ impl Sim {
                 node: Some(Node::new(id, role, cfg.sync.clone(), 0)),
                 disk: BTreeMap::new(),
                 retired: BTreeMap::new(),
+                upstream: None,
                 truncated_start: BTreeSet::new(),
                 torn: None,
                 delivered: BTreeMap::new(),
@@ -440,6 +450,7 @@ impl Sim {
             self.cfg.sync.clone(),
             n.disk.clone(),
             n.retired.clone(),
+            n.upstream,
             self.now,
         );
         // Subscribers reconnect and resume from what is durable here.
@@ -584,6 +595,9 @@ impl Sim {
 
     fn send(&mut self, from: usize, to: ReplicaId, msg: SyncMsg) {
         self.report.messages += 1;
+        if matches!(msg, SyncMsg::SnapshotPart { .. }) {
+            self.report.snapshot_parts += 1;
+        }
         let Some(to) = self.nodes.iter().position(|n| n.id == to) else {
             self.violations
                 .push(format!("node {from} sent to unknown {to:?}"));
@@ -655,6 +669,11 @@ impl Sim {
                 let d = disk.entry(channel).or_default();
                 d.acked = d.acked.max(seq);
             }
+            Persist::Unacked { channel, seq } => {
+                let d = disk.entry(channel).or_default();
+                d.acked = d.acked.min(seq);
+            }
+            Persist::Upstream { id } => n.upstream = Some(id),
             Persist::Rebased { channel } => {
                 n.retired.remove(&channel);
             }

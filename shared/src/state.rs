@@ -107,6 +107,16 @@ impl Register {
         self.siblings.last()
     }
 
+    /// A rough count of the bytes this register takes (encoded or in memory).
+    pub fn approx_bytes(&self) -> usize {
+        16 * (self.seen.len() + 1)
+            + self
+                .siblings
+                .iter()
+                .map(|s| 48 + s.value.as_ref().map_or(0, |v| v.len()))
+                .sum::<usize>()
+    }
+
     /// All siblings, oldest first, the winner last.
     pub fn siblings(&self) -> &[Sibling] {
         &self.siblings

@@ -30,7 +30,13 @@ use crate::replica::{
 };
 use crate::state::{Conflict, Register};
 use crate::vv::VersionVector;
-use crate::wire::SyncMsg;
+use crate::wire::{RebaseBase, SyncMsg};
+
+/// Default of [`SyncConfig::batch_bytes`]: an eighth of the default frame limit.
+pub const DEFAULT_BATCH_BYTES: usize = crate::wire::DEFAULT_MAX_FRAME / 8;
+
+/// A snapshot transfer that grows past this is dropped (and asked for again).
+const MAX_TRANSFER_BYTES: usize = 1 << 30;
 
 /// Which side this node plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +53,10 @@ pub struct SyncConfig {
     pub replica: ReplicaConfig,
     /// Most ops in one `Ops` frame.
     pub batch_ops: usize,
+    /// Most bytes (as [`Op::approx_bytes`] and [`Register::approx_bytes`] count them) in
+    /// one `Ops` or snapshot frame; a larger snapshot travels in parts. Keep it well
+    /// under the link's frame limit.
+    pub batch_bytes: usize,
     /// How often the periodic timer fires.
     pub tick_ms: u64,
     /// Unacked local ops are sent again after this long without an ack.
@@ -80,6 +90,7 @@ impl Default for SyncConfig {
         Self {
             replica: ReplicaConfig::default(),
             batch_ops: 256,
+            batch_bytes: DEFAULT_BATCH_BYTES,
             tick_ms: 250,
             resend_after_ms: 2_000,
             anti_entropy_ms: 5_000,
@@ -133,6 +144,12 @@ pub enum Persist {
     },
     /// The upstream has durably got this node's ops up to `seq`: trim the outbox.
     Acked { channel: ChannelName, seq: u64 },
+    /// The upstream lacks this node's ops after `seq` although it had acked them (it
+    /// was restored from an older backup): they are unacked again, and resent.
+    Unacked { channel: ChannelName, seq: u64 },
+    /// Every held channel was compared with this upstream after linking to it: a
+    /// later link to the same upstream syncs only the channels in use.
+    Upstream { id: ReplicaId },
     /// Drop the channel's data and remember that this node wrote its ops up to
     /// `own_seq` there, so that a later write never reuses one of those dots.
     Evict { channel: ChannelName, own_seq: u64 },
@@ -246,6 +263,26 @@ pub struct Node {
     clients: u64,
     /// Evicted channels and this node's last seq in each (edge).
     retired: BTreeMap<ChannelName, u64>,
+    /// Snapshot transfers in parts, per sending peer and channel.
+    incoming: BTreeMap<(ReplicaId, ChannelName), Transfer>,
+    /// The id of this node's last outgoing snapshot transfer.
+    next_xfer: u64,
+    /// Edge: the upstream that has confirmed, channel by channel, what it holds of
+    /// this node's ops. A link to any other (a new cloud, or one restored from a
+    /// backup under a new replica id) first compares every held channel.
+    confirmed_upstream: Option<ReplicaId>,
+    /// Channels still to be compared with a new upstream, with what was acked there
+    /// when the link came up.
+    reconfirm: BTreeMap<ChannelName, u64>,
+}
+
+/// The parts of a snapshot transfer received so far.
+#[derive(Debug)]
+struct Transfer {
+    xfer: u64,
+    parts: u32,
+    bytes: usize,
+    state: Vec<(String, Register)>,
 }
 
 impl Node {
@@ -263,21 +300,30 @@ impl Node {
             last_heartbeat: now_ms,
             clients: 0,
             retired: BTreeMap::new(),
+            incoming: BTreeMap::new(),
+            // Distinct across restarts of this node, so a stale part never joins a
+            // later transfer.
+            next_xfer: now_ms << 16,
+            confirmed_upstream: None,
+            reconfirm: BTreeMap::new(),
         }
     }
 
     /// Rebuilds a node from storage after a restart. `retired` holds the evicted
-    /// channels with this node's last seq in each (see [`Persist::Evict`]).
+    /// channels with this node's last seq in each (see [`Persist::Evict`]);
+    /// `upstream` the last [`Persist::Upstream`].
     pub fn restore(
         me: ReplicaId,
         role: Role,
         config: SyncConfig,
         channels: BTreeMap<ChannelName, DurableChannel>,
         retired: BTreeMap<ChannelName, u64>,
+        upstream: Option<ReplicaId>,
         now_ms: u64,
     ) -> Self {
         let mut node = Self::new(me, role, config, now_ms);
         node.retired = retired;
+        node.confirmed_upstream = upstream;
         let mut last = Hlc::ZERO;
         for (name, d) in channels {
             let max_hlc = d
@@ -587,6 +633,7 @@ impl Node {
                 .channels
                 .get(channel)
                 .is_some_and(|c| !c.interest && c.outbox(self.me) == 0)
+            && !self.reconfirm.contains_key(channel)
     }
 
     /// Forgets a channel that [`Node::can_evict`] allows (cache eviction). Returns
@@ -630,6 +677,7 @@ impl Node {
             Input::LinkUp(peer) => self.link_up(now_ms, peer),
             Input::LinkDown(peer) => {
                 self.peers.remove(&peer);
+                self.incoming.retain(|(p, _), _| *p != peer);
             }
             Input::Msg(peer, msg) => {
                 if !self.peers.contains_key(&peer) {
@@ -656,12 +704,25 @@ impl Node {
         self.peers.insert(peer, PeerInfo::default());
         if self.role == Role::Edge {
             let me = self.me;
+            // A new upstream compares every channel: it may lack ops this edge holds
+            // (its own acked ones included, if it was restored from a backup).
+            let fresh = self.confirmed_upstream != Some(peer);
             let wanted: Vec<ChannelName> = self
                 .channels
                 .iter()
-                .filter(|(_, c)| c.interest || c.outbox(me) > 0)
+                .filter(|(_, c)| fresh || c.interest || c.outbox(me) > 0)
                 .map(|(n, _)| n.clone())
                 .collect();
+            self.reconfirm.clear();
+            if fresh {
+                self.reconfirm = wanted
+                    .iter()
+                    .filter_map(|n| Some((n.clone(), self.channels.get(n)?.acked)))
+                    .collect();
+                if self.reconfirm.is_empty() {
+                    self.confirm_upstream(peer);
+                }
+            }
             for name in wanted {
                 self.sync_up(now_ms, peer, &name);
             }
@@ -716,28 +777,42 @@ impl Node {
                     info.vvs.insert(channel.clone(), vv.clone());
                 }
                 self.on_ack(&channel, &vv);
+                if self.role == Role::Cloud {
+                    let me = self.me;
+                    let mine = self.chan(&channel).replica.vv().get(me);
+                    if vv.get(me) > mine {
+                        self.warn(
+                            Some(peer),
+                            format!("{channel}: the peer holds this node's own ops up to seq {} but this node only {mine}: was its data dir copied back from a backup? (`outpost import` gives a restored node a new replica id)", vv.get(me)),
+                        );
+                    }
+                }
+                if self.role == Role::Edge {
+                    if let Some(at_link_up) = self.reconfirm.remove(&channel) {
+                        self.reconfirmed(peer, &channel, &vv, at_link_up);
+                    }
+                }
                 if full {
+                    let half_batch = self.config.batch_bytes / 2;
                     let r = &self.chan(&channel).replica;
                     let snapshot = r.snapshot();
-                    // The log rides along when it fits comfortably in one frame;
-                    // otherwise the peer's history starts at the snapshot.
-                    let (floor, log) =
-                        if r.approx_bytes() < (crate::wire::DEFAULT_MAX_FRAME / 4) as u64 {
-                            (r.floor().clone(), r.log().cloned().collect())
-                        } else {
-                            (snapshot.vv.clone(), Vec::new())
-                        };
+                    // The log rides along when it fits in half a batch; otherwise the
+                    // peer's history starts at the snapshot.
+                    let log_bytes: usize = r.log().map(Op::approx_bytes).sum();
+                    let base = if log_bytes <= half_batch {
+                        RebaseBase {
+                            floor: r.floor().clone(),
+                            log: r.log().cloned().collect(),
+                        }
+                    } else {
+                        RebaseBase {
+                            floor: snapshot.vv.clone(),
+                            log: Vec::new(),
+                        }
+                    };
                     let mut after = vv.clone();
                     after.merge(&snapshot.vv);
-                    self.send(
-                        peer,
-                        SyncMsg::Rebase {
-                            channel: channel.clone(),
-                            snapshot,
-                            floor,
-                            log,
-                        },
-                    );
+                    self.send_snapshot(peer, &channel, snapshot, Some(base));
                     self.send_missing(peer, &channel, &after);
                 } else {
                     self.send_missing(peer, &channel, &vv);
@@ -763,41 +838,37 @@ impl Node {
                 snapshot,
                 floor,
                 log,
+            } => self.on_rebase(channel, &snapshot, &floor, log),
+            SyncMsg::Snapshot { channel, snapshot } => self.on_snapshot(peer, channel, &snapshot),
+            SyncMsg::SnapshotPart {
+                channel,
+                xfer,
+                state,
+            } => self.on_snapshot_part(peer, channel, xfer, state),
+            SyncMsg::SnapshotEnd {
+                channel,
+                xfer,
+                parts,
+                vv,
+                rebase,
             } => {
-                if self.role != Role::Edge || !self.channels.get(&channel).is_some_and(|c| c.rebase)
-                {
+                // A transfer that lost a part (or got them out of order) is dropped
+                // whole: its vector would claim state this node lacks. Over QUIC that
+                // takes a part the writer could not send; anti-entropy and resends
+                // ask again either way.
+                let Some(t) = self.incoming.remove(&(peer, channel.clone())) else {
+                    return;
+                };
+                if t.xfer != xfer || t.parts != parts {
                     return;
                 }
-                self.rebase(channel, &snapshot, &floor, log);
-            }
-            SyncMsg::Snapshot { channel, snapshot } => {
-                if self.role == Role::Edge && !self.channels.contains_key(&channel) {
-                    return;
-                }
-                let (changed, applied) = self.chan(&channel).replica.install_snapshot(&snapshot);
-                let floor = self.chan(&channel).replica.floor().clone();
-                for (key, register) in &changed {
-                    self.out.push_back(Output::Persist(Persist::Register {
-                        channel: channel.clone(),
-                        key: key.clone(),
-                        register: register.clone(),
-                    }));
-                }
-                self.out.push_back(Output::Persist(Persist::Floor {
-                    channel: channel.clone(),
-                    floor,
-                }));
-                self.out.push_back(Output::SnapshotInstalled {
-                    channel: channel.clone(),
-                    changed: changed.into_iter().map(|(k, _)| k).collect(),
-                    vv: snapshot.vv.clone(),
-                });
-                for a in &applied {
-                    self.emit_applied(&channel, a);
-                }
-                if self.role == Role::Cloud {
-                    let ops: Vec<Op> = applied.into_iter().map(|a| a.op).collect();
-                    self.forward(&channel, &ops, Some(peer));
+                let snapshot = Snapshot {
+                    vv,
+                    state: t.state.into_iter().collect(),
+                };
+                match rebase {
+                    None => self.on_snapshot(peer, channel, &snapshot),
+                    Some(b) => self.on_rebase(channel, &snapshot, &b.floor, b.log),
                 }
             }
             SyncMsg::Unsubscribe { channel } => {
@@ -842,6 +913,94 @@ impl Node {
         }
     }
 
+    /// Merges a peer's snapshot of a channel (whole, or assembled from its parts).
+    fn on_snapshot(&mut self, peer: ReplicaId, channel: ChannelName, snapshot: &Snapshot) {
+        if self.role == Role::Edge && !self.channels.contains_key(&channel) {
+            return;
+        }
+        let (changed, applied) = self.chan(&channel).replica.install_snapshot(snapshot);
+        let floor = self.chan(&channel).replica.floor().clone();
+        for (key, register) in &changed {
+            self.out.push_back(Output::Persist(Persist::Register {
+                channel: channel.clone(),
+                key: key.clone(),
+                register: register.clone(),
+            }));
+        }
+        self.out.push_back(Output::Persist(Persist::Floor {
+            channel: channel.clone(),
+            floor,
+        }));
+        self.out.push_back(Output::SnapshotInstalled {
+            channel: channel.clone(),
+            changed: changed.into_iter().map(|(k, _)| k).collect(),
+            vv: snapshot.vv.clone(),
+        });
+        for a in &applied {
+            self.emit_applied(&channel, a);
+        }
+        if self.role == Role::Cloud {
+            let ops: Vec<Op> = applied.into_iter().map(|a| a.op).collect();
+            self.forward(&channel, &ops, Some(peer));
+        }
+    }
+
+    /// Edge: the upstream's base for a channel this edge re-opened after evicting it.
+    fn on_rebase(
+        &mut self,
+        channel: ChannelName,
+        snapshot: &Snapshot,
+        floor: &VersionVector,
+        log: Vec<Op>,
+    ) {
+        if self.role != Role::Edge || !self.channels.get(&channel).is_some_and(|c| c.rebase) {
+            return;
+        }
+        self.rebase(channel, snapshot, floor, log);
+    }
+
+    /// Gathers one part of a snapshot transfer (see [`SyncMsg::SnapshotPart`]).
+    fn on_snapshot_part(
+        &mut self,
+        peer: ReplicaId,
+        channel: ChannelName,
+        xfer: u64,
+        state: Vec<(String, Register)>,
+    ) {
+        let key = (peer, channel);
+        let t = self.incoming.entry(key.clone()).or_insert(Transfer {
+            xfer,
+            parts: 0,
+            bytes: 0,
+            state: Vec::new(),
+        });
+        if t.xfer != xfer {
+            // A newer transfer replaces one whose end never came.
+            *t = Transfer {
+                xfer,
+                parts: 0,
+                bytes: 0,
+                state: Vec::new(),
+            };
+        }
+        t.parts = t.parts.saturating_add(1);
+        t.bytes += state
+            .iter()
+            .map(|(k, r)| k.len() + r.approx_bytes())
+            .sum::<usize>();
+        t.state.extend(state);
+        if t.bytes > MAX_TRANSFER_BYTES {
+            self.incoming.remove(&key);
+            self.warn(
+                Some(peer),
+                format!(
+                    "{}: snapshot transfer {xfer} exceeds {MAX_TRANSFER_BYTES} bytes, dropped",
+                    key.1
+                ),
+            );
+        }
+    }
+
     fn on_ops(&mut self, now_ms: u64, peer: ReplicaId, channel: ChannelName, ops: Vec<Op>) {
         if self.role == Role::Edge && !self.channels.contains_key(&channel) {
             return;
@@ -865,6 +1024,44 @@ impl Node {
             let vv = self.chan(&channel).replica.vv().clone();
             self.send(peer, SyncMsg::Ack { channel, vv });
         }
+    }
+
+    /// Edge: a new upstream told its vector for a channel. Ops of this node that it
+    /// lacks are unacked again (and resent), even if an earlier upstream acked them.
+    /// (Only while nothing was acked on this link since it came up: the vector answers
+    /// the sync sent then, and a later ack may overtake it on a reordering link.)
+    fn reconfirmed(
+        &mut self,
+        peer: ReplicaId,
+        channel: &ChannelName,
+        vv: &VersionVector,
+        at_link_up: u64,
+    ) {
+        let me = self.me;
+        if let Some(c) = self.channels.get_mut(channel) {
+            let theirs = vv.get(me);
+            if theirs < c.acked && c.acked == at_link_up {
+                c.acked = theirs;
+                c.last_sent_ms = 0;
+                self.out.push_back(Output::Persist(Persist::Unacked {
+                    channel: channel.clone(),
+                    seq: theirs,
+                }));
+                self.warn(
+                    Some(peer),
+                    format!("{channel}: the upstream lacks this edge's acked ops after seq {theirs} (restored from a backup?); sending them again"),
+                );
+            }
+        }
+        if self.reconfirm.is_empty() {
+            self.confirm_upstream(peer);
+        }
+    }
+
+    fn confirm_upstream(&mut self, peer: ReplicaId) {
+        self.confirmed_upstream = Some(peer);
+        self.out
+            .push_back(Output::Persist(Persist::Upstream { id: peer }));
     }
 
     /// Edge: the upstream has everything in `vv`; trims the outbox.
@@ -924,44 +1121,125 @@ impl Node {
             .map(|(p, _)| *p)
             .collect();
         for to in targets {
-            for chunk in ops.chunks(self.config.batch_ops.max(1)) {
+            self.send_ops(to, channel, ops);
+        }
+    }
+
+    /// Sends ops in `Ops` frames of at most `batch_ops` ops and about `batch_bytes`
+    /// bytes each (one op per frame at least).
+    fn send_ops(&mut self, to: ReplicaId, channel: &ChannelName, ops: &[Op]) {
+        let max_ops = self.config.batch_ops.max(1);
+        let max_bytes = self.config.batch_bytes.max(1);
+        let (mut start, mut bytes) = (0, 0);
+        for (i, op) in ops.iter().enumerate() {
+            let b = op.approx_bytes();
+            if i > start && (i - start >= max_ops || bytes + b > max_bytes) {
                 self.send(
                     to,
                     SyncMsg::Ops {
                         channel: channel.clone(),
-                        ops: chunk.to_vec(),
+                        ops: ops[start..i].to_vec(),
                     },
                 );
+                (start, bytes) = (i, 0);
             }
+            bytes += b;
         }
+        if start < ops.len() {
+            self.send(
+                to,
+                SyncMsg::Ops {
+                    channel: channel.clone(),
+                    ops: ops[start..].to_vec(),
+                },
+            );
+        }
+    }
+
+    /// Sends a snapshot (with a rebase's floor and log), in parts when it is larger
+    /// than one batch.
+    fn send_snapshot(
+        &mut self,
+        to: ReplicaId,
+        channel: &ChannelName,
+        snapshot: Snapshot,
+        rebase: Option<RebaseBase>,
+    ) {
+        let budget = self.config.batch_bytes.max(1);
+        let state_bytes: usize = snapshot
+            .state
+            .iter()
+            .map(|(k, r)| k.len() + r.approx_bytes())
+            .sum();
+        let log_bytes: usize = rebase
+            .as_ref()
+            .map_or(0, |b| b.log.iter().map(Op::approx_bytes).sum());
+        if state_bytes + log_bytes <= budget {
+            let channel = channel.clone();
+            let msg = match rebase {
+                None => SyncMsg::Snapshot { channel, snapshot },
+                Some(b) => SyncMsg::Rebase {
+                    channel,
+                    snapshot,
+                    floor: b.floor,
+                    log: b.log,
+                },
+            };
+            self.send(to, msg);
+            return;
+        }
+        self.next_xfer += 1;
+        let xfer = self.next_xfer;
+        let mut parts = 0u32;
+        let (mut part, mut bytes) = (Vec::new(), 0);
+        for (key, register) in snapshot.state {
+            let b = key.len() + register.approx_bytes();
+            if !part.is_empty() && bytes + b > budget {
+                let state = std::mem::take(&mut part);
+                self.send(
+                    to,
+                    SyncMsg::SnapshotPart {
+                        channel: channel.clone(),
+                        xfer,
+                        state,
+                    },
+                );
+                (parts, bytes) = (parts + 1, 0);
+            }
+            bytes += b;
+            part.push((key, register));
+        }
+        if !part.is_empty() {
+            self.send(
+                to,
+                SyncMsg::SnapshotPart {
+                    channel: channel.clone(),
+                    xfer,
+                    state: part,
+                },
+            );
+            parts += 1;
+        }
+        self.send(
+            to,
+            SyncMsg::SnapshotEnd {
+                channel: channel.clone(),
+                xfer,
+                parts,
+                vv: snapshot.vv,
+                rebase,
+            },
+        );
     }
 
     /// Sends `to` what it lacks relative to `since`: ops, or a snapshot.
     fn send_missing(&mut self, to: ReplicaId, channel: &ChannelName, since: &VersionVector) {
-        let batch = self.config.batch_ops.max(1);
         let c = self.chan(channel);
         match c.replica.ops_since(since, usize::MAX) {
-            Ok(ops) => {
-                let frames: Vec<SyncMsg> = ops
-                    .chunks(batch)
-                    .map(|chunk| SyncMsg::Ops {
-                        channel: channel.clone(),
-                        ops: chunk.to_vec(),
-                    })
-                    .collect();
-                for msg in frames {
-                    self.send(to, msg);
-                }
-            }
+            Ok(ops) => self.send_ops(to, channel, &ops),
             Err(_) => {
                 let snapshot = c.replica.snapshot();
-                self.send(
-                    to,
-                    SyncMsg::Snapshot {
-                        channel: channel.clone(),
-                        snapshot,
-                    },
-                );
+                self.send_snapshot(to, channel, snapshot, None);
             }
         }
     }

@@ -10,6 +10,7 @@ use crate::codec;
 use crate::ids::{ChannelName, ReplicaId};
 use crate::op::{Ephemeral, Op};
 use crate::replica::Snapshot;
+use crate::state::Register;
 use crate::vv::VersionVector;
 
 /// The wire version this build speaks.
@@ -86,6 +87,33 @@ pub enum SyncMsg {
     },
     /// An operator's instruction from the cloud to an edge.
     Command(Command),
+    /// Registers of a snapshot too large for one frame. The parts of one transfer
+    /// (`xfer`, chosen by the sender) travel first, in order, then the
+    /// [`SyncMsg::SnapshotEnd`] that closes it. Every frame stays under the batch
+    /// budget, so no snapshot is too large to send.
+    SnapshotPart {
+        channel: ChannelName,
+        xfer: u64,
+        state: Vec<(String, Register)>,
+    },
+    /// Closes transfer `xfer` of `parts` parts: the snapshot's vector and, for the
+    /// answer to a `full` sync, the floor and retained log of a [`SyncMsg::Rebase`].
+    /// A receiver that did not get every part drops the transfer (anti-entropy asks
+    /// again); it never installs a vector whose state it lacks.
+    SnapshotEnd {
+        channel: ChannelName,
+        xfer: u64,
+        parts: u32,
+        vv: VersionVector,
+        rebase: Option<RebaseBase>,
+    },
+}
+
+/// What a [`SyncMsg::Rebase`] carries besides the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebaseBase {
+    pub floor: VersionVector,
+    pub log: Vec<Op>,
 }
 
 /// Operator instructions the cloud sends to edges.
@@ -131,7 +159,11 @@ impl SyncMsg {
     pub fn is_control(&self) -> bool {
         !matches!(
             self,
-            SyncMsg::Ops { .. } | SyncMsg::Snapshot { .. } | SyncMsg::Ephemeral { .. }
+            SyncMsg::Ops { .. }
+                | SyncMsg::Snapshot { .. }
+                | SyncMsg::Ephemeral { .. }
+                | SyncMsg::SnapshotPart { .. }
+                | SyncMsg::SnapshotEnd { .. }
         )
     }
 }

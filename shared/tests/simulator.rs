@@ -23,6 +23,7 @@ fn simulated_fleet_converges_and_loses_nothing() {
                 total.deliveries += r.deliveries;
                 total.conflicts += r.conflicts;
                 total.snapshots += r.snapshots;
+                total.snapshot_parts += r.snapshot_parts;
                 total.crashes += r.crashes;
                 total.torn_writes += r.torn_writes;
                 total.evictions += r.evictions;
@@ -38,12 +39,13 @@ fn simulated_fleet_converges_and_loses_nothing() {
         }
     }
     eprintln!(
-        "{} seeds: {} acked ops checked, {} deliveries, {} conflicts, {} snapshots, {} crashes ({} with a torn register write), {} evictions, {} partition flips, {}/{} frames dropped, slowest convergence {} ms",
+        "{} seeds: {} acked ops checked, {} deliveries, {} conflicts, {} snapshots ({} parts of snapshots sent in parts), {} crashes ({} with a torn register write), {} evictions, {} partition flips, {}/{} frames dropped, slowest convergence {} ms",
         seeds.len(),
         total.acked_ops,
         total.deliveries,
         total.conflicts,
         total.snapshots,
+        total.snapshot_parts,
         total.crashes,
         total.torn_writes,
         total.evictions,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use shared::sync::Input;
-use shared::wire::{self, DecodeError, Frame, SyncMsg, Versioned};
+use shared::wire::{self, DecodeError, EncodeError, Frame, SyncMsg, Versioned};
 use shared::ReplicaId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,8 @@ pub enum LinkError {
     Write(#[from] quinn::WriteError),
     #[error("bad frame: {0}")]
     Frame(#[from] DecodeError),
+    #[error("cannot send: {0}")]
+    Encode(#[from] EncodeError),
     #[error("protocol: {0}")]
     Protocol(String),
     #[error("refused by the cloud ({code}): {reason}")]
@@ -101,7 +103,7 @@ pub async fn write_frame(
     buf: &mut Vec<u8>,
 ) -> Result<(), LinkError> {
     buf.clear();
-    wire::encode(frame, max, buf).map_err(|e| LinkError::Protocol(e.to_string()))?;
+    wire::encode(frame, max, buf)?;
     send.write_all(buf).await?;
     metrics::counter!("outpost_link_frames_out_total").increment(1);
     metrics::counter!("outpost_link_bytes_out_total").increment(buf.len() as u64);
@@ -127,9 +129,67 @@ async fn writer(
 ) -> Result<(), LinkError> {
     let mut buf = Vec::new();
     while let Some(msg) = rx.recv().await {
-        write_frame(&mut send, &Frame::Sync(msg), max, &mut buf).await?;
+        write_msg(&mut send, msg, max, &mut buf).await?;
     }
     Ok(())
+}
+
+/// Writes one message. The core sizes batches to fit a frame; one that still does
+/// not fit is split (an `Ops` batch) or else dropped with an error and a metric —
+/// never a reason to drop the link, which would only resend the same frame after
+/// reconnecting. A dropped message is repaired like a lost one: by resends and
+/// anti-entropy (a snapshot transfer missing a part is refused whole).
+async fn write_msg(
+    send: &mut quinn::SendStream,
+    msg: SyncMsg,
+    max: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), LinkError> {
+    let mut todo = vec![msg];
+    while let Some(msg) = todo.pop() {
+        let frame = Frame::Sync(msg);
+        match write_frame(send, &frame, max, buf).await {
+            Ok(()) => {}
+            Err(LinkError::Encode(e)) => {
+                let Frame::Sync(msg) = frame else {
+                    unreachable!("built as a sync frame above")
+                };
+                match msg {
+                    SyncMsg::Ops { channel, mut ops } if ops.len() > 1 => {
+                        let back = ops.split_off(ops.len() / 2);
+                        todo.push(SyncMsg::Ops {
+                            channel: channel.clone(),
+                            ops: back,
+                        });
+                        todo.push(SyncMsg::Ops { channel, ops });
+                    }
+                    other => {
+                        metrics::counter!("outpost_link_frames_unsendable_total").increment(1);
+                        tracing::error!(error = %e, message = msg_name(&other), "a sync message does not fit in a frame; dropped (raise max_frame_bytes on both sides)");
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn msg_name(m: &SyncMsg) -> &'static str {
+    match m {
+        SyncMsg::Sync { .. } => "sync",
+        SyncMsg::Ops { .. } => "ops",
+        SyncMsg::Ack { .. } => "ack",
+        SyncMsg::Snapshot { .. } => "snapshot",
+        SyncMsg::Rebase { .. } => "rebase",
+        SyncMsg::Unsubscribe { .. } => "unsubscribe",
+        SyncMsg::Ephemeral { .. } => "ephemeral",
+        SyncMsg::Heartbeat { .. } => "heartbeat",
+        SyncMsg::HeartbeatAck { .. } => "heartbeat-ack",
+        SyncMsg::Command(_) => "command",
+        SyncMsg::SnapshotPart { .. } => "snapshot-part",
+        SyncMsg::SnapshotEnd { .. } => "snapshot-end",
+    }
 }
 
 async fn reader(

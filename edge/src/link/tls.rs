@@ -230,7 +230,8 @@ impl ServerCertVerifier for PinVerifier {
 
 /// Endpoint settings with a stateless-reset key kept in `data_dir`, so that after a
 /// restart this node answers packets of its old connections with a valid reset and the
-/// peer notices at once instead of waiting for its idle timeout.
+/// peer notices at its next packet (at most one keep-alive interval) instead of
+/// waiting for its idle timeout.
 pub fn endpoint_config(data_dir: &Path) -> Result<quinn::EndpointConfig, TlsError> {
     let path = data_dir.join("quic-reset-key");
     let key = match std::fs::read(&path) {
@@ -252,10 +253,20 @@ pub fn endpoint_config(data_dir: &Path) -> Result<quinn::EndpointConfig, TlsErro
             k
         }
     };
-    Ok(quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        &key,
-    ))))
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    // Connection ids are checked against a key before a reset is sent: quinn's
+    // default draws that key at random per process, so a restarted node dropped the
+    // old connection's packets as "invalid CID" and the peer waited for its idle
+    // timeout. Derive it from the kept key instead.
+    let tag = ring::hmac::sign(&reset, b"outpost connection id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(reset));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(cfg)
 }
 
 /// A UDP socket with large buffers, for a quinn endpoint.
