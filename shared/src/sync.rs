@@ -38,6 +38,10 @@ pub const DEFAULT_BATCH_BYTES: usize = crate::wire::DEFAULT_MAX_FRAME / 8;
 /// A snapshot transfer that grows past this is dropped (and asked for again).
 const MAX_TRANSFER_BYTES: usize = 1 << 30;
 
+/// A rebase carries the upstream's retained log up to this size; a longer one is left
+/// out and the re-opened channel's history starts at the snapshot.
+const MAX_REBASE_LOG_BYTES: usize = 64 << 20;
+
 /// Which side this node plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -281,8 +285,11 @@ pub struct Node {
 struct Transfer {
     xfer: u64,
     parts: u32,
+    /// A part came out of order (or one is missing): the transfer is dropped at its end.
+    broken: bool,
     bytes: usize,
     state: Vec<(String, Register)>,
+    log: Vec<Op>,
 }
 
 impl Node {
@@ -793,13 +800,12 @@ impl Node {
                     }
                 }
                 if full {
-                    let half_batch = self.config.batch_bytes / 2;
                     let r = &self.chan(&channel).replica;
                     let snapshot = r.snapshot();
-                    // The log rides along when it fits in half a batch; otherwise the
-                    // peer's history starts at the snapshot.
+                    // The retained log rides along (in parts when large) unless it is
+                    // huge; then the peer's history starts at the snapshot.
                     let log_bytes: usize = r.log().map(Op::approx_bytes).sum();
-                    let base = if log_bytes <= half_batch {
+                    let base = if log_bytes <= MAX_REBASE_LOG_BYTES {
                         RebaseBase {
                             floor: r.floor().clone(),
                             log: r.log().cloned().collect(),
@@ -843,8 +849,10 @@ impl Node {
             SyncMsg::SnapshotPart {
                 channel,
                 xfer,
+                part,
                 state,
-            } => self.on_snapshot_part(peer, channel, xfer, state),
+                log,
+            } => self.on_snapshot_part(peer, channel, (xfer, part), state, log),
             SyncMsg::SnapshotEnd {
                 channel,
                 xfer,
@@ -859,16 +867,18 @@ impl Node {
                 let Some(t) = self.incoming.remove(&(peer, channel.clone())) else {
                     return;
                 };
-                if t.xfer != xfer || t.parts != parts {
+                if t.xfer != xfer || t.parts != parts || t.broken {
                     return;
                 }
-                let snapshot = Snapshot {
-                    vv,
-                    state: t.state.into_iter().collect(),
-                };
+                let state = t.state.into_iter().collect();
+                let snapshot = Snapshot { vv, state };
                 match rebase {
                     None => self.on_snapshot(peer, channel, &snapshot),
-                    Some(b) => self.on_rebase(channel, &snapshot, &b.floor, b.log),
+                    Some(b) => {
+                        let mut log = t.log;
+                        log.extend(b.log);
+                        self.on_rebase(channel, &snapshot, &b.floor, log)
+                    }
                 }
             }
             SyncMsg::Unsubscribe { channel } => {
@@ -964,31 +974,34 @@ impl Node {
         &mut self,
         peer: ReplicaId,
         channel: ChannelName,
-        xfer: u64,
+        (xfer, part): (u64, u32),
         state: Vec<(String, Register)>,
+        log: Vec<Op>,
     ) {
         let key = (peer, channel);
-        let t = self.incoming.entry(key.clone()).or_insert(Transfer {
+        let fresh = || Transfer {
             xfer,
             parts: 0,
+            broken: false,
             bytes: 0,
             state: Vec::new(),
-        });
+            log: Vec::new(),
+        };
+        let t = self.incoming.entry(key.clone()).or_insert_with(fresh);
         if t.xfer != xfer {
             // A newer transfer replaces one whose end never came.
-            *t = Transfer {
-                xfer,
-                parts: 0,
-                bytes: 0,
-                state: Vec::new(),
-            };
+            *t = fresh();
         }
+        // The log's order matters: parts must come in order.
+        t.broken |= part != t.parts;
         t.parts = t.parts.saturating_add(1);
         t.bytes += state
             .iter()
             .map(|(k, r)| k.len() + r.approx_bytes())
+            .chain(log.iter().map(Op::approx_bytes))
             .sum::<usize>();
         t.state.extend(state);
+        t.log.extend(log);
         if t.bytes > MAX_TRANSFER_BYTES {
             self.incoming.remove(&key);
             self.warn(
@@ -1190,35 +1203,47 @@ impl Node {
         }
         self.next_xfer += 1;
         let xfer = self.next_xfer;
-        let mut parts = 0u32;
-        let (mut part, mut bytes) = (Vec::new(), 0);
-        for (key, register) in snapshot.state {
-            let b = key.len() + register.approx_bytes();
-            if !part.is_empty() && bytes + b > budget {
-                let state = std::mem::take(&mut part);
-                self.send(
-                    to,
-                    SyncMsg::SnapshotPart {
-                        channel: channel.clone(),
-                        xfer,
-                        state,
-                    },
-                );
-                (parts, bytes) = (parts + 1, 0);
-            }
-            bytes += b;
-            part.push((key, register));
-        }
-        if !part.is_empty() {
-            self.send(
+        let (mut parts, mut bytes) = (0u32, 0);
+        let (mut state, mut log) = (Vec::new(), Vec::new());
+        let mut flush = |node: &mut Self, state: &mut Vec<_>, log: &mut Vec<_>| {
+            node.send(
                 to,
                 SyncMsg::SnapshotPart {
                     channel: channel.clone(),
                     xfer,
-                    state: part,
+                    part: parts,
+                    state: std::mem::take(state),
+                    log: std::mem::take(log),
                 },
             );
             parts += 1;
+        };
+        for (key, register) in snapshot.state {
+            let b = key.len() + register.approx_bytes();
+            if !state.is_empty() && bytes + b > budget {
+                flush(self, &mut state, &mut log);
+                bytes = 0;
+            }
+            bytes += b;
+            state.push((key, register));
+        }
+        let rebase = rebase.map(|base| {
+            for op in base.log {
+                let b = op.approx_bytes();
+                if !(state.is_empty() && log.is_empty()) && bytes + b > budget {
+                    flush(self, &mut state, &mut log);
+                    bytes = 0;
+                }
+                bytes += b;
+                log.push(op);
+            }
+            RebaseBase {
+                floor: base.floor,
+                log: Vec::new(),
+            }
+        });
+        if !(state.is_empty() && log.is_empty()) {
+            flush(self, &mut state, &mut log);
         }
         self.send(
             to,

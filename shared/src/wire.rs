@@ -87,17 +87,22 @@ pub enum SyncMsg {
     },
     /// An operator's instruction from the cloud to an edge.
     Command(Command),
-    /// Registers of a snapshot too large for one frame. The parts of one transfer
-    /// (`xfer`, chosen by the sender) travel first, in order, then the
+    /// Part of a snapshot (or rebase) too large for one frame: registers, and for a
+    /// rebase the retained log's ops in order. The parts of one transfer (`xfer`,
+    /// chosen by the sender) travel first, in order, then the
     /// [`SyncMsg::SnapshotEnd`] that closes it. Every frame stays under the batch
     /// budget, so no snapshot is too large to send.
     SnapshotPart {
         channel: ChannelName,
         xfer: u64,
+        /// This part's index in the transfer, from 0.
+        part: u32,
         state: Vec<(String, Register)>,
+        log: Vec<Op>,
     },
     /// Closes transfer `xfer` of `parts` parts: the snapshot's vector and, for the
-    /// answer to a `full` sync, the floor and retained log of a [`SyncMsg::Rebase`].
+    /// answer to a `full` sync, the floor (and the rest of the retained log) of a
+    /// [`SyncMsg::Rebase`].
     /// A receiver that did not get every part drops the transfer (anti-entropy asks
     /// again); it never installs a vector whose state it lacks.
     SnapshotEnd {

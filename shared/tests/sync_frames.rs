@@ -168,6 +168,14 @@ fn a_snapshot_larger_than_a_batch_travels_in_parts_and_needs_all_of_them() {
         "a transfer missing a part must not be installed"
     );
     assert_eq!(edge.channel(&c).map(|r| r.vv().get(cloud_id)), Some(0));
+    let mut reordered = xfer_msgs.clone();
+    reordered.swap(0, 1);
+    let out = deliver(&mut edge, cloud_id, reordered, 3);
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Output::SnapshotInstalled { .. })),
+        "a transfer whose parts came out of order must not be installed"
+    );
     let out = deliver(&mut edge, cloud_id, xfer_msgs, 4);
     assert!(out
         .iter()

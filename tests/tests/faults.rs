@@ -5,7 +5,10 @@
 //! state keys over WebSocket on any endpoint and record what was acknowledged;
 //! subscribers follow every channel, moving between endpoints with their resume
 //! tokens. A seeded controller mixes link faults, partitions and kill -9/restart of
-//! edges and of the cloud. After the schedule heals, a checker verifies:
+//! edges and of the cloud; some writes are large events (40 KB), and about a third of
+//! the schedules back the cloud up (`outpost export`) and later restore that older
+//! backup (`outpost import`) while the edges hold newer writes. After the schedule
+//! heals, a checker verifies:
 //!
 //! - every acknowledged op is in the history of every replica;
 //! - all replicas hold the same ops and the same state;
@@ -222,13 +225,23 @@ fn tag_of(op: &Value) -> Option<String> {
 }
 
 /// Sends writes one at a time to whichever endpoint it reaches, recording acks.
-async fn writer(i: usize, seed: u64, eps: Arc<Endpoints>, rec: Rec, stop: Arc<AtomicBool>) {
+/// `endpoints` is 3 (edges and cloud) or 2 (edges only: in schedules that restore the
+/// cloud from an older backup, what only the cloud held after the backup is lost by
+/// definition, so writes go where they stay held — edges keep what they wrote).
+async fn writer(
+    i: usize,
+    seed: u64,
+    endpoints: usize,
+    eps: Arc<Endpoints>,
+    rec: Rec,
+    stop: Arc<AtomicBool>,
+) {
     let mut rng = SmallRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(i as u64));
-    let mut at = i;
+    let mut at = i % endpoints;
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let Some(mut ws) = connect(&eps, at).await else {
-            at = rng.random_range(0..3);
+            at = rng.random_range(0..endpoints);
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -241,6 +254,12 @@ async fn writer(i: usize, seed: u64, eps: Arc<Endpoints>, rec: Rec, stop: Arc<At
                 (
                     json!({"type": "set", "channel": ch, "key": key, "value": tag}),
                     Some(key.to_owned()),
+                )
+            } else if rng.random_bool(0.05) {
+                // Large events make backlogs that must cross in byte-bounded batches.
+                (
+                    json!({"type": "publish", "channel": ch, "event": "blob", "data": {"tag": tag, "blob": "x".repeat(40_000)}}),
+                    None,
                 )
             } else {
                 (
@@ -267,7 +286,7 @@ async fn writer(i: usize, seed: u64, eps: Arc<Endpoints>, rec: Rec, stop: Arc<At
             }
             tokio::time::sleep(Duration::from_millis(rng.random_range(5..30))).await;
         }
-        at = rng.random_range(0..3);
+        at = rng.random_range(0..endpoints);
     }
 }
 
@@ -456,6 +475,10 @@ async fn schedule_in(seed: u64, region: Option<&Region>) -> Result<Summary> {
         Err(_) => tempfile::tempdir()?,
     };
     let edges_allowed = [("edge-a", TOKENS[0]), ("edge-b", TOKENS[1])];
+    // About a third of the schedules back the cloud up and restore it later. Those
+    // keep every channel on the edges that wrote it (no cache eviction): a restore
+    // loses what only the cloud held, by definition.
+    let plan = restore_plan(seed);
     let mut cloud = match region {
         None => Cloud::start(
             &dir.path().join("cloud"),
@@ -478,15 +501,16 @@ async fn schedule_in(seed: u64, region: Option<&Region>) -> Result<Summary> {
     ];
     let mut edges = Vec::new();
     for (i, name) in ["a", "b"].iter().enumerate() {
+        let cache = if plan.is_some() { "" } else { CACHE };
         edges.push(Edge::start(
             &dir.path().join(name),
             &format!(
-                "{}\n{CACHE}",
+                "{}\n{cache}",
                 cloud.uplink_toml_via(proxies[i].addr, TOKENS[i])
             ),
         )?);
     }
-    let r = run_schedule(seed, &mut cloud, &mut edges, &proxies, region).await;
+    let r = run_schedule(seed, &mut cloud, &mut edges, &proxies, region, plan).await;
     let r = r.map_err(|e| {
         let tail = |s: String| {
             let lines: Vec<&str> = s.lines().collect();
@@ -515,12 +539,65 @@ async fn schedule_in(seed: u64, region: Option<&Region>) -> Result<Summary> {
     })
 }
 
+/// Which steps back the cloud up and restore that backup, if this schedule does.
+fn restore_plan(seed: u64) -> Option<(usize, usize)> {
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0xbac0_0b5e);
+    rng.random_bool(0.35).then(|| {
+        // Within the shortest schedule (8 steps).
+        let backup = rng.random_range(1..4);
+        (backup, backup + rng.random_range(2..5))
+    })
+}
+
+/// Runs the `outpost` CLI.
+fn outpost(args: &[&std::ffi::OsStr]) -> Result<()> {
+    let out = std::process::Command::new(outpost_tests::bin("outpost")?)
+        .args(args)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "outpost {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Stops the cloud, backs its data dir up, starts it again.
+fn backup_cloud(cloud: &mut Cloud, backup: &std::path::Path) -> Result<()> {
+    cloud.kill9();
+    let data = cloud.dir.join("data");
+    outpost(&[
+        "export".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--out".as_ref(),
+        backup.as_os_str(),
+    ])?;
+    cloud.restart()
+}
+
+/// Stops the cloud and restores the older backup into a fresh data dir.
+fn restore_cloud(cloud: &mut Cloud, backup: &std::path::Path) -> Result<()> {
+    cloud.kill9();
+    let data = cloud.dir.join("data");
+    std::fs::remove_dir_all(&data)?;
+    outpost(&[
+        "import".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--in".as_ref(),
+        backup.as_os_str(),
+    ])?;
+    cloud.restart()
+}
+
 async fn run_schedule(
     seed: u64,
     cloud: &mut Cloud,
     edges: &mut [Edge],
     proxies: &[UdpProxy; 2],
     region: Option<&Region>,
+    plan: Option<(usize, usize)>,
 ) -> Result<Summary> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let eps = Arc::new(Endpoints::default());
@@ -548,6 +625,7 @@ async fn run_schedule(
         writers.push(tokio::spawn(writer(
             i,
             seed,
+            if plan.is_some() { 2 } else { 3 },
             eps.clone(),
             rec.clone(),
             stop_writers.clone(),
@@ -557,7 +635,30 @@ async fn run_schedule(
     // The schedule: a seeded mix of link faults, partitions and crashes.
     let mut actions = Vec::new();
     let steps = rng.random_range(8..=14);
-    for _ in 0..steps {
+    let backup = cloud.dir.join("backup.jsonl");
+    for step in 0..steps {
+        if let Some((b, r)) = plan {
+            if step == b || step == r {
+                eps.set(2, None);
+                let what = if step == b {
+                    "backup-cloud"
+                } else {
+                    "restore-cloud"
+                };
+                tokio::task::block_in_place(|| {
+                    if step == b {
+                        backup_cloud(cloud, &backup)
+                    } else {
+                        restore_cloud(cloud, &backup)
+                    }
+                })
+                .context(what)?;
+                eps.set(2, Some(cloud.addr));
+                actions.push(what.to_owned());
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
+                continue;
+            }
+        }
         let x = rng.random_range(0..2usize);
         let name = ["a", "b"][x];
         match rng.random_range(0..10u32) {
