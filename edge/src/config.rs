@@ -30,6 +30,12 @@ pub struct StorageConfig {
     pub commit_window_ms: u64,
     /// sled's page cache, in MiB.
     pub cache_mb: u64,
+    /// Memory budget for resident channels (logs and state held in memory), in bytes.
+    /// Past it, the least recently used channels that may go are unloaded; their data
+    /// stays on disk and is loaded again when something needs it.
+    pub resident_bytes: u64,
+    /// Channels unused for this long are unloaded even under the budget.
+    pub resident_idle_secs: u64,
 }
 
 impl Default for StorageConfig {
@@ -38,6 +44,8 @@ impl Default for StorageConfig {
             durability: Durability::Fsync,
             commit_window_ms: 1,
             cache_mb: 64,
+            resident_bytes: 64 << 20,
+            resident_idle_secs: 60,
         }
     }
 }
@@ -839,6 +847,11 @@ shutdown_grace_ms = 2000
 durability = "fsync"
 commit_window_ms = 1
 cache_mb = 64
+# Channels live on disk and are loaded into memory when used: at most this many bytes
+# of them stay loaded (least recently used go first), none unused for longer than
+# resident_idle_secs. Channels with subscribers or unsent writes always stay.
+resident_bytes = 67108864
+resident_idle_secs = 60
 
 [auth]
 # hs256_secret = "at least 32 characters of secret"

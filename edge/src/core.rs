@@ -22,6 +22,15 @@ use crate::config::{Durability, EdgeConfig};
 use crate::hub::{ConnHandle, Hub, Replay};
 use crate::storage::{Storage, StorageError};
 
+/// What of a stored channel is durable: its floor raised by its log.
+fn durable_vv(d: &shared::sync::DurableChannel) -> VersionVector {
+    let mut vv = d.floor.clone();
+    for op in &d.log {
+        vv.raise(op.dot.origin, op.dot.seq);
+    }
+    vv
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -187,6 +196,8 @@ pub struct Core {
     pub ops_in: Mutex<HashMap<ReplicaId, u64>>,
     evict_requests: Mutex<Vec<ChannelName>>,
     sync_config: SyncConfig,
+    /// Resident channels' byte budget and idle time (`[storage]`).
+    residency: (u64, Duration),
 }
 
 impl std::fmt::Debug for Core {
@@ -212,6 +223,8 @@ pub fn sync_config(cfg: &EdgeConfig) -> SyncConfig {
             .map(|(k, v)| (k.clone(), conv(v)))
             .collect(),
         batch_bytes: cfg.link_batch_bytes(),
+        // An edge without an uplink never gets acks: its channels may go to disk.
+        pin_outbox: cfg.uplink.is_some(),
         ..SyncConfig::default()
     }
 }
@@ -223,18 +236,16 @@ impl Core {
             .map_err(|e| CoreError::Storage(format!("{}: {e}", cfg.data_dir.display())))?;
         let storage = Storage::open(&cfg.data_dir, cfg.storage.cache_mb)?;
         let id = storage.replica_id()?;
-        let channels = storage.load()?;
+        // Start-up reads only what the link needs: channels with unacked local ops.
+        // Every other channel is loaded when something names it.
+        let channels = Self::load_outbox(&storage, role)?;
         let hub = Hub::default();
         let mut ops = 0;
         for (name, d) in &channels {
             ops += d.log.len();
-            let mut vv = d.floor.clone();
-            for op in &d.log {
-                vv.raise(op.dot.origin, op.dot.seq);
-            }
-            hub.seed_delivered(name, &vv);
+            hub.seed_delivered(name, &durable_vv(d));
         }
-        tracing::info!(replica = %id, channels = channels.len(), ops, "storage loaded");
+        tracing::info!(replica = %id, channels = channels.len(), ops, "storage opened; loaded the channels with unacked ops");
         let sync_cfg = sync_config(cfg);
         let retired = storage.retired()?;
         // Restored channels count as used now: idle eviction starts counting at start.
@@ -274,7 +285,111 @@ impl Core {
             ops_in: Mutex::new(HashMap::new()),
             evict_requests: Mutex::new(Vec::new()),
             sync_config: sync_cfg,
+            residency: (
+                cfg.storage.resident_bytes,
+                Duration::from_secs(cfg.storage.resident_idle_secs),
+            ),
         }))
+    }
+
+    /// The stored channels with local ops the upstream has not acked (edge).
+    fn load_outbox(
+        storage: &Storage,
+        role: Role,
+    ) -> Result<std::collections::BTreeMap<ChannelName, shared::sync::DurableChannel>, CoreError>
+    {
+        let mut out = std::collections::BTreeMap::new();
+        if role == Role::Edge {
+            for name in storage.outbox_channels()? {
+                if let Some(d) = storage.load_channel(&name)? {
+                    out.insert(name, d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes a stored channel resident before an input names it (the node must never
+    /// start an empty channel where a stored one exists). Loads under the core lock,
+    /// so inputs for the channel wait for it and nothing overtakes the load.
+    fn ensure(&self, g: &mut Inner, channel: &ChannelName) -> Result<(), CoreError> {
+        if g.node.is_resident(channel) {
+            return Ok(());
+        }
+        let storage = self.storage()?;
+        let started = Instant::now();
+        if let Some(d) = storage.load_channel(channel)? {
+            self.hub.seed_delivered(channel, &durable_vv(&d));
+            let ops = d.log.len();
+            g.node.load(channel.clone(), d);
+            g.last_used.insert(channel.clone(), Instant::now());
+            metrics::counter!("outpost_channel_loads_total").increment(1);
+            metrics::histogram!("outpost_channel_load_seconds")
+                .record(started.elapsed().as_secs_f64());
+            tracing::debug!(%channel, ops, "channel loaded");
+            self.drain(g)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the channels a link-up will sync: those with unacked local ops, or every
+    /// stored channel when the upstream is a new one (see `Persist::Upstream`).
+    fn ensure_for_link(&self, g: &mut Inner, peer: ReplicaId) -> Result<(), CoreError> {
+        if g.node.role() != Role::Edge {
+            return Ok(());
+        }
+        let storage = self.storage()?;
+        let names = if g.node.compares_all_with(peer) {
+            let all = storage.channel_names()?;
+            if !all.is_empty() {
+                tracing::info!(channels = all.len(), upstream = %peer, "a new upstream: loading every stored channel to compare it");
+            }
+            all
+        } else {
+            storage.outbox_channels()?
+        };
+        for name in names {
+            self.ensure(g, &name)?;
+        }
+        Ok(())
+    }
+
+    /// Unloads resident channels that may go (see `Node::can_unload`): those idle for
+    /// `idle`, then the least recently used until the rest fit in `budget` bytes.
+    /// Their data stays stored; the next input that names one loads it again.
+    pub fn sweep_resident(&self, budget: u64, idle: Duration) {
+        let mut g = self.lock();
+        let mut sizes: Vec<(ChannelName, u64, Option<Instant>)> = g
+            .node
+            .channels()
+            .map(|c| {
+                let name = c.channel().clone();
+                let used = g.last_used.get(&name).copied();
+                (name, c.approx_bytes(), used)
+            })
+            .collect();
+        let mut total: u64 = sizes.iter().map(|(_, b, _)| b).sum();
+        sizes.sort_by_key(|(_, _, used)| *used);
+        let storage = self.storage().ok();
+        let mut unloaded = 0u64;
+        for (name, bytes, used) in sizes {
+            let idle = used.is_none_or(|u| u.elapsed() >= idle);
+            if !(idle || total > budget) || !g.node.unload(&name) {
+                continue;
+            }
+            if let Some(s) = &storage {
+                s.unload(&name);
+            }
+            g.last_used.remove(&name);
+            self.hub.forget(&name);
+            total = total.saturating_sub(bytes);
+            unloaded += 1;
+        }
+        if unloaded > 0 {
+            metrics::counter!("outpost_channel_unloads_total").increment(unloaded);
+            tracing::debug!(channels = unloaded, "unloaded channels from memory");
+        }
+        metrics::gauge!("outpost_resident_bytes").set(total as f64);
     }
 
     /// The storage, unless it is being reopened after a failure.
@@ -359,8 +474,22 @@ impl Core {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs the group committer and the replication timer until `shutdown`.
+    /// Runs the group committer, the replication timer and the residency sweep until
+    /// `shutdown`.
     pub fn spawn_background(self: &Arc<Self>, shutdown: CancellationToken) {
+        let core = self.clone();
+        let stop = shutdown.clone();
+        let (budget, idle) = self.residency;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => core.sweep_resident(budget, idle),
+                }
+            }
+        });
         let core = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move { core.flusher(stop).await });
@@ -410,6 +539,25 @@ impl Core {
             }
         }
         let mut g = self.lock();
+        let loaded = match &input {
+            Input::LinkUp(peer) => self.ensure_for_link(&mut g, *peer),
+            Input::Interest(channel, _) => self.ensure(&mut g, channel),
+            Input::Msg(_, msg) => match msg {
+                // Fanned out, never stored: no need to load the channel.
+                SyncMsg::Ephemeral { .. } | SyncMsg::Command(_) => Ok(()),
+                m => match m.channel() {
+                    Some(channel) => self.ensure(&mut g, channel),
+                    None => Ok(()),
+                },
+            },
+            Input::LinkDown(_) | Input::Timeout => Ok(()),
+        };
+        if let Err(e) = loaded {
+            // The input cannot be handled without the channel's stored state; the
+            // peer's resends and anti-entropy bring it again.
+            tracing::error!(error = %e, "cannot load a channel for a replication input");
+            return;
+        }
         g.node.handle(now_ms(), input);
         if let Err(e) = self.drain(&mut g) {
             tracing::error!(error = %e, "storage failure while handling replication input");
@@ -435,6 +583,7 @@ impl Core {
         write: LocalWrite,
     ) -> Result<(LocalOutcome, u64), CoreError> {
         let mut g = self.lock();
+        self.ensure(&mut g, channel)?;
         Self::touch(&mut g, channel);
         let outcome = g.node.local(now_ms(), channel, write)?;
         self.drain(&mut g)?;
@@ -458,6 +607,9 @@ impl Core {
         since: &VersionVector,
     ) -> Replay {
         let mut g = self.lock();
+        if let Err(e) = self.ensure(&mut g, channel) {
+            tracing::error!(%channel, error = %e, "cannot load a channel to subscribe");
+        }
         Self::touch(&mut g, channel);
         let (replay, first) = match g.node.channel(channel) {
             Some(r) => {
@@ -483,6 +635,9 @@ impl Core {
         let mut g = self.lock();
         Self::touch(&mut g, channel);
         if self.hub.unsubscribe(channel, conn) {
+            if let Err(e) = self.ensure(&mut g, channel) {
+                tracing::error!(%channel, error = %e, "cannot load a channel to unsubscribe");
+            }
             tracing::debug!(%channel, "last local subscriber left: interest off");
             g.node
                 .handle(now_ms(), Input::Interest(channel.clone(), false));
@@ -495,6 +650,7 @@ impl Core {
     /// The register of a state key, if any.
     pub fn state_get(&self, channel: &ChannelName, key: &str) -> Option<Register> {
         let mut g = self.lock();
+        self.ensure_for_read(&mut g, channel);
         Self::touch(&mut g, channel);
         g.node
             .channel(channel)
@@ -503,8 +659,10 @@ impl Core {
 
     /// All state keys of a channel.
     pub fn state_all(&self, channel: &ChannelName) -> Vec<(String, Register)> {
-        self.lock()
-            .node
+        let mut g = self.lock();
+        self.ensure_for_read(&mut g, channel);
+        Self::touch(&mut g, channel);
+        g.node
             .channel(channel)
             .map(|c| {
                 c.state()
@@ -523,6 +681,7 @@ impl Core {
         limit: usize,
     ) -> (Vec<Op>, bool) {
         let mut g = self.lock();
+        self.ensure_for_read(&mut g, channel);
         Self::touch(&mut g, channel);
         let delivered = self.hub.delivered(channel);
         match g.node.channel(channel) {
@@ -562,6 +721,10 @@ impl Core {
     /// Evicts a channel now if nothing here needs it; true if it was evicted.
     pub fn evict_channel(&self, name: &ChannelName) -> bool {
         let mut g = self.lock();
+        if let Err(e) = self.ensure(&mut g, name) {
+            tracing::error!(channel = %name, error = %e, "cannot load a channel to evict it");
+            return false;
+        }
         let done = self.evict_locked(&mut g, name);
         if done {
             metrics::counter!("outpost_cache_evictions_total").increment(1);
@@ -592,6 +755,14 @@ impl Core {
             .lock()
             .map(|m| m.get(&peer).copied().unwrap_or(0))
             .unwrap_or(0)
+    }
+
+    /// Loads a channel for a read; a read of a channel that cannot be loaded answers
+    /// as if it were not held here (and logs why).
+    fn ensure_for_read(&self, g: &mut Inner, channel: &ChannelName) {
+        if let Err(e) = self.ensure(g, channel) {
+            tracing::error!(%channel, error = %e, "cannot load a channel for a read");
+        }
     }
 
     fn touch(g: &mut Inner, channel: &ChannelName) {
@@ -701,7 +872,18 @@ impl Core {
         let Ok(storage) = self.storage() else {
             return;
         };
-        match storage.load() {
+        let resident: Vec<ChannelName> = g.node.channels().map(|c| c.channel().clone()).collect();
+        let loaded = Self::load_outbox(&storage, g.node.role()).and_then(|mut m| {
+            for name in resident {
+                if !m.contains_key(&name) {
+                    if let Some(d) = storage.load_channel(&name)? {
+                        m.insert(name, d);
+                    }
+                }
+            }
+            Ok(m)
+        });
+        match loaded {
             Ok(channels) => {
                 let role = g.node.role();
                 let cfg = self.sync_config.clone();

@@ -59,6 +59,9 @@ pub struct Storage {
     /// `channel` -> this replica's last seq (u64 BE) in a channel it evicted, so that
     /// writes after a re-open never reuse a dot.
     retired: sled::Tree,
+    /// `channel` -> () for channels with local ops the upstream has not acked: the
+    /// ones a restarted edge loads before its link comes up.
+    outbox: sled::Tree,
     known: Mutex<HashSet<ChannelName>>,
     /// channel -> dot -> arrival: where compaction finds an op's log entry.
     arrivals: Mutex<HashMap<ChannelName, HashMap<Dot, u64>>>,
@@ -92,6 +95,7 @@ impl Storage {
             chans: db.open_tree("chans")?,
             conflicts: db.open_tree("conflicts")?,
             retired: db.open_tree("retired")?,
+            outbox: db.open_tree("outbox")?,
             db,
             known: Mutex::new(HashSet::new()),
             arrivals: Mutex::new(HashMap::new()),
@@ -155,13 +159,77 @@ impl Storage {
         Ok(out)
     }
 
+    /// Every stored channel, loaded (backups; tests).
     pub fn load(&self) -> Result<BTreeMap<ChannelName, DurableChannel>, StorageError> {
         let mut out = BTreeMap::new();
-        let mut arrivals = HashMap::new();
-        for item in self.chans.iter() {
-            let (k, v) = item?;
-            let name = channel_name(&k)?;
-            let meta: ChanMeta = decode(&v, "channel meta")?;
+        for name in self.channel_names()? {
+            if let Some(d) = self.load_channel(&name)? {
+                out.insert(name, d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The names of every stored channel.
+    pub fn channel_names(&self) -> Result<Vec<ChannelName>, StorageError> {
+        self.chans
+            .iter()
+            .keys()
+            .map(|k| channel_name(&k?))
+            .collect()
+    }
+
+    /// Whether a channel is stored here.
+    pub fn holds(&self, name: &ChannelName) -> Result<bool, StorageError> {
+        Ok(self.chans.contains_key(name.as_str())?)
+    }
+
+    /// Channels with local ops the upstream has not acked ([`Persist::Outbox`]).
+    pub fn outbox_channels(&self) -> Result<Vec<ChannelName>, StorageError> {
+        if self.db.get("outbox_index")?.is_none() {
+            self.build_outbox_index()?;
+        }
+        self.outbox
+            .iter()
+            .keys()
+            .map(|k| channel_name(&k?))
+            .collect()
+    }
+
+    /// Data dirs from before the outbox index: one scan finds the channels whose own
+    /// ops run past their acked mark.
+    fn build_outbox_index(&self) -> Result<(), StorageError> {
+        let me = self.replica_id()?;
+        for name in self.channel_names()? {
+            let Some(meta) = self.chans.get(name.as_str())? else {
+                continue;
+            };
+            let meta: ChanMeta = decode(&meta, "channel meta")?;
+            let mut own = meta.floor.get(me);
+            for item in self.log.scan_prefix(prefix(&name)).values() {
+                let op: shared::Op = decode(&item?, "op")?;
+                if op.dot.origin == me {
+                    own = own.max(op.dot.seq);
+                }
+            }
+            if own > meta.acked {
+                self.outbox.insert(name.as_str(), &[])?;
+            }
+        }
+        self.db.insert("outbox_index", &[1])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Reads one stored channel (its log, state, floor and acked mark), and keeps the
+    /// index compaction needs for it until [`Storage::unload`].
+    pub fn load_channel(&self, name: &ChannelName) -> Result<Option<DurableChannel>, StorageError> {
+        let Some(v) = self.chans.get(name.as_str())? else {
+            return Ok(None);
+        };
+        let meta: ChanMeta = decode(&v, "channel meta")?;
+        {
+            let name = name.clone();
             let p = prefix(&name);
             let mut log: Vec<shared::Op> = Vec::new();
             let mut dots = HashMap::new();
@@ -179,7 +247,10 @@ impl Storage {
                 dots.insert(op.dot, arrival);
                 log.push(op);
             }
-            arrivals.insert(name.clone(), dots);
+            self.arrivals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone(), dots);
             let mut state = BTreeMap::new();
             for item in self.state.scan_prefix(&p) {
                 let (k, v) = item?;
@@ -190,18 +261,26 @@ impl Storage {
                 .lock()
                 .map(|mut g| g.insert(name.clone()))
                 .unwrap_or_default();
-            out.insert(
-                name,
-                DurableChannel {
-                    state,
-                    log,
-                    floor: meta.floor,
-                    acked: meta.acked,
-                },
-            );
+            Ok(Some(DurableChannel {
+                state,
+                log,
+                floor: meta.floor,
+                acked: meta.acked,
+            }))
         }
-        *self.arrivals.lock().unwrap_or_else(|p| p.into_inner()) = arrivals;
-        Ok(out)
+    }
+
+    /// Forgets what [`Storage::load_channel`] kept in memory for a channel that is no
+    /// longer resident (its data stays stored).
+    pub fn unload(&self, name: &ChannelName) {
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.known
+            .lock()
+            .map(|mut g| g.remove(name))
+            .unwrap_or_default();
     }
 
     fn ensure_channel(&self, channel: &ChannelName) -> Result<(), StorageError> {
@@ -301,6 +380,13 @@ impl Storage {
             Persist::Upstream { id } => {
                 self.db.insert("upstream", &id.get().to_be_bytes())?;
             }
+            Persist::Outbox { channel, pending } => {
+                if *pending {
+                    self.outbox.insert(channel.as_str(), &[])?;
+                } else {
+                    self.outbox.remove(channel.as_str())?;
+                }
+            }
             Persist::Evict { channel, own_seq } => {
                 self.remove_channel(channel)?;
                 let key = channel.as_str().as_bytes();
@@ -380,6 +466,7 @@ impl Storage {
             }
         }
         self.chans.remove(channel.as_str())?;
+        self.outbox.remove(channel.as_str())?;
         self.known
             .lock()
             .map(|mut g| g.remove(channel))

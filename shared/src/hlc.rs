@@ -67,6 +67,12 @@ impl HlcClock {
         Self { last, max_drift_ms }
     }
 
+    /// Never issues a stamp at or below `stamp` from now on (a channel loaded from
+    /// storage brings the stamps of its ops).
+    pub fn raise(&mut self, stamp: Hlc) {
+        self.last = self.last.max(stamp);
+    }
+
     /// The last timestamp issued or observed.
     pub fn last(&self) -> Hlc {
         self.last

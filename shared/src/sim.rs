@@ -43,6 +43,9 @@ pub struct SimConfig {
     pub interest_flap_rate: f64,
     /// Per step: an edge tries to evict a channel it holds without subscribers.
     pub evict_rate: f64,
+    /// Per step: a node tries to unload a resident channel from memory (it stays on
+    /// its disk and is loaded again before the next input that names it).
+    pub unload_rate: f64,
     pub sync: SyncConfig,
 }
 
@@ -88,9 +91,25 @@ impl SimConfig {
             } else {
                 0.0
             },
+            unload_rate: if rng.random_bool(0.5) {
+                rng.random_range(0.05..0.5)
+            } else {
+                0.0
+            },
             sync,
         }
     }
+}
+
+/// The highest seq of `me`'s own ops a stored channel covers.
+fn own_seq(me: ReplicaId, d: &DurableChannel) -> u64 {
+    d.log
+        .iter()
+        .filter(|op| op.dot.origin == me)
+        .map(|op| op.dot.seq)
+        .max()
+        .unwrap_or(0)
+        .max(d.floor.get(me))
 }
 
 /// What a run did, for the caller to print or aggregate.
@@ -110,6 +129,9 @@ pub struct SimReport {
     pub torn_writes: usize,
     /// Channels edges evicted (and later re-created).
     pub evictions: usize,
+    /// Channels unloaded from memory, and loaded again from disk.
+    pub unloads: usize,
+    pub loads: usize,
     pub partitions: usize,
     pub converged_after_ms: u64,
 }
@@ -337,9 +359,17 @@ impl Sim {
             }
             self.input(e, Input::Interest(c, on));
         }
+        if self.rng.random_bool(self.cfg.unload_rate) && !self.channels.is_empty() {
+            let i = self.rng.random_range(0..self.nodes.len());
+            let c = self.channels[self.rng.random_range(0..self.channels.len())].clone();
+            if self.nodes[i].node.as_mut().is_some_and(|n| n.unload(&c)) {
+                self.report.unloads += 1;
+            }
+        }
         if self.rng.random_bool(self.cfg.evict_rate) && !self.channels.is_empty() {
             let e = self.rng.random_range(1..=self.cfg.edges);
             let c = self.channels[self.rng.random_range(0..self.channels.len())].clone();
+            self.ensure(e, &c);
             if let Some(node) = self.nodes[e].node.as_mut() {
                 if node.evict(&c) {
                     self.report.evictions += 1;
@@ -444,11 +474,18 @@ impl Sim {
     fn restart(&mut self, i: usize) {
         let n = &mut self.nodes[i];
         n.restart_at = None;
+        // Like the shells: only channels with unacked local ops are loaded at start.
+        let outbox: BTreeMap<ChannelName, DurableChannel> = n
+            .disk
+            .iter()
+            .filter(|(_, d)| n.role == Role::Edge && own_seq(n.id, d) > d.acked)
+            .map(|(c, d)| (c.clone(), d.clone()))
+            .collect();
         let node = Node::restore(
             n.id,
             n.role,
             self.cfg.sync.clone(),
-            n.disk.clone(),
+            outbox,
             n.retired.clone(),
             n.upstream,
             self.now,
@@ -480,6 +517,15 @@ impl Sim {
 
     fn heal(&mut self) {
         self.faults = false;
+        // The checks read every replica's channels: make them all resident (nothing is
+        // unloaded after this).
+        self.cfg.unload_rate = 0.0;
+        for i in 0..self.nodes.len() {
+            let stored: Vec<ChannelName> = self.nodes[i].disk.keys().cloned().collect();
+            for c in stored {
+                self.ensure(i, &c);
+            }
+        }
         for i in 0..self.nodes.len() {
             if self.nodes[i].node.is_none() {
                 self.restart(i);
@@ -502,6 +548,7 @@ impl Sim {
             return;
         }
         let channel = self.channels[self.rng.random_range(0..self.channels.len())].clone();
+        self.ensure(i, &channel);
         let key = format!("k{}", self.rng.random_range(0..self.cfg.keys));
         let context = self.nodes[i]
             .node
@@ -552,7 +599,64 @@ impl Sim {
         self.drain(i);
     }
 
+    /// Loads a stored channel into node `i` if it is not resident, as the shells do
+    /// before an input that names it.
+    fn ensure(&mut self, i: usize, c: &ChannelName) {
+        let n = &mut self.nodes[i];
+        let Some(node) = n.node.as_mut() else {
+            return;
+        };
+        if node.is_resident(c) {
+            return;
+        }
+        let Some(d) = n.disk.get(c).cloned() else {
+            return;
+        };
+        let mut vv = d.floor.clone();
+        for op in &d.log {
+            vv.raise(op.dot.origin, op.dot.seq);
+        }
+        node.load(c.clone(), d);
+        // Subscribers resume from what is durable here (the shell's replay).
+        n.delivered.entry(c.clone()).or_default().merge(&vv);
+        self.report.loads += 1;
+        self.drain(i);
+    }
+
+    /// What the shells load before feeding an input.
+    fn ensure_for(&mut self, i: usize, input: &Input) {
+        match input {
+            Input::Interest(c, _) => self.ensure(i, c),
+            Input::Msg(_, SyncMsg::Ephemeral { .. } | SyncMsg::Command(_)) => {}
+            Input::Msg(_, m) => {
+                if let Some(c) = m.channel().cloned() {
+                    self.ensure(i, &c);
+                }
+            }
+            Input::LinkUp(peer) => {
+                let n = &self.nodes[i];
+                let Some(node) = n.node.as_ref() else {
+                    return;
+                };
+                let all = node.compares_all_with(*peer);
+                let wanted: Vec<ChannelName> = n
+                    .disk
+                    .iter()
+                    .filter(|(_, d)| {
+                        n.role == Role::Edge && (all || own_seq(n.id, d) > d.acked)
+                    })
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                for c in wanted {
+                    self.ensure(i, &c);
+                }
+            }
+            Input::LinkDown(_) | Input::Timeout => {}
+        }
+    }
+
     fn input(&mut self, i: usize, input: Input) {
+        self.ensure_for(i, &input);
         let now = self.now;
         if let Some(node) = self.nodes[i].node.as_mut() {
             node.handle(now, input);
@@ -674,6 +778,7 @@ impl Sim {
                 d.acked = d.acked.min(seq);
             }
             Persist::Upstream { id } => n.upstream = Some(id),
+            Persist::Outbox { .. } => {}
             Persist::Rebased { channel } => {
                 n.retired.remove(&channel);
             }

@@ -61,6 +61,9 @@ pub struct SyncConfig {
     /// one `Ops` or snapshot frame; a larger snapshot travels in parts. Keep it well
     /// under the link's frame limit.
     pub batch_bytes: usize,
+    /// Edge: channels with unacked local ops stay resident (they are resent and
+    /// counted in the outbox). Off for an edge that has no upstream at all.
+    pub pin_outbox: bool,
     /// How often the periodic timer fires.
     pub tick_ms: u64,
     /// Unacked local ops are sent again after this long without an ack.
@@ -95,6 +98,7 @@ impl Default for SyncConfig {
             replica: ReplicaConfig::default(),
             batch_ops: 256,
             batch_bytes: DEFAULT_BATCH_BYTES,
+            pin_outbox: true,
             tick_ms: 250,
             resend_after_ms: 2_000,
             anti_entropy_ms: 5_000,
@@ -154,6 +158,10 @@ pub enum Persist {
     /// Every held channel was compared with this upstream after linking to it: a
     /// later link to the same upstream syncs only the channels in use.
     Upstream { id: ReplicaId },
+    /// Edge: the channel now has (`true`) or no longer has (`false`) local ops the
+    /// upstream has not acked. Storage keeps the set, so that a restarted edge loads
+    /// exactly these channels before its link comes up (the others stay on disk).
+    Outbox { channel: ChannelName, pending: bool },
     /// Drop the channel's data and remember that this node wrote its ops up to
     /// `own_seq` there, so that a later write never reuses one of those dots.
     Evict { channel: ChannelName, own_seq: u64 },
@@ -331,51 +339,95 @@ impl Node {
         let mut node = Self::new(me, role, config, now_ms);
         node.retired = retired;
         node.confirmed_upstream = upstream;
-        let mut last = Hlc::ZERO;
         for (name, d) in channels {
-            let max_hlc = d
-                .log
-                .iter()
-                .map(|op| op.hlc)
-                .chain(
-                    d.state
-                        .values()
-                        .flat_map(|r| r.siblings().iter().map(|s| s.hlc)),
-                )
-                .max()
-                .unwrap_or(Hlc::ZERO);
-            last = last.max(max_hlc);
-            let mut replica = ChannelReplica::restore(
-                name.clone(),
-                me,
-                node.config.replica.clone(),
-                d.state,
-                d.log,
-                d.floor,
-            );
-            // Re-created after an eviction and not yet given its full state.
-            let rebase = node.retired.contains_key(&name);
-            for (key, register) in replica.repair_state() {
-                node.out.push_back(Output::Persist(Persist::Register {
-                    channel: name.clone(),
-                    key,
-                    register,
-                }));
-            }
-            node.channels.insert(
-                name,
-                Chan {
-                    replica,
-                    interest: false,
-                    acked: d.acked,
-                    last_sent_ms: 0,
-                    last_sync_ms: 0,
-                    rebase,
-                },
-            );
+            node.load(name, d);
         }
-        node.clock = HlcClock::resume(node.config.max_drift_ms, last);
         node
+    }
+
+    /// Makes a stored channel resident. The node holds only resident channels; the
+    /// shell must load a stored channel before it feeds any input that names it
+    /// (otherwise the node would start an empty channel where a stored one exists).
+    /// Loading an already resident channel changes nothing.
+    pub fn load(&mut self, name: ChannelName, d: DurableChannel) {
+        if self.channels.contains_key(&name) {
+            return;
+        }
+        let max_hlc = d
+            .log
+            .iter()
+            .map(|op| op.hlc)
+            .chain(
+                d.state
+                    .values()
+                    .flat_map(|r| r.siblings().iter().map(|s| s.hlc)),
+            )
+            .max()
+            .unwrap_or(Hlc::ZERO);
+        // Writes to this channel from now on are stamped after everything in it.
+        self.clock.raise(max_hlc);
+        let mut replica = ChannelReplica::restore(
+            name.clone(),
+            self.me,
+            self.config.replica.clone(),
+            d.state,
+            d.log,
+            d.floor,
+        );
+        // Re-created after an eviction and not yet given its full state.
+        let rebase = self.retired.contains_key(&name);
+        for (key, register) in replica.repair_state() {
+            self.out.push_back(Output::Persist(Persist::Register {
+                channel: name.clone(),
+                key,
+                register,
+            }));
+        }
+        self.channels.insert(
+            name,
+            Chan {
+                replica,
+                interest: false,
+                acked: d.acked,
+                last_sent_ms: 0,
+                last_sync_ms: 0,
+                rebase,
+            },
+        );
+    }
+
+    /// Whether a resident channel may be unloaded from memory (its data stays
+    /// stored): no local interest, nothing unacked (see `pin_outbox`), nothing buffered or
+    /// half received, not waiting for its base after an eviction, not being compared
+    /// with a new upstream.
+    pub fn can_unload(&self, name: &ChannelName) -> bool {
+        let Some(c) = self.channels.get(name) else {
+            return false;
+        };
+        let pinned = self.role == Role::Edge && self.config.pin_outbox;
+        !c.interest
+            && !(pinned && c.outbox(self.me) > 0)
+            && c.replica.pending_len() == 0
+            && !c.rebase
+            && !self.reconfirm.contains_key(name)
+            && !self.incoming.keys().any(|(_, ch)| ch == name)
+    }
+
+    /// Drops a resident channel from memory if [`Node::can_unload`] allows it.
+    /// Unlike [`Node::evict`] this stores nothing: the channel stays on disk as it is.
+    pub fn unload(&mut self, name: &ChannelName) -> bool {
+        self.can_unload(name) && self.channels.remove(name).is_some()
+    }
+
+    /// Whether the channel is resident.
+    pub fn is_resident(&self, name: &ChannelName) -> bool {
+        self.channels.contains_key(name)
+    }
+
+    /// Edge: whether linking to `peer` compares every stored channel (it is not the
+    /// upstream that last did), so the shell must load them all first.
+    pub fn compares_all_with(&self, peer: ReplicaId) -> bool {
+        self.role == Role::Edge && self.confirmed_upstream != Some(peer)
     }
 
     pub fn id(&self) -> ReplicaId {
@@ -500,6 +552,7 @@ impl Node {
         log: Vec<Op>,
     ) {
         let me = self.me;
+        let outbox_before = self.outbox_of(&channel);
         let c = self.chan(&channel);
         c.rebase = false;
         let old: Vec<Dot> = c.replica.log().map(|op| op.dot).collect();
@@ -544,6 +597,7 @@ impl Node {
         }));
         self.out
             .push_back(Output::Persist(Persist::Rebased { channel: ch() }));
+        self.track_outbox(&channel, outbox_before);
         // Subscribers jump over what only the snapshot holds (below the upstream's
         // floor), then get the upstream's retained ops in order.
         let mut jump = skip;
@@ -574,9 +628,11 @@ impl Node {
         write: LocalWrite,
     ) -> Result<LocalOutcome, ReplicaError> {
         let hlc = self.clock.now(now_ms);
+        let before = self.outbox_of(channel);
         let outcome = self.chan(channel).replica.local(hlc, write)?;
         if let LocalOutcome::Applied(applied) = &outcome {
             self.emit_applied(channel, applied);
+            self.track_outbox(channel, before);
             let op = applied.op.clone();
             match self.role {
                 Role::Edge => {
@@ -1051,6 +1107,7 @@ impl Node {
         at_link_up: u64,
     ) {
         let me = self.me;
+        let before = self.outbox_of(channel);
         if let Some(c) = self.channels.get_mut(channel) {
             let theirs = vv.get(me);
             if theirs < c.acked && c.acked == at_link_up {
@@ -1064,6 +1121,7 @@ impl Node {
                     Some(peer),
                     format!("{channel}: the upstream lacks this edge's acked ops after seq {theirs} (restored from a backup?); sending them again"),
                 );
+                self.track_outbox(channel, before);
             }
         }
         if self.reconfirm.is_empty() {
@@ -1077,24 +1135,49 @@ impl Node {
             .push_back(Output::Persist(Persist::Upstream { id: peer }));
     }
 
+    /// This node's unacked ops in a channel (edge).
+    fn outbox_of(&self, channel: &ChannelName) -> u64 {
+        self.channels
+            .get(channel)
+            .map_or(0, |c| c.outbox(self.me))
+    }
+
+    /// Edge: stores the change when a channel's outbox became empty or non-empty.
+    fn track_outbox(&mut self, channel: &ChannelName, before: u64) {
+        if self.role != Role::Edge {
+            return;
+        }
+        let after = self.outbox_of(channel);
+        if (before > 0) != (after > 0) {
+            self.out.push_back(Output::Persist(Persist::Outbox {
+                channel: channel.clone(),
+                pending: after > 0,
+            }));
+        }
+    }
+
     /// Edge: the upstream has everything in `vv`; trims the outbox.
     fn on_ack(&mut self, channel: &ChannelName, vv: &VersionVector) {
         if self.role != Role::Edge {
             return;
         }
         let me = self.me;
+        let before = self.outbox_of(channel);
         let Some(c) = self.channels.get_mut(channel) else {
             return;
         };
         let seq = vv.get(me).min(c.replica.vv().get(me));
         if seq > c.acked {
             c.acked = seq;
-            let channel = channel.clone();
             self.out.push_back(Output::Persist(Persist::Acked {
                 channel: channel.clone(),
                 seq,
             }));
-            self.out.push_back(Output::Acked { channel, seq });
+            self.out.push_back(Output::Acked {
+                channel: channel.clone(),
+                seq,
+            });
+            self.track_outbox(channel, before);
         }
     }
 

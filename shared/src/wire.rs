@@ -159,6 +159,25 @@ pub enum Frame {
 }
 
 impl SyncMsg {
+    /// The channel a message is about, if it is about one.
+    pub fn channel(&self) -> Option<&ChannelName> {
+        match self {
+            SyncMsg::Sync { channel, .. }
+            | SyncMsg::Ops { channel, .. }
+            | SyncMsg::Ack { channel, .. }
+            | SyncMsg::Snapshot { channel, .. }
+            | SyncMsg::Rebase { channel, .. }
+            | SyncMsg::Unsubscribe { channel }
+            | SyncMsg::Ephemeral { channel, .. }
+            | SyncMsg::SnapshotPart { channel, .. }
+            | SyncMsg::SnapshotEnd { channel, .. } => Some(channel),
+            SyncMsg::Command(Command::Evict { channel }) => Some(channel),
+            SyncMsg::Heartbeat { .. } | SyncMsg::HeartbeatAck { .. } | SyncMsg::Command(_) => {
+                None
+            }
+        }
+    }
+
     /// Control traffic (handshake, sync vectors, acks, heartbeats) travels on its own
     /// stream so that it never queues behind bulk data.
     pub fn is_control(&self) -> bool {

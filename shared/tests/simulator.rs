@@ -24,6 +24,8 @@ fn simulated_fleet_converges_and_loses_nothing() {
                 total.conflicts += r.conflicts;
                 total.snapshots += r.snapshots;
                 total.snapshot_parts += r.snapshot_parts;
+                total.unloads += r.unloads;
+                total.loads += r.loads;
                 total.crashes += r.crashes;
                 total.torn_writes += r.torn_writes;
                 total.evictions += r.evictions;
@@ -39,7 +41,7 @@ fn simulated_fleet_converges_and_loses_nothing() {
         }
     }
     eprintln!(
-        "{} seeds: {} acked ops checked, {} deliveries, {} conflicts, {} snapshots ({} parts of snapshots sent in parts), {} crashes ({} with a torn register write), {} evictions, {} partition flips, {}/{} frames dropped, slowest convergence {} ms",
+        "{} seeds: {} acked ops checked, {} deliveries, {} conflicts, {} snapshots ({} parts of snapshots sent in parts), {} crashes ({} with a torn register write), {} evictions, {} channels unloaded and {} loaded from disk, {} partition flips, {}/{} frames dropped, slowest convergence {} ms",
         seeds.len(),
         total.acked_ops,
         total.deliveries,
@@ -49,6 +51,8 @@ fn simulated_fleet_converges_and_loses_nothing() {
         total.crashes,
         total.torn_writes,
         total.evictions,
+        total.unloads,
+        total.loads,
         total.partitions,
         total.dropped,
         total.messages,
