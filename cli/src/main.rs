@@ -104,6 +104,24 @@ enum Cmd {
         #[arg(long, default_value_t = 86_400)]
         ttl: u64,
     },
+    /// Test and benchmark tool: writes synthetic history straight into a stopped
+    /// node's data dir — events (and one state key per channel) of a made-up origin,
+    /// as if replicated from elsewhere. Read it back through the client API.
+    #[command(hide = true)]
+    BulkLoad {
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        channels: u64,
+        #[arg(long, default_value_t = 10)]
+        ops_per_channel: u64,
+        /// Bytes of padding in each event's payload.
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+        /// Channels are named `<prefix><n>`.
+        #[arg(long, default_value = "project:bulk-")]
+        prefix: String,
+    },
     /// Back up a (stopped) node's data dir to a file of JSON lines.
     Export {
         #[arg(long)]
@@ -354,6 +372,81 @@ fn export(data_dir: &std::path::Path, out: &std::path::Path) -> Result<()> {
 /// hand out again. The old id's ops are kept as they are (ops of another origin), and
 /// the first link compares every channel with its peers, so the edges send back what
 /// the backup lacks.
+/// The origin of bulk-loaded ops (no real replica has it).
+const BULK_ORIGIN: u64 = 0xb0b0_0000_0000_0001;
+
+/// See `Cmd::BulkLoad`. Each channel gets `ops` ops: events, the last one a state
+/// write of key `k` (`{"n": <ops>}`), built by a replica of the bulk origin so that
+/// dots, clocks and registers are what replication would have stored.
+fn bulk_load(
+    data_dir: &std::path::Path,
+    channels: u64,
+    ops: u64,
+    payload_bytes: usize,
+    prefix: &str,
+) -> Result<()> {
+    use shared::replica::{ChannelReplica, LocalOutcome, LocalWrite, ReplicaConfig};
+    use shared::sync::Persist;
+    std::fs::create_dir_all(data_dir)?;
+    let storage = open_storage(data_dir)?;
+    storage.replica_id().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Builds the (empty) outbox index before loading: nothing loaded here is this
+    // node's own, so it stays empty, and the node need not scan for it at start.
+    storage
+        .outbox_channels()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let origin = shared::ReplicaId::new(BULK_ORIGIN).context("bulk origin")?;
+    let pad = "x".repeat(payload_bytes);
+    let start_ms = now_ms().saturating_sub(channels * ops);
+    let pb = bar(channels * ops, "bulk-load");
+    let apply = |p: Persist| storage.apply(&p).map_err(|e| anyhow::anyhow!("{e}"));
+    for c in 0..channels {
+        let channel = shared::ChannelName::new(format!("{prefix}{c}"))?;
+        let mut replica = ChannelReplica::new(channel.clone(), origin, ReplicaConfig::default());
+        for n in 1..=ops {
+            let hlc = shared::Hlc::new(start_ms + c * ops + n, 0);
+            let write = if n == ops {
+                LocalWrite::Set {
+                    key: "k".into(),
+                    value: shared::Payload::from_value(&json!({ "n": n })),
+                    context: shared::VersionVector::new(),
+                }
+            } else {
+                LocalWrite::Event {
+                    kind: "bulk".into(),
+                    data: shared::Payload::from_value(&json!({ "c": c, "n": n, "pad": pad })),
+                    idempotency_key: None,
+                }
+            };
+            let LocalOutcome::Applied(a) = replica.local(hlc, write)? else {
+                bail!("bulk write {c}/{n} was taken as a duplicate");
+            };
+            if let Some((key, register)) = a.register {
+                apply(Persist::Register {
+                    channel: channel.clone(),
+                    key,
+                    register,
+                })?;
+            }
+            apply(Persist::Op {
+                channel: channel.clone(),
+                op: a.op,
+            })?;
+        }
+        pb.inc(ops);
+    }
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| rt.block_on(storage.flush()))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    pb.finish();
+    eprintln!(
+        "bulk-loaded {} ops over {channels} channels into {}",
+        channels * ops,
+        data_dir.display()
+    );
+    Ok(())
+}
+
 fn import(data_dir: &std::path::Path, input: &std::path::Path) -> Result<()> {
     use base64::Engine as _;
     use shared::sync::Persist;
@@ -634,6 +727,19 @@ async fn main() -> Result<()> {
             println!("{t}");
         }
         Cmd::Export { data_dir, out } => export(data_dir, out)?,
+        Cmd::BulkLoad {
+            data_dir,
+            channels,
+            ops_per_channel,
+            payload_bytes,
+            prefix,
+        } => bulk_load(
+            data_dir,
+            *channels,
+            *ops_per_channel,
+            *payload_bytes,
+            prefix,
+        )?,
         Cmd::Import { data_dir, input } => import(data_dir, input)?,
         Cmd::Genconfig => print!("{DEFAULT_TOML}"),
         Cmd::Checkconfig { file } => {

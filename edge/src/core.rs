@@ -875,9 +875,9 @@ impl Core {
         let resident: Vec<ChannelName> = g.node.channels().map(|c| c.channel().clone()).collect();
         let loaded = Self::load_outbox(&storage, g.node.role()).and_then(|mut m| {
             for name in resident {
-                if !m.contains_key(&name) {
-                    if let Some(d) = storage.load_channel(&name)? {
-                        m.insert(name, d);
+                if let std::collections::btree_map::Entry::Vacant(slot) = m.entry(name) {
+                    if let Some(d) = storage.load_channel(slot.key())? {
+                        slot.insert(d);
                     }
                 }
             }

@@ -642,9 +642,7 @@ impl Sim {
                 let wanted: Vec<ChannelName> = n
                     .disk
                     .iter()
-                    .filter(|(_, d)| {
-                        n.role == Role::Edge && (all || own_seq(n.id, d) > d.acked)
-                    })
+                    .filter(|(_, d)| n.role == Role::Edge && (all || own_seq(n.id, d) > d.acked))
                     .map(|(c, _)| c.clone())
                     .collect();
                 for c in wanted {

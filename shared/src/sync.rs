@@ -404,13 +404,14 @@ impl Node {
         let Some(c) = self.channels.get(name) else {
             return false;
         };
-        let pinned = self.role == Role::Edge && self.config.pin_outbox;
-        !c.interest
-            && !(pinned && c.outbox(self.me) > 0)
-            && c.replica.pending_len() == 0
-            && !c.rebase
-            && !self.reconfirm.contains_key(name)
-            && !self.incoming.keys().any(|(_, ch)| ch == name)
+        let unsent = self.role == Role::Edge && self.config.pin_outbox && c.outbox(self.me) > 0;
+        let busy = c.interest
+            || unsent
+            || c.replica.pending_len() > 0
+            || c.rebase
+            || self.reconfirm.contains_key(name)
+            || self.incoming.keys().any(|(_, ch)| ch == name);
+        !busy
     }
 
     /// Drops a resident channel from memory if [`Node::can_unload`] allows it.
@@ -1137,9 +1138,7 @@ impl Node {
 
     /// This node's unacked ops in a channel (edge).
     fn outbox_of(&self, channel: &ChannelName) -> u64 {
-        self.channels
-            .get(channel)
-            .map_or(0, |c| c.outbox(self.me))
+        self.channels.get(channel).map_or(0, |c| c.outbox(self.me))
     }
 
     /// Edge: stores the change when a channel's outbox became empty or non-empty.

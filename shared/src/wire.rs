@@ -172,9 +172,7 @@ impl SyncMsg {
             | SyncMsg::SnapshotPart { channel, .. }
             | SyncMsg::SnapshotEnd { channel, .. } => Some(channel),
             SyncMsg::Command(Command::Evict { channel }) => Some(channel),
-            SyncMsg::Heartbeat { .. } | SyncMsg::HeartbeatAck { .. } | SyncMsg::Command(_) => {
-                None
-            }
+            SyncMsg::Heartbeat { .. } | SyncMsg::HeartbeatAck { .. } | SyncMsg::Command(_) => None,
         }
     }
 

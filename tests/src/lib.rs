@@ -373,6 +373,10 @@ impl Cloud {
         format!("http://{}{path}", self.addr)
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("outpost-cloud.log")).unwrap_or_default()
     }
