@@ -489,6 +489,48 @@ impl Storage {
     }
 }
 
+/// The sled store behind the seam every node shell uses (see `shared::store`).
+impl shared::store::Store for Storage {
+    type Error = StorageError;
+
+    fn apply(&self, p: &Persist) -> Result<(), StorageError> {
+        Storage::apply(self, p)
+    }
+
+    fn flush(&self) -> Result<(), StorageError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn load_channel(&self, name: &ChannelName) -> Result<Option<DurableChannel>, StorageError> {
+        Storage::load_channel(self, name)
+    }
+
+    fn holds(&self, name: &ChannelName) -> Result<bool, StorageError> {
+        Storage::holds(self, name)
+    }
+
+    fn channel_names(&self) -> Result<Vec<ChannelName>, StorageError> {
+        Storage::channel_names(self)
+    }
+
+    fn outbox_channels(&self) -> Result<Vec<ChannelName>, StorageError> {
+        Storage::outbox_channels(self)
+    }
+
+    fn retired(&self) -> Result<BTreeMap<ChannelName, u64>, StorageError> {
+        Storage::retired(self)
+    }
+
+    fn upstream(&self) -> Result<Option<ReplicaId>, StorageError> {
+        Storage::upstream(self)
+    }
+
+    fn unload(&self, name: &ChannelName) {
+        Storage::unload(self, name)
+    }
+}
+
 fn channel_name(k: &[u8]) -> Result<ChannelName, StorageError> {
     String::from_utf8(k.to_vec())
         .ok()

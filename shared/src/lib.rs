@@ -20,6 +20,7 @@ pub mod ids;
 pub mod op;
 pub mod replica;
 pub mod state;
+pub mod store;
 pub mod sync;
 pub mod token;
 pub mod vv;

@@ -8,6 +8,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::convert::Infallible;
 use std::fmt;
 
 use rand::rngs::SmallRng;
@@ -17,6 +18,7 @@ use crate::ids::{ChannelName, Dot, ReplicaId};
 use crate::op::{Op, Payload};
 use crate::replica::{LocalOutcome, LocalWrite};
 use crate::state::Register;
+use crate::store::{MemStore, Store};
 use crate::sync::{DurableChannel, Input, Node, Output, Persist, Role, SyncConfig};
 use crate::vv::VersionVector;
 use crate::wire::SyncMsg;
@@ -101,15 +103,9 @@ impl SimConfig {
     }
 }
 
-/// The highest seq of `me`'s own ops a stored channel covers.
-fn own_seq(me: ReplicaId, d: &DurableChannel) -> u64 {
-    d.log
-        .iter()
-        .filter(|op| op.dot.origin == me)
-        .map(|op| op.dot.seq)
-        .max()
-        .unwrap_or(0)
-        .max(d.floor.get(me))
+/// The in-memory store cannot fail.
+fn infallible<T>(r: Result<T, Infallible>) -> T {
+    r.unwrap_or_else(|e| match e {})
 }
 
 /// What a run did, for the caller to print or aggregate.
@@ -162,11 +158,8 @@ struct SimNode {
     id: ReplicaId,
     role: Role,
     node: Option<Node>,
-    disk: BTreeMap<ChannelName, DurableChannel>,
-    /// Evicted channels and the node's last own seq in each (on disk).
-    retired: BTreeMap<ChannelName, u64>,
-    /// The upstream that confirmed every channel (on disk).
-    upstream: Option<ReplicaId>,
+    /// Its disk: the same storage seam the shells use, in memory.
+    store: MemStore,
     /// The register the last storage write replaced, while that write is the newest: a
     /// crash may lose it (storage keeps a prefix of its writes; an op's log entry is
     /// written before its register).
@@ -248,9 +241,7 @@ impl Sim {
                 id,
                 role,
                 node: Some(Node::new(id, role, cfg.sync.clone(), 0)),
-                disk: BTreeMap::new(),
-                retired: BTreeMap::new(),
-                upstream: None,
+                store: MemStore::default(),
                 truncated_start: BTreeSet::new(),
                 torn: None,
                 delivered: BTreeMap::new(),
@@ -460,11 +451,7 @@ impl Sim {
         if let Some((ch, key, prev)) = self.nodes[i].torn.take() {
             if self.rng.random_bool(0.5) {
                 self.report.torn_writes += 1;
-                let d = self.nodes[i].disk.entry(ch).or_default();
-                match prev {
-                    Some(r) => d.state.insert(key, r),
-                    None => d.state.remove(&key),
-                };
+                self.nodes[i].store.restore_register(&ch, &key, prev);
             }
         }
         let back = self.now + self.rng.random_range(50..2_000);
@@ -475,19 +462,22 @@ impl Sim {
         let n = &mut self.nodes[i];
         n.restart_at = None;
         // Like the shells: only channels with unacked local ops are loaded at start.
-        let outbox: BTreeMap<ChannelName, DurableChannel> = n
-            .disk
-            .iter()
-            .filter(|(_, d)| n.role == Role::Edge && own_seq(n.id, d) > d.acked)
-            .map(|(c, d)| (c.clone(), d.clone()))
-            .collect();
+        let outbox: BTreeMap<ChannelName, DurableChannel> = if n.role == Role::Edge {
+            infallible(n.store.outbox_channels())
+                .into_iter()
+                .filter_map(|c| Some((c.clone(), infallible(n.store.load_channel(&c))?)))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let retired = infallible(n.store.retired());
         let node = Node::restore(
             n.id,
             n.role,
             self.cfg.sync.clone(),
             outbox,
-            n.retired.clone(),
-            n.upstream,
+            retired.clone(),
+            infallible(n.store.upstream()),
             self.now,
         );
         // Subscribers reconnect and resume from what is durable here.
@@ -496,7 +486,7 @@ impl Sim {
             .map(|c| (c.channel().clone(), c.vv().clone()))
             .collect();
         // A subscriber of an evicted channel reopened later may start after a gap.
-        n.truncated_start = n.retired.keys().cloned().collect();
+        n.truncated_start = retired.into_keys().collect();
         n.node = Some(node);
         if i == 0 {
             for e in 1..=self.cfg.edges {
@@ -521,7 +511,7 @@ impl Sim {
         // unloaded after this).
         self.cfg.unload_rate = 0.0;
         for i in 0..self.nodes.len() {
-            let stored: Vec<ChannelName> = self.nodes[i].disk.keys().cloned().collect();
+            let stored = infallible(self.nodes[i].store.channel_names());
             for c in stored {
                 self.ensure(i, &c);
             }
@@ -609,7 +599,7 @@ impl Sim {
         if node.is_resident(c) {
             return;
         }
-        let Some(d) = n.disk.get(c).cloned() else {
+        let Some(d) = infallible(n.store.load_channel(c)) else {
             return;
         };
         let mut vv = d.floor.clone();
@@ -638,13 +628,11 @@ impl Sim {
                 let Some(node) = n.node.as_ref() else {
                     return;
                 };
-                let all = node.compares_all_with(*peer);
-                let wanted: Vec<ChannelName> = n
-                    .disk
-                    .iter()
-                    .filter(|(_, d)| n.role == Role::Edge && (all || own_seq(n.id, d) > d.acked))
-                    .map(|(c, _)| c.clone())
-                    .collect();
+                let wanted = match (n.role, node.compares_all_with(*peer)) {
+                    (Role::Cloud, _) => Vec::new(),
+                    (Role::Edge, true) => infallible(n.store.channel_names()),
+                    (Role::Edge, false) => infallible(n.store.outbox_channels()),
+                };
                 for c in wanted {
                     self.ensure(i, &c);
                 }
@@ -736,56 +724,12 @@ impl Sim {
     fn persist(&mut self, i: usize, p: Persist) {
         let n = &mut self.nodes[i];
         n.torn = match &p {
-            Persist::Register { channel, key, .. } => Some((
-                channel.clone(),
-                key.clone(),
-                n.disk.get(channel).and_then(|d| d.state.get(key)).cloned(),
-            )),
+            Persist::Register { channel, key, .. } => {
+                Some((channel.clone(), key.clone(), n.store.register(channel, key)))
+            }
             _ => None,
         };
-        let disk = &mut n.disk;
-        match p {
-            Persist::Op { channel, op } => disk.entry(channel).or_default().log.push(op),
-            Persist::Register {
-                channel,
-                key,
-                register,
-            } => {
-                disk.entry(channel).or_default().state.insert(key, register);
-            }
-            Persist::RemoveKeys { channel, keys } => {
-                let d = disk.entry(channel).or_default();
-                for k in keys {
-                    d.state.remove(&k);
-                }
-            }
-            Persist::Floor { channel, floor } => disk.entry(channel).or_default().floor = floor,
-            Persist::DropOps { channel, dots } => {
-                let drop: BTreeSet<Dot> = dots.into_iter().collect();
-                disk.entry(channel)
-                    .or_default()
-                    .log
-                    .retain(|op| !drop.contains(&op.dot));
-            }
-            Persist::Acked { channel, seq } => {
-                let d = disk.entry(channel).or_default();
-                d.acked = d.acked.max(seq);
-            }
-            Persist::Unacked { channel, seq } => {
-                let d = disk.entry(channel).or_default();
-                d.acked = d.acked.min(seq);
-            }
-            Persist::Upstream { id } => n.upstream = Some(id),
-            Persist::Outbox { .. } => {}
-            Persist::Rebased { channel } => {
-                n.retired.remove(&channel);
-            }
-            Persist::Evict { channel, own_seq } => {
-                disk.remove(&channel);
-                let r = n.retired.entry(channel).or_default();
-                *r = (*r).max(own_seq);
-            }
-        }
+        infallible(n.store.apply(&p));
     }
 
     fn deliver(&mut self, i: usize, channel: ChannelName, op: Op) {
