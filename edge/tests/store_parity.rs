@@ -49,7 +49,7 @@ fn sled_and_memory_stores_hold_the_same_after_the_same_actions() {
     };
     let mut node = Node::new(me, Role::Edge, cfg, 0);
     let mut now = 0;
-    let mut step = |node: &mut Node| {
+    let step = |node: &mut Node| {
         while let Some(out) = node.poll() {
             if let Output::Persist(p) = out {
                 Store::apply(&sled, &p).expect("sled");
