@@ -35,7 +35,8 @@ pub async fn accept_loop(
         };
         let (core, fleet, cfg, stop) = (core.clone(), fleet.clone(), cfg.clone(), shutdown.clone());
         let revoked = revoked.clone();
-        tokio::spawn(async move {
+        let tasks = core.tasks.clone();
+        tasks.spawn(async move {
             let remote = incoming.remote_address();
             match handle(incoming, core, fleet, revoked, cfg, stop).await {
                 Ok(()) => {}
@@ -204,7 +205,7 @@ async fn handle(
     let rtt_guard = rtt_stop.clone();
     let (in0, out0) = (core.received_ops(replica), core.router.sent_ops(replica));
     let name = cred.name.clone();
-    tokio::spawn(async move {
+    core.tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut seconds = 0u32;
         loop {

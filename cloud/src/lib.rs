@@ -79,7 +79,7 @@ pub async fn start(
     let running = edge::build(cfg, Role::Cloud, shutdown.clone())?;
     let fleet = Arc::new(fleet::Fleet::default());
     let revoked = Arc::new(admin::Revocations::load(&running.core));
-    tokio::spawn(hub::accept_loop(
+    running.core.tasks.spawn(hub::accept_loop(
         endpoint,
         running.core.clone(),
         fleet.clone(),

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod commit;
 pub mod config;
 pub mod core;
 pub mod gateway;
@@ -66,7 +67,7 @@ pub fn build(
     // Presence expiry.
     let hub_state = state.clone();
     let stop = shutdown.clone();
-    tokio::spawn(async move {
+    core.tasks.spawn(async move {
         let ttl = Duration::from_secs(hub_state.cfg.presence.ttl_secs);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -104,9 +105,20 @@ pub async fn serve_with(
     };
     // WebSocket connections see the token and close themselves with 4101.
     http::serve(listener, app, limits, shutdown, grace).await;
-    // Give connection tasks a moment to send their close frames, then make sure
-    // everything acknowledged is on disk.
+    // Give connection tasks a moment to send their close frames, wait for every
+    // background task (each stops on `shutdown`; the group committer flushes last),
+    // then make sure everything acknowledged is on disk.
     tokio::time::sleep(grace.min(Duration::from_millis(200))).await;
+    running.core.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(10), running.core.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = running.core.tasks.len(),
+            "background tasks still running 10 s after shutdown"
+        );
+    }
     running
         .core
         .storage()
@@ -135,7 +147,7 @@ pub async fn run(
             running.state.cfg.cache.clone(),
             shutdown.clone(),
         );
-        tokio::spawn(async move {
+        running.core.tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(cache.sweep_secs));
             loop {
                 tokio::select! {
@@ -149,7 +161,7 @@ pub async fn run(
         let core = running.core.clone();
         let status = running.state.uplink.clone();
         let stop = shutdown.clone();
-        tokio::spawn(async move {
+        running.core.tasks.spawn(async move {
             if let Err(e) = link::uplink::run(core, data_dir, up, region, status, stop).await {
                 tracing::error!(error = %e, "uplink stopped");
             }

@@ -6,6 +6,7 @@
 //! sync vectors, acks, heartbeats) and **data** (ops, snapshots, ephemeral messages),
 //! so control traffic never waits behind bulk data.
 
+pub mod router;
 pub mod tls;
 pub mod uplink;
 
@@ -18,7 +19,8 @@ use shared::ReplicaId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{Core, PeerLink};
+use crate::core::Core;
+use router::PeerLink;
 
 /// QUIC application close codes of the link.
 pub mod close {

@@ -5,8 +5,14 @@
 //! every other output produced after a storage action waits in `post` until the group
 //! committer has flushed it, so nothing that is not durable is ever delivered, sent or
 //! acknowledged. In `os` durability mode the flush is skipped and outputs run at once.
+//!
+//! Residency (which channels are in memory) is in [`residency`].
 
-use std::collections::{HashMap, VecDeque};
+mod residency;
+
+use residency::durable_vv;
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,21 +21,14 @@ use shared::replica::{LocalOutcome, LocalWrite, NeedSnapshot, ReplicaError};
 use shared::sync::{Input, Node, Output, Role, SyncConfig};
 use shared::wire::SyncMsg;
 use shared::{ChannelName, Ephemeral, Op, Register, ReplicaId, VersionVector};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::commit::CommitQueue;
 use crate::config::{Durability, EdgeConfig};
 use crate::hub::{ConnHandle, Hub, Replay};
+use crate::link::router::PeerRouter;
 use crate::storage::{Storage, StorageError};
-
-/// What of a stored channel is durable: its floor raised by its log.
-fn durable_vv(d: &shared::sync::DurableChannel) -> VersionVector {
-    let mut vv = d.floor.clone();
-    for op in &d.log {
-        vv.raise(op.dot.origin, op.dot.seq);
-    }
-    vv
-}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -73,103 +72,10 @@ struct FlushState {
 
 struct Inner {
     node: Node,
-    /// Generation of the last storage write applied to sled.
-    written: u64,
-    /// Outputs waiting for their generation to be durable.
-    post: VecDeque<(u64, Output)>,
+    /// Outputs waiting for the storage writes before them to be durable.
+    commit: CommitQueue<Output>,
     /// When each channel was last used by a local client (cache eviction).
     last_used: HashMap<ChannelName, Instant>,
-}
-
-/// Where `Send` outputs go: one bounded queue per linked peer. A peer whose queue is
-/// full is disconnected (it resyncs by version vector when it comes back), so a slow
-/// link never makes the node buffer without bound.
-#[derive(Debug, Default)]
-pub struct PeerRouter {
-    peers: Mutex<HashMap<ReplicaId, PeerLink>>,
-    /// Ops sent to each peer (for the fleet timeline).
-    sent: Mutex<HashMap<ReplicaId, u64>>,
-}
-
-/// The sending side of one link.
-#[derive(Debug, Clone)]
-pub struct PeerLink {
-    /// Control messages (sync vectors, acks, heartbeats).
-    pub control: mpsc::Sender<SyncMsg>,
-    /// Bulk messages (ops, snapshots, ephemeral).
-    pub data: mpsc::Sender<SyncMsg>,
-    /// Cancelled to drop the link (queue overflow, revocation, shutdown).
-    pub kill: CancellationToken,
-    /// Distinguishes successive links of the same peer.
-    pub epoch: u64,
-}
-
-impl PeerRouter {
-    /// Registers a link, replacing (and killing) an older one of the same peer.
-    pub fn insert(&self, peer: ReplicaId, link: PeerLink) {
-        if let Some(old) = self.lock().insert(peer, link) {
-            old.kill.cancel();
-        }
-    }
-
-    /// Removes the link if it is still the one of `epoch`.
-    pub fn remove(&self, peer: ReplicaId, epoch: u64) -> bool {
-        let mut g = self.lock();
-        if g.get(&peer).is_some_and(|l| l.epoch == epoch) {
-            g.remove(&peer);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Ops sent to `peer` so far.
-    pub fn sent_ops(&self, peer: ReplicaId) -> u64 {
-        self.sent
-            .lock()
-            .map(|m| m.get(&peer).copied().unwrap_or(0))
-            .unwrap_or(0)
-    }
-
-    /// Drops a peer's link (it closes; the peer may come back and resync).
-    pub fn kill(&self, peer: ReplicaId) {
-        if let Some(l) = self.lock().remove(&peer) {
-            l.kill.cancel();
-        }
-    }
-
-    pub fn kill_all(&self) {
-        for (_, l) in self.lock().drain() {
-            l.kill.cancel();
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<ReplicaId, PeerLink>> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Sends a message to a peer (operator commands use this directly).
-    pub fn send(&self, to: ReplicaId, msg: SyncMsg) {
-        if let SyncMsg::Ops { ops, .. } = &msg {
-            metrics::counter!("outpost_link_ops_out_total").increment(ops.len() as u64);
-            if let Ok(mut m) = self.sent.lock() {
-                *m.entry(to).or_default() += ops.len() as u64;
-            }
-        }
-        let mut g = self.lock();
-        let Some(link) = g.get(&to) else { return };
-        let tx = if msg.is_control() {
-            &link.control
-        } else {
-            &link.data
-        };
-        if tx.try_send(msg).is_err() {
-            tracing::warn!(peer = %to, "link queue full: dropping the link; it will resync");
-            metrics::counter!("outpost_link_overflows_total").increment(1);
-            link.kill.cancel();
-            g.remove(&to);
-        }
-    }
 }
 
 /// The edge's (or cloud's) replica with its storage and subscribers.
@@ -198,6 +104,8 @@ pub struct Core {
     sync_config: SyncConfig,
     /// Resident channels' byte budget and idle time (`[storage]`).
     residency: (u64, Duration),
+    /// Every background task of this node; shutdown waits for them all.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for Core {
@@ -270,8 +178,7 @@ impl Core {
             storage_repair: Notify::new(),
             inner: Mutex::new(Inner {
                 node,
-                written: 0,
-                post: VecDeque::new(),
+                commit: CommitQueue::default(),
                 last_used,
             }),
             hub,
@@ -289,107 +196,8 @@ impl Core {
                 cfg.storage.resident_bytes,
                 Duration::from_secs(cfg.storage.resident_idle_secs),
             ),
+            tasks: tokio_util::task::TaskTracker::new(),
         }))
-    }
-
-    /// The stored channels with local ops the upstream has not acked (edge).
-    fn load_outbox(
-        storage: &Storage,
-        role: Role,
-    ) -> Result<std::collections::BTreeMap<ChannelName, shared::sync::DurableChannel>, CoreError>
-    {
-        let mut out = std::collections::BTreeMap::new();
-        if role == Role::Edge {
-            for name in storage.outbox_channels()? {
-                if let Some(d) = storage.load_channel(&name)? {
-                    out.insert(name, d);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Makes a stored channel resident before an input names it (the node must never
-    /// start an empty channel where a stored one exists). Loads under the core lock,
-    /// so inputs for the channel wait for it and nothing overtakes the load.
-    fn ensure(&self, g: &mut Inner, channel: &ChannelName) -> Result<(), CoreError> {
-        if g.node.is_resident(channel) {
-            return Ok(());
-        }
-        let storage = self.storage()?;
-        let started = Instant::now();
-        if let Some(d) = storage.load_channel(channel)? {
-            self.hub.seed_delivered(channel, &durable_vv(&d));
-            let ops = d.log.len();
-            g.node.load(channel.clone(), d);
-            g.last_used.insert(channel.clone(), Instant::now());
-            metrics::counter!("outpost_channel_loads_total").increment(1);
-            metrics::histogram!("outpost_channel_load_seconds")
-                .record(started.elapsed().as_secs_f64());
-            tracing::debug!(%channel, ops, "channel loaded");
-            self.drain(g)?;
-        }
-        Ok(())
-    }
-
-    /// Loads the channels a link-up will sync: those with unacked local ops, or every
-    /// stored channel when the upstream is a new one (see `Persist::Upstream`).
-    fn ensure_for_link(&self, g: &mut Inner, peer: ReplicaId) -> Result<(), CoreError> {
-        if g.node.role() != Role::Edge {
-            return Ok(());
-        }
-        let storage = self.storage()?;
-        let names = if g.node.compares_all_with(peer) {
-            let all = storage.channel_names()?;
-            if !all.is_empty() {
-                tracing::info!(channels = all.len(), upstream = %peer, "a new upstream: loading every stored channel to compare it");
-            }
-            all
-        } else {
-            storage.outbox_channels()?
-        };
-        for name in names {
-            self.ensure(g, &name)?;
-        }
-        Ok(())
-    }
-
-    /// Unloads resident channels that may go (see `Node::can_unload`): those idle for
-    /// `idle`, then the least recently used until the rest fit in `budget` bytes.
-    /// Their data stays stored; the next input that names one loads it again.
-    pub fn sweep_resident(&self, budget: u64, idle: Duration) {
-        let mut g = self.lock();
-        let mut sizes: Vec<(ChannelName, u64, Option<Instant>)> = g
-            .node
-            .channels()
-            .map(|c| {
-                let name = c.channel().clone();
-                let used = g.last_used.get(&name).copied();
-                (name, c.approx_bytes(), used)
-            })
-            .collect();
-        let mut total: u64 = sizes.iter().map(|(_, b, _)| b).sum();
-        sizes.sort_by_key(|(_, _, used)| *used);
-        let storage = self.storage().ok();
-        let mut unloaded = 0u64;
-        for (name, bytes, used) in sizes {
-            let idle = used.is_none_or(|u| u.elapsed() >= idle);
-            if !(idle || total > budget) || !g.node.unload(&name) {
-                continue;
-            }
-            if let Some(s) = &storage {
-                s.unload(&name);
-            }
-            g.last_used.remove(&name);
-            self.hub.forget(&name);
-            total = total.saturating_sub(bytes);
-            unloaded += 1;
-        }
-        if unloaded > 0 {
-            metrics::counter!("outpost_channel_unloads_total").increment(unloaded);
-            tracing::debug!(channels = unloaded, "unloaded channels from memory");
-        }
-        metrics::gauge!("outpost_resident_bytes").set(total as f64);
     }
 
     /// The storage, unless it is being reopened after a failure.
@@ -480,7 +288,7 @@ impl Core {
         let core = self.clone();
         let stop = shutdown.clone();
         let (budget, idle) = self.residency;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -492,18 +300,23 @@ impl Core {
         });
         let core = self.clone();
         let stop = shutdown.clone();
-        tokio::spawn(async move { core.flusher(stop).await });
+        self.tasks.spawn(async move { core.flusher(stop).await });
         let core = self.clone();
         let stop = shutdown.clone();
-        tokio::spawn(async move { core.storage_repairer(stop).await });
+        self.tasks
+            .spawn(async move { core.storage_repairer(stop).await });
         let core = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.tasks.spawn(async move {
             loop {
+                // The node says when it needs the next timeout.
+                let wait = core
+                    .with_node(Node::poll_timeout)
+                    .map_or(Duration::from_millis(250), |at| {
+                        Duration::from_millis(at.saturating_sub(now_ms()))
+                    });
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {
+                    _ = tokio::time::sleep(wait) => {
                         core.handle(Input::Timeout);
                         let asked: Vec<ChannelName> = core
                             .evict_requests
@@ -587,7 +400,7 @@ impl Core {
         Self::touch(&mut g, channel);
         let outcome = g.node.local(now_ms(), channel, write)?;
         self.drain(&mut g)?;
-        Ok((outcome, g.written))
+        Ok((outcome, g.commit.written()))
     }
 
     /// Fans out a message that is never stored.
@@ -757,14 +570,6 @@ impl Core {
             .unwrap_or(0)
     }
 
-    /// Loads a channel for a read; a read of a channel that cannot be loaded answers
-    /// as if it were not held here (and logs why).
-    fn ensure_for_read(&self, g: &mut Inner, channel: &ChannelName) {
-        if let Err(e) = self.ensure(g, channel) {
-            tracing::error!(%channel, error = %e, "cannot load a channel for a read");
-        }
-    }
-
     fn touch(g: &mut Inner, channel: &ChannelName) {
         g.last_used.insert(channel.clone(), Instant::now());
     }
@@ -813,12 +618,6 @@ impl Core {
 
     /// Carries out queued outputs: storage now, the rest when durable.
     fn drain(&self, g: &mut Inner) -> Result<(), CoreError> {
-        // An output waits for the newest generation written before it was produced:
-        // the storage writes of this drain (if any came first), or whatever is still
-        // queued. It never waits for a generation that has not been written, which
-        // would stall it until some unrelated write came along.
-        let gen = g.written + 1;
-        let mut dirty = false;
         let mut result = Ok(());
         // Looked up once per drain, not per storage action.
         let storage = self.storage();
@@ -833,23 +632,16 @@ impl Core {
                         result = Err(e);
                         break;
                     }
-                    dirty = true;
+                    g.commit.wrote();
                 }
                 other => {
-                    if dirty {
-                        g.post.push_back((gen, other));
-                    } else if !g.post.is_empty() {
-                        let wait = g.written;
-                        g.post.push_back((wait, other));
-                    } else {
-                        self.execute(other);
+                    if let Some(now) = g.commit.push(other) {
+                        self.execute(now);
                     }
                 }
             }
         }
-        if dirty {
-            g.written = gen;
-        }
+        let wrote = g.commit.end_drain();
         if let Err(e) = result {
             // Memory may now be ahead of disk: rebuild the node from what storage has,
             // so nothing that is not stored is ever delivered or acknowledged.
@@ -858,17 +650,17 @@ impl Core {
             return Err(e);
         }
         if self.durability == Durability::Os {
-            let written = g.written;
+            let written = g.commit.written();
             self.complete(g, written);
             self.flushed.send_modify(|s| s.flushed = written);
-        } else if dirty {
+        } else if wrote.is_some() {
             self.flush_wake.notify_one();
         }
         Ok(())
     }
 
     fn reload(&self, g: &mut Inner) {
-        g.post.clear();
+        g.commit.clear();
         let Ok(storage) = self.storage() else {
             return;
         };
@@ -898,10 +690,8 @@ impl Core {
 
     /// Runs outputs whose generation is durable.
     fn complete(&self, g: &mut Inner, upto: u64) {
-        while g.post.front().is_some_and(|(gen, _)| *gen <= upto) {
-            if let Some((_, out)) = g.post.pop_front() {
-                self.execute(out);
-            }
+        for out in g.commit.durable(upto) {
+            self.execute(out);
         }
     }
 
@@ -979,7 +769,7 @@ impl Core {
         loop {
             let pending = {
                 let g = self.lock();
-                g.written > self.flushed.borrow().flushed
+                g.commit.written() > self.flushed.borrow().flushed
             };
             if !pending {
                 tokio::select! {
@@ -995,7 +785,7 @@ impl Core {
                     tokio::time::sleep(self.commit_window).await;
                 }
             }
-            let target = self.lock().written;
+            let target = self.lock().commit.written();
             let started = Instant::now();
             let res = match self.storage() {
                 Ok(s) => s.flush().await.map_err(CoreError::from),
@@ -1018,7 +808,7 @@ impl Core {
                     {
                         let mut g = self.lock();
                         // Outputs of the failed generations are dropped, never delivered.
-                        g.post.retain(|(gen, _)| *gen > target);
+                        g.commit.failed(target);
                         self.reload(&mut g);
                     }
                     let reason = match e {

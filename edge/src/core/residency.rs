@@ -1,0 +1,131 @@
+//! Residency: a node holds only the channels in use. A stored channel is loaded
+//! before any input that names it, under the core lock (so inputs for it wait and
+//! none is reordered, and the node never starts an empty channel where a stored one
+//! exists); the sweep unloads idle channels and keeps the rest under a byte budget.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use shared::sync::{DurableChannel, Role};
+use shared::{ChannelName, ReplicaId, VersionVector};
+
+use super::{Core, CoreError, Inner};
+use crate::storage::Storage;
+
+impl Core {
+    /// The stored channels with local ops the upstream has not acked (edge).
+    pub(super) fn load_outbox(
+        storage: &Storage,
+        role: Role,
+    ) -> Result<BTreeMap<ChannelName, DurableChannel>, CoreError> {
+        let mut out = BTreeMap::new();
+        if role == Role::Edge {
+            for name in storage.outbox_channels()? {
+                if let Some(d) = storage.load_channel(&name)? {
+                    out.insert(name, d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes a stored channel resident before an input names it (the node must never
+    /// start an empty channel where a stored one exists). Loads under the core lock,
+    /// so inputs for the channel wait for it and nothing overtakes the load.
+    pub(super) fn ensure(&self, g: &mut Inner, channel: &ChannelName) -> Result<(), CoreError> {
+        if g.node.is_resident(channel) {
+            return Ok(());
+        }
+        let storage = self.storage()?;
+        let started = Instant::now();
+        if let Some(d) = storage.load_channel(channel)? {
+            self.hub.seed_delivered(channel, &durable_vv(&d));
+            let ops = d.log.len();
+            g.node.load(channel.clone(), d);
+            g.last_used.insert(channel.clone(), Instant::now());
+            metrics::counter!("outpost_channel_loads_total").increment(1);
+            metrics::histogram!("outpost_channel_load_seconds")
+                .record(started.elapsed().as_secs_f64());
+            tracing::debug!(%channel, ops, "channel loaded");
+            self.drain(g)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the channels a link-up will sync: those with unacked local ops, or every
+    /// stored channel when the upstream is a new one (see `Persist::Upstream`).
+    pub(super) fn ensure_for_link(&self, g: &mut Inner, peer: ReplicaId) -> Result<(), CoreError> {
+        if g.node.role() != Role::Edge {
+            return Ok(());
+        }
+        let storage = self.storage()?;
+        let names = if g.node.compares_all_with(peer) {
+            let all = storage.channel_names()?;
+            if !all.is_empty() {
+                tracing::info!(channels = all.len(), upstream = %peer, "a new upstream: loading every stored channel to compare it");
+            }
+            all
+        } else {
+            storage.outbox_channels()?
+        };
+        for name in names {
+            self.ensure(g, &name)?;
+        }
+        Ok(())
+    }
+
+    /// Unloads resident channels that may go (see `Node::can_unload`): those idle for
+    /// `idle`, then the least recently used until the rest fit in `budget` bytes.
+    /// Their data stays stored; the next input that names one loads it again.
+    pub fn sweep_resident(&self, budget: u64, idle: Duration) {
+        let mut g = self.lock();
+        let mut sizes: Vec<(ChannelName, u64, Option<Instant>)> = g
+            .node
+            .channels()
+            .map(|c| {
+                let name = c.channel().clone();
+                let used = g.last_used.get(&name).copied();
+                (name, c.approx_bytes(), used)
+            })
+            .collect();
+        let mut total: u64 = sizes.iter().map(|(_, b, _)| b).sum();
+        sizes.sort_by_key(|(_, _, used)| *used);
+        let storage = self.storage().ok();
+        let mut unloaded = 0u64;
+        for (name, bytes, used) in sizes {
+            let idle = used.is_none_or(|u| u.elapsed() >= idle);
+            if !(idle || total > budget) || !g.node.unload(&name) {
+                continue;
+            }
+            if let Some(s) = &storage {
+                s.unload(&name);
+            }
+            g.last_used.remove(&name);
+            self.hub.forget(&name);
+            total = total.saturating_sub(bytes);
+            unloaded += 1;
+        }
+        if unloaded > 0 {
+            metrics::counter!("outpost_channel_unloads_total").increment(unloaded);
+            tracing::debug!(channels = unloaded, "unloaded channels from memory");
+        }
+        metrics::gauge!("outpost_resident_bytes").set(total as f64);
+    }
+
+    /// Loads a channel for a read; a read of a channel that cannot be loaded answers
+    /// as if it were not held here (and logs why).
+    pub(super) fn ensure_for_read(&self, g: &mut Inner, channel: &ChannelName) {
+        if let Err(e) = self.ensure(g, channel) {
+            tracing::error!(%channel, error = %e, "cannot load a channel for a read");
+        }
+    }
+}
+
+/// What of a stored channel is durable: its floor raised by its log.
+pub(super) fn durable_vv(d: &DurableChannel) -> VersionVector {
+    let mut vv = d.floor.clone();
+    for op in &d.log {
+        vv.raise(op.dot.origin, op.dot.seq);
+    }
+    vv
+}
