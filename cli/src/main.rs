@@ -721,8 +721,8 @@ async fn main() -> Result<()> {
             actions,
             ttl,
         } => {
-            let actions = edge::cli::parse_actions(actions).map_err(anyhow::Error::msg)?;
-            let t = edge::cli::mint_token(secret, sub, channels, actions, *ttl)
+            let actions = edge::startup::parse_actions(actions).map_err(anyhow::Error::msg)?;
+            let t = edge::startup::mint_token(secret, sub, channels, actions, *ttl)
                 .map_err(anyhow::Error::msg)?;
             println!("{t}");
         }

@@ -4,9 +4,9 @@
 //! client API as the edges (the edge crate's gateway, not a copy), so clients whose
 //! edge died can fall back to it.
 
+pub mod accept;
 pub mod admin;
 pub mod fleet;
-pub mod hub;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,7 +79,7 @@ pub async fn start(
     let running = edge::build(cfg, Role::Cloud, shutdown.clone())?;
     let fleet = Arc::new(fleet::Fleet::default());
     let revoked = Arc::new(admin::Revocations::load(&running.core));
-    running.core.tasks.spawn(hub::accept_loop(
+    running.core.tasks.spawn(accept::accept_loop(
         endpoint,
         running.core.clone(),
         fleet.clone(),

@@ -78,10 +78,10 @@ fn main() -> anyhow::Result<()> {
         hub.listen = q;
     }
     if cfg.dev {
-        edge::cli::dev_secret(&mut cfg)?;
+        edge::startup::dev_secret(&mut cfg)?;
     }
     cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    edge::cli::init_tracing(&cfg);
+    edge::startup::init_tracing(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
         println!("outpost-cloud certificate sha256 {}", started.fingerprint);
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            edge::cli::wait_for_signal().await;
+            edge::startup::wait_for_signal().await;
             tracing::info!("shutdown requested");
             stop.cancel();
         });

@@ -1,21 +1,23 @@
 //! Outpost edge node: the I/O shell around the replication core.
 //!
 //! - [`config`]: TOML + environment + flags, validated.
-//! - [`storage`]: sled; [`core`]: the node, group commit, output execution.
-//! - [`hub`]: fan-out to local subscribers, presence.
+//! - [`storage`]: sled behind `shared::store::Store`; [`core`]: the node, residency,
+//!   output execution; [`commit`]: the group-commit queue.
+//! - [`fanout`]: fan-out to local subscribers, per-connection send queues, presence.
+//! - [`link`]: the QUIC link to the cloud; [`startup`]: what the binaries share.
 //! - [`auth`]: JWT and API keys; [`gateway`]: WebSocket, SSE and REST (axum).
 //!
 //! [`run`] serves the gateway on a listener until a shutdown token fires.
 
 pub mod auth;
-pub mod cli;
 pub mod commit;
 pub mod config;
 pub mod core;
+pub mod fanout;
 pub mod gateway;
 pub mod http;
-pub mod hub;
 pub mod link;
+pub mod startup;
 pub mod storage;
 
 use std::sync::Arc;
@@ -74,7 +76,7 @@ pub fn build(
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {
-                    hub_state.core.hub.expire_presence(ttl);
+                    hub_state.core.fanout.expire_presence(ttl);
                     hub_state.core.set_clients(hub_state.conns.count() as u64);
                 }
             }

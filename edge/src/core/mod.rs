@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commit::CommitQueue;
 use crate::config::{Durability, EdgeConfig};
-use crate::hub::{ConnHandle, Hub, Replay};
+use crate::fanout::{ConnHandle, Fanout, Replay};
 use crate::link::router::PeerRouter;
 use crate::storage::{Storage, StorageError};
 
@@ -88,7 +88,7 @@ pub struct Core {
     /// A write or flush failed (disk full, I/O error): the storage must be reopened.
     storage_broken: std::sync::atomic::AtomicBool,
     storage_repair: Notify,
-    pub hub: Hub,
+    pub fanout: Fanout,
     pub id: ReplicaId,
     durability: Durability,
     commit_window: Duration,
@@ -147,11 +147,11 @@ impl Core {
         // Start-up reads only what the link needs: channels with unacked local ops.
         // Every other channel is loaded when something names it.
         let channels = Self::load_outbox(&storage, role)?;
-        let hub = Hub::default();
+        let fanout = Fanout::default();
         let mut ops = 0;
         for (name, d) in &channels {
             ops += d.log.len();
-            hub.seed_delivered(name, &durable_vv(d));
+            fanout.seed_delivered(name, &durable_vv(d));
         }
         tracing::info!(replica = %id, channels = channels.len(), ops, "storage opened; loaded the channels with unacked ops");
         let sync_cfg = sync_config(cfg);
@@ -181,7 +181,7 @@ impl Core {
                 commit: CommitQueue::default(),
                 last_used,
             }),
-            hub,
+            fanout,
             id,
             durability: cfg.storage.durability,
             commit_window: Duration::from_millis(cfg.storage.commit_window_ms),
@@ -427,10 +427,11 @@ impl Core {
         let (replay, first) = match g.node.channel(channel) {
             Some(r) => {
                 let truncated = matches!(r.ops_since(since, 0), Err(NeedSnapshot { .. }));
-                self.hub.subscribe(channel, conn, since, r.log(), truncated)
+                self.fanout
+                    .subscribe(channel, conn, since, r.log(), truncated)
             }
             None => self
-                .hub
+                .fanout
                 .subscribe(channel, conn, since, std::iter::empty(), false),
         };
         if first {
@@ -447,7 +448,7 @@ impl Core {
     pub fn unsubscribe(&self, channel: &ChannelName, conn: u64) {
         let mut g = self.lock();
         Self::touch(&mut g, channel);
-        if self.hub.unsubscribe(channel, conn) {
+        if self.fanout.unsubscribe(channel, conn) {
             if let Err(e) = self.ensure(&mut g, channel) {
                 tracing::error!(%channel, error = %e, "cannot load a channel to unsubscribe");
             }
@@ -496,7 +497,7 @@ impl Core {
         let mut g = self.lock();
         self.ensure_for_read(&mut g, channel);
         Self::touch(&mut g, channel);
-        let delivered = self.hub.delivered(channel);
+        let delivered = self.fanout.delivered(channel);
         match g.node.channel(channel) {
             None => (Vec::new(), false),
             Some(r) => {
@@ -519,7 +520,7 @@ impl Core {
             shared::wire::Command::Drain => {
                 tracing::warn!("drained by the operator: telling clients to move");
                 self.draining.cancel();
-                self.hub.kill_all();
+                self.fanout.kill_all();
             }
             shared::wire::Command::Evict { channel } => {
                 tracing::info!(%channel, "operator asked to evict a channel");
@@ -545,7 +546,7 @@ impl Core {
         done
     }
 
-    /// Drops a channel from storage, the node and the hub if the node allows it.
+    /// Drops a channel from storage, the node and the fan-out if the node allows it.
     fn evict_locked(&self, g: &mut Inner, name: &ChannelName) -> bool {
         // The node queues the storage removal (with the mark that keeps this edge's
         // dots unique if the channel is opened again); draining carries it out.
@@ -558,7 +559,7 @@ impl Core {
         }
         tracing::debug!(channel = %name, "channel evicted");
         g.last_used.remove(name);
-        self.hub.forget(name);
+        self.fanout.forget(name);
         true
     }
 
@@ -701,9 +702,9 @@ impl Core {
                 // The dot is the op's trace id across the fleet: grep one dot in the
                 // (JSON) logs of the origin edge, the cloud and the other edges.
                 tracing::debug!(trace = %op.dot, %channel, "op durable, delivering");
-                self.hub.deliver(&channel, &op)
+                self.fanout.deliver(&channel, &op)
             }
-            Output::DeliverEphemeral { channel, msg } => self.hub.ephemeral(&channel, &msg),
+            Output::DeliverEphemeral { channel, msg } => self.fanout.ephemeral(&channel, &msg),
             Output::Send { to, msg } => {
                 if let SyncMsg::Ops { channel, ops } = &msg {
                     for op in ops {
@@ -731,7 +732,7 @@ impl Core {
                 tracing::info!(%channel, "snapshot installed");
                 // What the snapshot covers is durable here now: history reads and
                 // tokens may include it.
-                self.hub.seed_delivered(&channel, &vv);
+                self.fanout.seed_delivered(&channel, &vv);
             }
             Output::Acked { .. } => {}
             Output::Rtt { peer, rtt_ms } => {

@@ -39,7 +39,7 @@ impl Core {
         let storage = self.storage()?;
         let started = Instant::now();
         if let Some(d) = storage.load_channel(channel)? {
-            self.hub.seed_delivered(channel, &durable_vv(&d));
+            self.fanout.seed_delivered(channel, &durable_vv(&d));
             let ops = d.log.len();
             g.node.load(channel.clone(), d);
             g.last_used.insert(channel.clone(), Instant::now());
@@ -101,7 +101,7 @@ impl Core {
                 s.unload(&name);
             }
             g.last_used.remove(&name);
-            self.hub.forget(&name);
+            self.fanout.forget(&name);
             total = total.saturating_sub(bytes);
             unloaded += 1;
         }

@@ -73,18 +73,21 @@ impl AppState {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// A fresh connection handle for the hub, with its bounded queue.
-    pub fn new_conn(&self, subject: &str) -> (crate::hub::ConnHandle, crate::hub::OutboxRx) {
+    /// A fresh connection handle for the fan-out, with its bounded queue.
+    pub fn new_conn(
+        &self,
+        subject: &str,
+    ) -> (crate::fanout::ConnHandle, crate::fanout::SendQueueRx) {
         let id = self.next_conn_id();
-        let (tx, rx) = crate::hub::Outbox::new(self.cfg.limits.send_queue);
+        let (tx, rx) = crate::fanout::SendQueue::new(self.cfg.limits.send_queue);
         (
-            crate::hub::ConnHandle {
+            crate::fanout::ConnHandle {
                 id,
                 client: format!("{}-{id:x}", self.core.id).into(),
                 subject: subject.into(),
                 tx,
                 kill: CancellationToken::new(),
-                kill_reason: Arc::new(std::sync::atomic::AtomicU8::new(crate::hub::KILL_NONE)),
+                kill_reason: Arc::new(std::sync::atomic::AtomicU8::new(crate::fanout::KILL_NONE)),
             },
             rx,
         )

@@ -336,7 +336,7 @@ pub async fn presence(
 pub fn members(state: &AppState, ch: &ChannelName) -> Vec<Member> {
     state
         .core
-        .hub
+        .fanout
         .members(ch)
         .into_iter()
         .map(|(client, subject, data)| Member {

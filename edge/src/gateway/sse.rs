@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::rest::{since, HistoryQuery};
 use super::{channel, credential, now_secs, ApiError, AppState, ConnGuard};
 use crate::auth::Action;
-use crate::hub::{OutboxRx, Push};
+use crate::fanout::{Push, SendQueueRx};
 
 /// Unsubscribes when the stream is dropped (client gone, slow, or shutdown).
 struct SubGuard {
@@ -39,7 +39,7 @@ impl Drop for SubGuard {
 
 struct Live {
     replay: VecDeque<Event>,
-    rx: OutboxRx,
+    rx: SendQueueRx,
     kill: CancellationToken,
     shutdown: CancellationToken,
     draining: CancellationToken,

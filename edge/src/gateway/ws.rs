@@ -27,7 +27,7 @@ use tracing::Instrument;
 use super::rest::{members, since, state_view};
 use super::{channel, credential, now_secs, ApiError, AppState, ConnGuard};
 use crate::auth::{Action, Principal};
-use crate::hub::{ConnHandle, OutboxRx};
+use crate::fanout::{ConnHandle, SendQueueRx};
 
 /// Requests whose acks wait (for durability, or for their turn) before the connection
 /// stops reading more.
@@ -116,7 +116,7 @@ struct Conn {
     state: Arc<AppState>,
     principal: Option<Principal>,
     handle: Option<ConnHandle>,
-    queue: Option<OutboxRx>,
+    queue: Option<SendQueueRx>,
     subs: HashSet<ChannelName>,
     acks: FuturesOrdered<Ack>,
     tokens: f64,
@@ -138,7 +138,7 @@ fn text(msg: &ServerMsg) -> Message {
 }
 
 /// Waits until queued messages are ready to pop (none before `connect`).
-fn queue_ready(q: &mut Option<OutboxRx>) -> impl Future<Output = ()> + '_ {
+fn queue_ready(q: &mut Option<SendQueueRx>) -> impl Future<Output = ()> + '_ {
     std::future::poll_fn(move |cx| match q {
         Some(q) => q.poll_ready(cx),
         None => Poll::Pending,
@@ -267,7 +267,7 @@ pub(crate) async fn serve<T, E>(
             }
         }
     }
-    // Shutdown, drain, the hub's kill switch, the idle timeout and the token's expiry
+    // Shutdown, drain, the fan-out's kill switch, the idle timeout and the token's expiry
     // are pinned here once and polled through a gate: only when one of them has woken
     // the task, not on every wake to write a message (polling them all each time took
     // a fifth of the fan-out's instructions).
@@ -279,7 +279,7 @@ pub(crate) async fn serve<T, E>(
             () = draining.cancelled() => "this edge is being drained: reconnect to another endpoint and resume",
         }
     });
-    // The hub's kill switch, once `connect` has made this a hub connection (until
+    // The hub's kill switch, once `connect` has made this a fan-out connection (until
     // then a switch that never fires).
     let kill_of = |conn: &Conn| {
         conn.handle
@@ -346,10 +346,10 @@ pub(crate) async fn serve<T, E>(
                     break;
                 }
             },
-            // Up to hub::BATCH queued messages go out in one write.
+            // Up to fanout::BATCH queued messages go out in one write.
             () = queue_ready(&mut conn.queue) => {
                 let mut failed = false;
-                while let Some(p) = conn.queue.as_mut().and_then(OutboxRx::pop) {
+                while let Some(p) = conn.queue.as_mut().and_then(SendQueueRx::pop) {
                     if io.feed(Message::Text(p.json.clone())).await.is_err() { failed = true; break; }
                 }
                 if failed || io.flush().await.is_err() { break; }
@@ -452,7 +452,7 @@ impl Conn {
             }
         };
         if let Some(h) = &self.handle {
-            self.state.core.hub.touch(h.id, &self.subs);
+            self.state.core.fanout.touch(h.id, &self.subs);
         }
         match self.on_msg(msg) {
             Ok(replies) => replies,
@@ -664,7 +664,7 @@ impl Conn {
                     ));
                 }
                 if let Some(h) = &self.handle {
-                    self.state.core.hub.presence(&ch, h, data);
+                    self.state.core.fanout.presence(&ch, h, data);
                 }
                 Ok(if id.is_some() {
                     vec![ServerMsg::Ack { id, dot: None }]
@@ -705,7 +705,7 @@ impl Conn {
                     .as_ref()
                     .map(|h| h.client.to_string())
                     .unwrap_or_default();
-                if !self.state.core.hub.signal(&ch, &from, &to, &data) {
+                if !self.state.core.fanout.signal(&ch, &from, &to, &data) {
                     return Err((
                         id,
                         ApiError::new(ErrorCode::NotFound, format!("{to} is not in {ch} here")),

@@ -31,19 +31,19 @@ pub struct Push {
     pub event: &'static str,
 }
 
-/// A connection's bounded queue of pushes. The hub appends under a short lock; the
+/// A connection's bounded queue of pushes. The fan-out appends under a short lock; the
 /// connection task takes a whole batch under one lock. (A tokio bounded channel paid a
 /// semaphore lock per message on each side — a fifth of a fan-out's instructions —
 /// and allocated a block of slots per connection up front.)
 #[derive(Debug)]
-pub struct Outbox {
-    inner: Mutex<OutboxState>,
+pub struct SendQueue {
+    inner: Mutex<SendQueueState>,
     waker: AtomicWaker,
     cap: usize,
 }
 
 #[derive(Debug, Default)]
-struct OutboxState {
+struct SendQueueState {
     items: VecDeque<Arc<Push>>,
     /// The connection task is gone: pushes are refused.
     closed: bool,
@@ -58,24 +58,24 @@ pub enum Pushed {
     Closed,
 }
 
-impl Outbox {
+impl SendQueue {
     /// A queue of at most `cap` messages and its receiving end.
-    pub fn new(cap: usize) -> (Arc<Self>, OutboxRx) {
+    pub fn new(cap: usize) -> (Arc<Self>, SendQueueRx) {
         let q = Arc::new(Self {
-            inner: Mutex::new(OutboxState::default()),
+            inner: Mutex::new(SendQueueState::default()),
             waker: AtomicWaker::new(),
             cap,
         });
         (
             q.clone(),
-            OutboxRx {
+            SendQueueRx {
                 q,
                 ready: VecDeque::new(),
             },
         )
     }
 
-    fn lock(&self) -> MutexGuard<'_, OutboxState> {
+    fn lock(&self) -> MutexGuard<'_, SendQueueState> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -98,16 +98,16 @@ impl Outbox {
 /// At most this many queued messages are taken under one lock (and written together).
 pub const BATCH: usize = 64;
 
-/// The connection task's end of an [`Outbox`].
+/// The connection task's end of an [`SendQueue`].
 #[derive(Debug)]
-pub struct OutboxRx {
-    q: Arc<Outbox>,
+pub struct SendQueueRx {
+    q: Arc<SendQueue>,
     /// Taken from the queue, not yet handed out.
     ready: VecDeque<Arc<Push>>,
 }
 
-impl OutboxRx {
-    /// Ready once there are messages to [`OutboxRx::pop`]: takes up to [`BATCH`]
+impl SendQueueRx {
+    /// Ready once there are messages to [`SendQueueRx::pop`]: takes up to [`BATCH`]
     /// queued messages under one lock, or waits for the first one.
     pub fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.poll_ready_max(cx, BATCH)
@@ -160,7 +160,7 @@ impl OutboxRx {
     }
 }
 
-impl Drop for OutboxRx {
+impl Drop for SendQueueRx {
     fn drop(&mut self) {
         let mut st = self.q.lock();
         st.closed = true;
@@ -168,18 +168,18 @@ impl Drop for OutboxRx {
     }
 }
 
-/// Why a connection was killed by the hub.
+/// Why a connection was killed by the fan-out.
 pub const KILL_NONE: u8 = 0;
 pub const KILL_SLOW: u8 = 1;
 
-/// A connection as the hub sees it.
+/// A connection as the fan-out sees it.
 #[derive(Clone, Debug)]
 pub struct ConnHandle {
     pub id: ConnId,
     /// The id other clients use to address it (signals) and see it by (presence).
     pub client: Arc<str>,
     pub subject: Arc<str>,
-    pub tx: Arc<Outbox>,
+    pub tx: Arc<SendQueue>,
     pub kill: CancellationToken,
     pub kill_reason: Arc<AtomicU8>,
 }
@@ -231,7 +231,7 @@ struct Chan {
 
 /// Local subscribers of every channel.
 #[derive(Debug, Default)]
-pub struct Hub {
+pub struct Fanout {
     inner: Mutex<HashMap<ChannelName, Chan>>,
 }
 
@@ -252,7 +252,7 @@ pub struct Replay {
     pub truncated: bool,
 }
 
-impl Hub {
+impl Fanout {
     fn lock(&self) -> MutexGuard<'_, HashMap<ChannelName, Chan>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -569,8 +569,8 @@ mod tests {
     }
 
     #[test]
-    fn outbox_is_bounded_batches_in_order_wakes_and_refuses_once_the_task_is_gone() {
-        let (tx, mut rx) = Outbox::new(3);
+    fn send_queue_is_bounded_batches_in_order_wakes_and_refuses_once_the_task_is_gone() {
+        let (tx, mut rx) = SendQueue::new(3);
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
@@ -580,10 +580,10 @@ mod tests {
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         assert_eq!(tx.push(push(2)), Pushed::Queued);
         assert_eq!(tx.push(push(3)), Pushed::Queued);
-        // Full at the cap: the hub kills the connection as a slow consumer.
+        // Full at the cap: the fan-out kills the connection as a slow consumer.
         assert_eq!(tx.push(push(4)), Pushed::Full);
         // At most `max` per take, in order.
-        let mut take = |rx: &mut OutboxRx| {
+        let mut take = |rx: &mut SendQueueRx| {
             assert_eq!(rx.poll_ready_max(&mut cx, 2), Poll::Ready(()));
             std::iter::from_fn(|| rx.pop())
                 .map(|p| p.json.to_string())
