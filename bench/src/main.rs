@@ -61,6 +61,34 @@ enum Cmd {
         channel: String,
         #[arg(long, default_value_t = 10_000)]
         n: u64,
+        /// Spread the events round-robin over this many channels
+        /// (`<channel>-<i>`); 1 = all on `channel`.
+        #[arg(long, default_value_t = 1)]
+        spread: u64,
+        /// Parallel connections, each publishing n / conns events.
+        #[arg(long, default_value_t = 1)]
+        conns: u64,
+    },
+    /// Resume latency from channels that are not resident vs ones that are: takes a
+    /// resume token after op `at` of `count` channels `<prefix><i>` (spread over
+    /// `channels`), waits `settle_ms` (for the node to unload them), then times
+    /// subscribe -> `subscribed` (replay included) with that token, twice per channel:
+    /// cold, then again at once (resident).
+    Resume {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value = "project:bulk-")]
+        prefix: String,
+        #[arg(long)]
+        channels: u64,
+        #[arg(long, default_value_t = 200)]
+        count: u64,
+        #[arg(long, default_value_t = 4)]
+        at: usize,
+        #[arg(long, default_value_t = 2500)]
+        settle_ms: u64,
     },
     /// Subscribes on every edge and waits until each has seen `expect` ops on the
     /// channel; prints how long that took.
@@ -400,7 +428,43 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
     Ok(())
 }
 
-async fn burst(url: String, token: String, channel: String, n: u64) -> Result<()> {
+/// `burst` over `conns` connections in parallel: prints the total rate.
+async fn bursts(
+    url: String,
+    token: String,
+    channel: String,
+    n: u64,
+    spread: u64,
+    conns: u64,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..conns.max(1) {
+        let (url, token, channel) = (url.clone(), token.clone(), channel.clone());
+        let share = n / conns.max(1);
+        tasks.push(tokio::spawn(async move {
+            burst(url, token, channel, share, spread, c * share).await
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"bench": "burst", "events": n, "channels": spread, "conns": conns, "secs": secs, "acked_per_sec": n as f64 / secs})
+    );
+    Ok(())
+}
+
+async fn burst(
+    url: String,
+    token: String,
+    channel: String,
+    n: u64,
+    spread: u64,
+    offset: u64,
+) -> Result<()> {
     let ws = proto::connect(proto::Proto::Outpost, &url, &token, None).await?;
     let (mut tx, mut rx) = ws.split();
     let started = Instant::now();
@@ -422,8 +486,13 @@ async fn burst(url: String, token: String, channel: String, n: u64) -> Result<()
         while i.saturating_sub(acked.load(Ordering::Relaxed)) >= 256 {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
+        let ch = if spread > 1 {
+            format!("{channel}-{}", (offset + i) % spread)
+        } else {
+            channel.clone()
+        };
         let m = format!(
-            "{{\"type\":\"publish\",\"id\":{i},\"channel\":\"{channel}\",\"event\":\"b\",\"data\":{{\"n\":{i}}}}}"
+            "{{\"type\":\"publish\",\"id\":{i},\"channel\":\"{ch}\",\"event\":\"b\",\"data\":{{\"n\":{i}}}}}"
         );
         tx.send(Message::Text(m.into())).await?;
     }
@@ -441,6 +510,82 @@ async fn burst(url: String, token: String, channel: String, n: u64) -> Result<()
     eprintln!(
         "burst: {n} events acked in {:.2} s",
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Subscribes (with `since` when given) and reads until `subscribed`; returns the
+/// replayed ops.
+async fn subscribe_since(ws: &mut Ws, channel: &str, since: Option<&str>) -> Result<Vec<Value>> {
+    let mut req = json!({"type": "subscribe", "channel": channel});
+    if let Some(s) = since {
+        req["since"] = s.into();
+    }
+    ws.send(Message::Text(req.to_string().into())).await?;
+    let mut ops = Vec::new();
+    loop {
+        let v = next_json(ws).await?;
+        match v["type"].as_str() {
+            Some("op") => ops.push(v),
+            Some("subscribed") => return Ok(ops),
+            Some("error") => bail!("subscribe: {v}"),
+            _ => {}
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn resume(
+    url: String,
+    token: String,
+    prefix: String,
+    channels: u64,
+    count: u64,
+    at: usize,
+    settle_ms: u64,
+) -> Result<()> {
+    let step = (channels / count.max(1)).max(1);
+    let names: Vec<String> = (0..count.min(channels))
+        .map(|i| format!("{prefix}{}", i * step))
+        .collect();
+    let mut tokens = Vec::new();
+    for ch in &names {
+        let mut ws = connect(&url, &token).await?;
+        let ops = subscribe_since(&mut ws, ch, None).await?;
+        let t = ops
+            .get(at.saturating_sub(1))
+            .and_then(|o| o["token"].as_str())
+            .with_context(|| format!("{ch}: fewer than {at} ops"))?;
+        tokens.push((ch.clone(), t.to_owned(), ops.len() - at));
+    }
+    tokio::time::sleep(Duration::from_millis(settle_ms)).await;
+    let mut cold = Histogram::<u64>::new(3)?;
+    let mut warm = Histogram::<u64>::new(3)?;
+    for (ch, t, expect) in &tokens {
+        let mut ws = connect(&url, &token).await?;
+        for hist in [&mut cold, &mut warm] {
+            let started = Instant::now();
+            let ops = subscribe_since(&mut ws, ch, Some(t)).await?;
+            hist.record(started.elapsed().as_micros() as u64)?;
+            if ops.len() != *expect {
+                bail!("{ch}: resume replayed {} ops, expected {expect}", ops.len());
+            }
+            ws.send(Message::Text(
+                json!({"type": "unsubscribe", "channel": ch})
+                    .to_string()
+                    .into(),
+            ))
+            .await?;
+        }
+    }
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{}",
+        json!({
+            "bench": "resume", "resumes": tokens.len(),
+            "cold_p50_ms": ms(&cold, 0.5), "cold_p99_ms": ms(&cold, 0.99),
+            "warm_p50_ms": ms(&warm, 0.5), "warm_p99_ms": ms(&warm, 0.99),
+        })
     );
     Ok(())
 }
@@ -605,7 +750,18 @@ async fn main() -> Result<()> {
             token,
             channel,
             n,
-        } => burst(url, token, channel, n).await?,
+            spread,
+            conns,
+        } => bursts(url, token, channel, n, spread, conns).await?,
+        Cmd::Resume {
+            url,
+            token,
+            prefix,
+            channels,
+            count,
+            at,
+            settle_ms,
+        } => resume(url, token, prefix, channels, count, at, settle_ms).await?,
         Cmd::Converge {
             urls,
             token,

@@ -199,7 +199,7 @@ async fn handle(
         }
     }
     tracing::info!(%remote, edge = %replica, name = %cred.name, %region, %software, "edge connected");
-    fleet.connected(replica, &cred.name, &region, &software, remote);
+    let link = fleet.connected(replica, &cred.name, &region, &software, remote);
     let (rtt_conn, rtt_fleet, rtt_core) = (conn.clone(), fleet.clone(), core.clone());
     let rtt_stop = CancellationToken::new();
     let rtt_guard = rtt_stop.clone();
@@ -240,7 +240,7 @@ async fn handle(
     )
     .await;
     rtt_guard.cancel();
-    fleet.disconnected(replica, &why.to_string());
+    fleet.disconnected(replica, link, &why.to_string());
     tracing::info!(%remote, edge = %replica, reason = %why, "edge disconnected");
     Ok(())
 }

@@ -59,7 +59,7 @@ impl Fleet {
         region: &str,
         software: &str,
         remote: SocketAddr,
-    ) {
+    ) -> u64 {
         let now = edge::core::now_ms();
         let away = self
             .left_at
@@ -101,6 +101,7 @@ impl Fleet {
         );
         metrics::gauge!("outpost_edges_connected")
             .set(g.values().filter(|e| e.connected).count() as f64);
+        links
     }
 
     /// Refreshes an edge's live figures (every second while it is connected).
@@ -120,12 +121,20 @@ impl Fleet {
         }
     }
 
-    pub fn disconnected(&self, id: ReplicaId, reason: &str) {
+    /// Link number `link` (as [`Fleet::connected`] returned it) of an edge ended. An
+    /// edge that reconnected before the cloud noticed its old link was gone stays
+    /// connected: only the end of its newest link takes it down.
+    pub fn disconnected(&self, id: ReplicaId, link: u64, reason: &str) {
         let mut g = self.edges.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = g.get_mut(&id) {
-            e.connected = false;
-            self.event(&e.name, "left", reason);
+        let Some(e) = g.get_mut(&id) else {
+            return;
+        };
+        if e.links != link {
+            tracing::debug!(edge = %id, link, current = e.links, "an older link of a reconnected edge ended");
+            return;
         }
+        e.connected = false;
+        self.event(&e.name, "left", reason);
         if let Ok(mut m) = self.left_at.lock() {
             m.insert(id, edge::core::now_ms());
         }

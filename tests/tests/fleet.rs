@@ -665,3 +665,54 @@ async fn the_dashboard_shows_the_fleet_a_dead_edge_and_the_reconciliation_report
     );
     Ok(())
 }
+
+/// An edge killed and restarted at once links again before the cloud notices its old
+/// link is gone (that one ends only at the idle timeout): the operator's view must
+/// keep it connected when the old link ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_reconnects_before_its_old_link_ends_stays_connected() -> Result<()> {
+    let mut f = fleet()?;
+    with_logs(&mut f, |f| Box::pin(quick_edge_restart(f))).await
+}
+
+async fn quick_edge_restart(f: &mut Fleet) -> Result<()> {
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let key = OPERATOR_KEY;
+    let links = |v: &Value| -> Option<(bool, u64)> {
+        let e = v["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == "edge-a")?;
+        Some((e["connected"].as_bool()?, e["links"].as_u64()?))
+    };
+    tokio::task::block_in_place(|| f.a.restart())?;
+    // The new link comes up while the old one is still open on the cloud's side.
+    eventually(Duration::from_secs(20), "edge A's second link", || async {
+        let v: Value = http
+            .get(f.cloud.url("/v1/admin/edges"))
+            .bearer_auth(key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(links(&v).filter(|(_, n)| *n >= 2).map(|_| ()))
+    })
+    .await?;
+    // The harness's idle timeout is 3 s: by now the old link has ended.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let v: Value = http
+        .get(f.cloud.url("/v1/admin/edges"))
+        .bearer_auth(key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        links(&v).is_some_and(|(up, _)| up),
+        "edge A shown as down while linked: {v}"
+    );
+    let n = metric(&http, &f.cloud.url("/metrics"), "outpost_edges_connected").await?;
+    ensure!(n == 2.0, "outpost_edges_connected is {n}");
+    Ok(())
+}
