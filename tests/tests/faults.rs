@@ -7,7 +7,9 @@
 //! tokens. A seeded controller mixes link faults, partitions and kill -9/restart of
 //! edges and of the cloud; some writes are large events (40 KB), and about a third of
 //! the schedules back the cloud up (`outpost export`) and later restore that older
-//! backup (`outpost import`) while the edges hold newer writes. After the schedule
+//! backup (`outpost import`) while the edges hold newer writes. Every node runs with
+//! a one-byte residency budget, so channels are unloaded and loaded from disk all
+//! the time. After the schedule
 //! heals, a checker verifies:
 //!
 //! - every acknowledged op is in the history of every replica;
@@ -46,6 +48,10 @@ const TOKENS: [&str; 2] = [
 /// Edges evict every channel they may (no subscribers, everything acked) each second,
 /// so schedules also cover channels dropped and opened again.
 const CACHE: &str = "[cache]\nttl_secs = 1\nmax_bytes = 1\nsweep_secs = 1\n";
+
+/// Every node unloads every channel it may each second (a one-byte budget), so
+/// schedules also cover channels loaded from disk again and again.
+const RESIDENCY: &str = "[storage]\nresident_bytes = 1\nresident_idle_secs = 1\n";
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -484,7 +490,7 @@ async fn schedule_in(seed: u64, region: Option<&Region>) -> Result<Summary> {
             &dir.path().join("cloud"),
             free_udp_port()?,
             &edges_allowed,
-            "",
+            RESIDENCY,
         )?,
         Some(r) => Cloud::start_in(
             &dir.path().join("cloud"),
@@ -492,7 +498,7 @@ async fn schedule_in(seed: u64, region: Option<&Region>) -> Result<Summary> {
             &r.exec_prefix(),
             7800,
             &edges_allowed,
-            "",
+            RESIDENCY,
         )?,
     };
     let proxies = [
@@ -505,7 +511,7 @@ async fn schedule_in(seed: u64, region: Option<&Region>) -> Result<Summary> {
         edges.push(Edge::start(
             &dir.path().join(name),
             &format!(
-                "{}\n{cache}",
+                "{}\n{cache}\n{RESIDENCY}",
                 cloud.uplink_toml_via(proxies[i].addr, TOKENS[i])
             ),
         )?);
