@@ -45,6 +45,14 @@ struct ChanMeta {
     acked: u64,
 }
 
+/// A channel as read from disk, before it is made resident.
+#[derive(Debug)]
+pub struct ReadChannel {
+    pub channel: DurableChannel,
+    /// Which log entry holds each dot (what compaction needs).
+    arrivals: HashMap<Dot, u64>,
+}
+
 /// The edge's sled database.
 pub struct Storage {
     db: sled::Db,
@@ -224,50 +232,62 @@ impl Storage {
     /// Reads one stored channel (its log, state, floor and acked mark), and keeps the
     /// index compaction needs for it until [`Storage::unload`].
     pub fn load_channel(&self, name: &ChannelName) -> Result<Option<DurableChannel>, StorageError> {
+        Ok(self.read_channel(name)?.map(|r| self.install(name, r)))
+    }
+
+    /// Reads one stored channel without touching what is kept in memory: safe to call
+    /// while the channel may be resident; [`Storage::install`] it under the core lock.
+    pub fn read_channel(&self, name: &ChannelName) -> Result<Option<ReadChannel>, StorageError> {
         let Some(v) = self.chans.get(name.as_str())? else {
             return Ok(None);
         };
         let meta: ChanMeta = decode(&v, "channel meta")?;
-        {
-            let name = name.clone();
-            let p = prefix(&name);
-            let mut log: Vec<shared::Op> = Vec::new();
-            let mut dots = HashMap::new();
-            for item in self.log.scan_prefix(&p) {
-                let (k, v) = item?;
-                let op: shared::Op = decode(&v, "op")?;
-                let arrival = k
-                    .get(p.len()..)
-                    .and_then(|a| <[u8; 8]>::try_from(a).ok())
-                    .map(u64::from_be_bytes)
-                    .ok_or_else(|| StorageError::Corrupt {
-                        what: format!("log key of {name}"),
-                        err: codec::CodecError::Decode("not channel \\0 arrival".into()),
-                    })?;
-                dots.insert(op.dot, arrival);
-                log.push(op);
-            }
-            self.arrivals
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.clone(), dots);
-            let mut state = BTreeMap::new();
-            for item in self.state.scan_prefix(&p) {
-                let (k, v) = item?;
-                let key = String::from_utf8_lossy(&k[p.len()..]).into_owned();
-                state.insert(key, decode(&v, "register")?);
-            }
-            self.known
-                .lock()
-                .map(|mut g| g.insert(name.clone()))
-                .unwrap_or_default();
-            Ok(Some(DurableChannel {
+        let p = prefix(name);
+        let mut log: Vec<shared::Op> = Vec::new();
+        let mut dots = HashMap::new();
+        for item in self.log.scan_prefix(&p) {
+            let (k, v) = item?;
+            let op: shared::Op = decode(&v, "op")?;
+            let arrival = k
+                .get(p.len()..)
+                .and_then(|a| <[u8; 8]>::try_from(a).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StorageError::Corrupt {
+                    what: format!("log key of {name}"),
+                    err: codec::CodecError::Decode("not channel \\0 arrival".into()),
+                })?;
+            dots.insert(op.dot, arrival);
+            log.push(op);
+        }
+        let mut state = BTreeMap::new();
+        for item in self.state.scan_prefix(&p) {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k[p.len()..]).into_owned();
+            state.insert(key, decode(&v, "register")?);
+        }
+        Ok(Some(ReadChannel {
+            channel: DurableChannel {
                 state,
                 log,
                 floor: meta.floor,
                 acked: meta.acked,
-            }))
-        }
+            },
+            arrivals: dots,
+        }))
+    }
+
+    /// Keeps the index of a channel read by [`Storage::read_channel`] (it becomes
+    /// resident) and hands back its data.
+    pub fn install(&self, name: &ChannelName, read: ReadChannel) -> DurableChannel {
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), read.arrivals);
+        self.known
+            .lock()
+            .map(|mut g| g.insert(name.clone()))
+            .unwrap_or_default();
+        read.channel
     }
 
     /// Forgets what [`Storage::load_channel`] kept in memory for a channel that is no

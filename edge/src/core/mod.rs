@@ -76,6 +76,9 @@ struct Inner {
     commit: CommitQueue<Output>,
     /// When each channel was last used by a local client (cache eviction).
     last_used: HashMap<ChannelName, Instant>,
+    /// Counts channels leaving memory (unloaded, evicted, node rebuilt): a channel
+    /// read from disk outside the lock is installed only if none left meanwhile.
+    departures: u64,
 }
 
 /// The edge's (or cloud's) replica with its storage and subscribers.
@@ -179,6 +182,7 @@ impl Core {
             inner: Mutex::new(Inner {
                 node,
                 commit: CommitQueue::default(),
+                departures: 0,
                 last_used,
             }),
             fanout,
@@ -383,6 +387,7 @@ impl Core {
         channel: &ChannelName,
         write: LocalWrite,
     ) -> Result<LocalOutcome, CoreError> {
+        self.preload(channel).await;
         let (outcome, gen) = self.apply(channel, write)?;
         self.wait_durable(gen).await?;
         Ok(outcome)
@@ -558,6 +563,7 @@ impl Core {
             return false;
         }
         tracing::debug!(channel = %name, "channel evicted");
+        g.departures += 1;
         g.last_used.remove(name);
         self.fanout.forget(name);
         true
@@ -662,6 +668,7 @@ impl Core {
 
     fn reload(&self, g: &mut Inner) {
         g.commit.clear();
+        g.departures += 1;
         let Ok(storage) = self.storage() else {
             return;
         };

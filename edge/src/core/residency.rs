@@ -39,17 +39,67 @@ impl Core {
         let storage = self.storage()?;
         let started = Instant::now();
         if let Some(d) = storage.load_channel(channel)? {
-            self.fanout.seed_delivered(channel, &durable_vv(&d));
-            let ops = d.log.len();
-            g.node.load(channel.clone(), d);
-            g.last_used.insert(channel.clone(), Instant::now());
-            metrics::counter!("outpost_channel_loads_total").increment(1);
-            metrics::histogram!("outpost_channel_load_seconds")
-                .record(started.elapsed().as_secs_f64());
-            tracing::debug!(%channel, ops, "channel loaded");
-            self.drain(g)?;
+            self.install(g, channel, d, started)?;
         }
         Ok(())
+    }
+
+    /// Makes a channel read from disk resident.
+    fn install(
+        &self,
+        g: &mut Inner,
+        channel: &ChannelName,
+        d: DurableChannel,
+        started: Instant,
+    ) -> Result<(), CoreError> {
+        self.fanout.seed_delivered(channel, &durable_vv(&d));
+        let ops = d.log.len();
+        g.node.load(channel.clone(), d);
+        g.last_used.insert(channel.clone(), Instant::now());
+        metrics::counter!("outpost_channel_loads_total").increment(1);
+        metrics::histogram!("outpost_channel_load_seconds").record(started.elapsed().as_secs_f64());
+        tracing::debug!(%channel, ops, "channel loaded");
+        self.drain(g)
+    }
+
+    /// Loads a stored channel without holding the core lock while sled reads it, so
+    /// other channels go on meanwhile; async callers (client requests, link readers)
+    /// call it before the input. The read is installed only if the channel is still
+    /// not resident and no channel left memory meanwhile (then it could be stale:
+    /// the read is retried); anything that still finds the channel cold loads it
+    /// under the lock ([`Core::ensure`]).
+    pub async fn preload(&self, channel: &ChannelName) {
+        for _ in 0..3 {
+            let departures = {
+                let g = self.lock();
+                if g.node.is_resident(channel) {
+                    return;
+                }
+                g.departures
+            };
+            let Ok(storage) = self.storage() else {
+                return;
+            };
+            let started = Instant::now();
+            let (name, reader) = (channel.clone(), storage.clone());
+            let read = tokio::task::spawn_blocking(move || reader.read_channel(&name)).await;
+            let Ok(Ok(Some(read))) = read else {
+                // Not stored, or unreadable: the input's own load says why.
+                return;
+            };
+            let mut g = self.lock();
+            if g.node.is_resident(channel) {
+                return;
+            }
+            if g.departures != departures {
+                continue;
+            }
+            let d = storage.install(channel, read);
+            if let Err(e) = self.install(&mut g, channel, d, started) {
+                tracing::error!(%channel, error = %e, "storage failure after loading a channel");
+            }
+            return;
+        }
     }
 
     /// Loads the channels a link-up will sync: those with unacked local ops, or every
@@ -100,6 +150,7 @@ impl Core {
             if let Some(s) = &storage {
                 s.unload(&name);
             }
+            g.departures += 1;
             g.last_used.remove(&name);
             self.fanout.forget(&name);
             total = total.saturating_sub(bytes);

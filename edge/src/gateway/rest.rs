@@ -165,6 +165,7 @@ pub async fn history(
     authorize(&state, &headers, q.token.as_deref(), &ch, Action::Subscribe)?;
     let mut vv = since(q.since.as_deref())?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    state.core.preload(&ch).await;
     let (ops, truncated) = state.core.history(&ch, &vv, limit + 1);
     let more = ops.len() > limit;
     let msgs: Vec<ServerMsg> = ops
@@ -235,6 +236,7 @@ pub async fn state_all(
 ) -> Result<Response, ApiError> {
     let ch = channel(&name)?;
     authorize(&state, &headers, q.token.as_deref(), &ch, Action::Subscribe)?;
+    state.core.preload(&ch).await;
     let keys: Vec<ServerMsg> = state
         .core
         .state_all(&ch)
@@ -254,6 +256,7 @@ pub async fn state_get(
 ) -> Result<Response, ApiError> {
     let ch = channel(&name)?;
     authorize(&state, &headers, q.token.as_deref(), &ch, Action::Subscribe)?;
+    state.core.preload(&ch).await;
     let reg = state.core.state_get(&ch, &key);
     Ok(Json(state_view(None, &ch, &key, reg.as_ref(), q.siblings)).into_response())
 }
@@ -290,6 +293,7 @@ pub async fn state_put(
             },
         )
         .await?;
+    state.core.preload(&ch).await;
     let reg = state.core.state_get(&ch, &key);
     Ok(Json(serde_json::json!({
         "ack": ack_json(&out),

@@ -71,6 +71,7 @@ pub async fn stream(
     let since = since(last_id.as_deref().or(q.since.as_deref()))?;
     let slot = state.conns.try_acquire(addr.ip())?;
     let (conn, rx) = state.new_conn(&p.subject);
+    state.core.preload(&ch).await;
     let replay = state.core.subscribe(&ch, &conn, &since);
     let mut events: VecDeque<Event> = replay
         .ops

@@ -213,6 +213,12 @@ async fn reader(
                         if control { "control" } else { "data" }
                     )));
                 }
+                // Read a cold channel from disk without holding the node meanwhile.
+                if !matches!(msg, SyncMsg::Ephemeral { .. } | SyncMsg::Command(_)) {
+                    if let Some(channel) = msg.channel() {
+                        core.preload(channel).await;
+                    }
+                }
                 core.handle(Input::Msg(peer, msg));
             }
             Some(Frame::Close { code, reason }) => return Err(LinkError::Closed { code, reason }),
