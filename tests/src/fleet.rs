@@ -62,6 +62,17 @@ pub async fn connected(http: &reqwest::Client, cloud: &Cloud, n: f64) -> Result<
     .await
 }
 
+/// Runs a fleet test; on failure, attaches the processes' logs to the error.
+pub async fn with_logs<F>(f: &mut Fleet, body: F) -> Result<()>
+where
+    F: for<'a> FnOnce(
+        &'a mut Fleet,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>,
+{
+    let r = body(f).await;
+    r.map_err(|e| e.context(f.logs()))
+}
+
 impl Fleet {
     /// The tail of every log, for a failing test's report.
     pub fn logs(&self) -> String {

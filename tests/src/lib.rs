@@ -373,6 +373,36 @@ impl Cloud {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Stops the cloud, backs its data dir up with `outpost export`, starts it again.
+    pub fn backup(&mut self, to: &Path) -> Result<()> {
+        self.kill9();
+        let data = self.dir.join("data");
+        run_outpost(&[
+            "export".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--out".as_ref(),
+            to.as_os_str(),
+        ])?;
+        self.restart()
+    }
+
+    /// Stops the cloud, restores a backup into a fresh data dir with `outpost
+    /// import`, starts it again.
+    pub fn restore_from(&mut self, backup: &Path) -> Result<()> {
+        self.kill9();
+        let data = self.dir.join("data");
+        std::fs::remove_dir_all(&data)?;
+        run_outpost(&[
+            "import".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--in".as_ref(),
+            backup.as_os_str(),
+        ])?;
+        self.restart()
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -386,6 +416,15 @@ impl Drop for Cloud {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Runs the `outpost` CLI; fails with its stderr if it does.
+pub fn run_outpost(args: &[&std::ffi::OsStr]) -> Result<()> {
+    let out = Command::new(bin("outpost")?).args(args).output()?;
+    if !out.status.success() {
+        bail!("outpost {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, for at most `within`.

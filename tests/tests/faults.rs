@@ -555,48 +555,6 @@ fn restore_plan(seed: u64) -> Option<(usize, usize)> {
     })
 }
 
-/// Runs the `outpost` CLI.
-fn outpost(args: &[&std::ffi::OsStr]) -> Result<()> {
-    let out = std::process::Command::new(outpost_tests::bin("outpost")?)
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "outpost {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// Stops the cloud, backs its data dir up, starts it again.
-fn backup_cloud(cloud: &mut Cloud, backup: &std::path::Path) -> Result<()> {
-    cloud.kill9();
-    let data = cloud.dir.join("data");
-    outpost(&[
-        "export".as_ref(),
-        "--data-dir".as_ref(),
-        data.as_os_str(),
-        "--out".as_ref(),
-        backup.as_os_str(),
-    ])?;
-    cloud.restart()
-}
-
-/// Stops the cloud and restores the older backup into a fresh data dir.
-fn restore_cloud(cloud: &mut Cloud, backup: &std::path::Path) -> Result<()> {
-    cloud.kill9();
-    let data = cloud.dir.join("data");
-    std::fs::remove_dir_all(&data)?;
-    outpost(&[
-        "import".as_ref(),
-        "--data-dir".as_ref(),
-        data.as_os_str(),
-        "--in".as_ref(),
-        backup.as_os_str(),
-    ])?;
-    cloud.restart()
-}
-
 async fn run_schedule(
     seed: u64,
     cloud: &mut Cloud,
@@ -653,9 +611,9 @@ async fn run_schedule(
                 };
                 tokio::task::block_in_place(|| {
                     if step == b {
-                        backup_cloud(cloud, &backup)
+                        cloud.backup(&backup)
                     } else {
-                        restore_cloud(cloud, &backup)
+                        cloud.restore_from(&backup)
                     }
                 })
                 .context(what)?;

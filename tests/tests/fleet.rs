@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use outpost_tests::fleet::{
-    browser_ready, connected, fleet, fleet_with, Fleet, OPERATOR_KEY, TOKEN_A,
+    browser_ready, connected, fleet, fleet_with, with_logs, Fleet, OPERATOR_KEY, TOKEN_A,
 };
 use outpost_tests::{admin_token, eventually, metric, publish, Edge, Ws};
 use serde_json::{json, Value};
@@ -74,17 +74,6 @@ async fn an_op_published_on_edge_a_reaches_a_subscriber_on_edge_b() -> Result<()
         lat.last().copied().unwrap_or(0.0)
     );
     Ok(())
-}
-
-/// Runs a fleet test; on failure, attaches the processes' logs to the error.
-async fn with_logs<F>(f: &mut Fleet, body: F) -> Result<()>
-where
-    F: for<'a> FnOnce(
-        &'a mut Fleet,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>,
-{
-    let r = body(f).await;
-    r.map_err(|e| e.context(f.logs()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

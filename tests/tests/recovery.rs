@@ -7,20 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use outpost_tests::fleet::{connected, fleet, Fleet, TOKEN_A, TOKEN_B};
-use outpost_tests::{admin_token, bin, eventually, free_udp_port, metric, Cloud, Edge, Ws};
+use outpost_tests::fleet::{connected, fleet, with_logs, Fleet, TOKEN_A, TOKEN_B};
+use outpost_tests::{admin_token, eventually, free_udp_port, metric, Cloud, Edge, Ws};
 use serde_json::{json, Value};
-
-/// Runs a fleet test; on failure, attaches the processes' logs to the error.
-async fn with_logs<F>(f: &mut Fleet, body: F) -> Result<()>
-where
-    F: for<'a> FnOnce(
-        &'a mut Fleet,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>,
-{
-    let r = body(f).await;
-    r.map_err(|e| e.context(f.logs()))
-}
 
 /// Publishes an event over REST to any endpoint; returns the acked dot.
 async fn post(http: &reqwest::Client, base: &str, channel: &str, body: Value) -> Result<String> {
@@ -385,18 +374,6 @@ async fn snapshot_and_rebase(
     Ok(())
 }
 
-fn outpost(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new(bin("outpost")?)
-        .args(args)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "outpost {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// The cloud is backed up, takes more writes, and is restored from the older backup
 /// while the edges hold the newer writes: nothing acked is lost, no dot names two
 /// writes, and the edges (which pin the cloud's certificate) reconnect.
@@ -419,32 +396,14 @@ async fn restore(f: &mut Fleet) -> Result<()> {
     acked.extend(round(&http, f, "before", 20).await?);
     converged(&http, f, &acked).await?;
 
-    let data = f.cloud.dir.join("data");
     let backup = f.cloud.dir.join("backup.jsonl");
-    f.cloud.kill9();
-    outpost(&[
-        "export",
-        "--data-dir",
-        data.to_str().unwrap_or_default(),
-        "--out",
-        backup.to_str().unwrap_or_default(),
-    ])?;
-    tokio::task::block_in_place(|| f.cloud.restart())?;
+    tokio::task::block_in_place(|| f.cloud.backup(&backup))?;
     connected(&http, &f.cloud, 2.0).await?;
     acked.extend(round(&http, f, "after-backup", 36).await?);
     converged(&http, f, &acked).await?;
 
     // Restore the older backup into a fresh data dir (certificate included).
-    f.cloud.kill9();
-    std::fs::remove_dir_all(&data)?;
-    outpost(&[
-        "import",
-        "--data-dir",
-        data.to_str().unwrap_or_default(),
-        "--in",
-        backup.to_str().unwrap_or_default(),
-    ])?;
-    tokio::task::block_in_place(|| f.cloud.restart())?;
+    tokio::task::block_in_place(|| f.cloud.restore_from(&backup))?;
     connected(&http, &f.cloud, 2.0).await?;
     acked.extend(round(&http, f, "after-restore", 36).await?);
     let started = Instant::now();

@@ -30,6 +30,24 @@ use crate::fanout::{ConnHandle, Fanout, Replay};
 use crate::link::router::PeerRouter;
 use crate::storage::{Storage, StorageError};
 
+/// The resident channels with their approximate bytes and last use, least recently
+/// used first (never used since loaded counts as oldest), and their total bytes.
+type Sized = (ChannelName, u64, Option<Instant>);
+fn by_last_use(g: &Inner) -> (Vec<Sized>, u64) {
+    let mut sizes: Vec<Sized> = g
+        .node
+        .channels()
+        .map(|c| {
+            let name = c.channel().clone();
+            let used = g.last_used.get(&name).copied();
+            (name, c.approx_bytes(), used)
+        })
+        .collect();
+    let total = sizes.iter().map(|(_, b, _)| b).sum();
+    sizes.sort_by_key(|(_, _, used)| *used);
+    (sizes, total)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -586,18 +604,7 @@ impl Core {
     /// with everything acked by the cloud are eligible. Returns what was evicted.
     pub fn evict(&self, ttl: Duration, max_bytes: u64) -> Vec<ChannelName> {
         let mut g = self.lock();
-        let mut sizes: Vec<(ChannelName, u64, Option<Instant>)> = g
-            .node
-            .channels()
-            .map(|c| {
-                let name = c.channel().clone();
-                let used = g.last_used.get(&name).copied();
-                (name, c.approx_bytes(), used)
-            })
-            .collect();
-        let mut total: u64 = sizes.iter().map(|(_, b, _)| b).sum();
-        // Oldest first; never-used (restored from disk) count as oldest.
-        sizes.sort_by_key(|(_, _, used)| *used);
+        let (sizes, mut total) = by_last_use(&g);
         let mut evicted = Vec::new();
         for (name, bytes, used) in sizes {
             let idle = used.is_none_or(|u| u.elapsed() >= ttl);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use shared::sync::{DurableChannel, Role};
 use shared::{ChannelName, ReplicaId, VersionVector};
 
-use super::{Core, CoreError, Inner};
+use super::{by_last_use, Core, CoreError, Inner};
 use crate::storage::Storage;
 
 impl Core {
@@ -129,17 +129,7 @@ impl Core {
     /// Their data stays stored; the next input that names one loads it again.
     pub fn sweep_resident(&self, budget: u64, idle: Duration) {
         let mut g = self.lock();
-        let mut sizes: Vec<(ChannelName, u64, Option<Instant>)> = g
-            .node
-            .channels()
-            .map(|c| {
-                let name = c.channel().clone();
-                let used = g.last_used.get(&name).copied();
-                (name, c.approx_bytes(), used)
-            })
-            .collect();
-        let mut total: u64 = sizes.iter().map(|(_, b, _)| b).sum();
-        sizes.sort_by_key(|(_, _, used)| *used);
+        let (sizes, mut total) = by_last_use(&g);
         let storage = self.storage().ok();
         let mut unloaded = 0u64;
         for (name, bytes, used) in sizes {
