@@ -705,3 +705,72 @@ async fn quick_edge_restart(f: &mut Fleet) -> Result<()> {
     ensure!(n == 2.0, "outpost_edges_connected is {n}");
     Ok(())
 }
+
+/// A channel unloaded from memory still ages out of the edge's cache: it is unloaded
+/// after 1 s idle, and evicted (from disk) once the 4 s cache TTL has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_that_is_not_resident_is_still_evicted_from_the_cache() -> Result<()> {
+    let mut f =
+        fleet_with("[cache]\nttl_secs = 4\nsweep_secs = 1\n[storage]\nresident_idle_secs = 1\n")?;
+    with_logs(&mut f, |f| Box::pin(cold_eviction(f))).await
+}
+
+async fn cold_eviction(f: &mut Fleet) -> Result<()> {
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let t = admin_token();
+    for i in 0..5 {
+        let (s, _) = publish(
+            &http,
+            &f.a,
+            &t,
+            "project:cold",
+            json!({"event": "e", "data": {"n": i}}),
+        )
+        .await?;
+        ensure!(s == 200);
+    }
+    let a_metrics = f.a.url("/metrics");
+    eventually(
+        Duration::from_secs(15),
+        "the channel to be unloaded",
+        || async {
+            Ok((metric(&http, &a_metrics, "outpost_channel_unloads_total")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0)
+                .then_some(()))
+        },
+    )
+    .await?;
+    let evictions = metric(&http, &a_metrics, "outpost_cache_evictions_total")
+        .await
+        .unwrap_or(0.0);
+    ensure!(
+        evictions == 0.0,
+        "evicted before it was unloaded ({evictions})"
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the cold channel's eviction",
+        || async {
+            Ok((metric(&http, &a_metrics, "outpost_cache_evictions_total")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0)
+                .then_some(()))
+        },
+    )
+    .await?;
+    ensure!(
+        history(&http, f.a.url(""), "project:cold")
+            .await?
+            .is_empty(),
+        "still on edge A's disk"
+    );
+    ensure!(
+        history(&http, f.cloud.url(""), "project:cold").await?.len() == 5,
+        "the cloud lost it"
+    );
+    Ok(())
+}

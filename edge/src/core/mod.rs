@@ -30,6 +30,9 @@ use crate::fanout::{ConnHandle, Fanout, Replay};
 use crate::link::router::PeerRouter;
 use crate::storage::{Storage, StorageError};
 
+/// Most channels that are not resident the cache sweep loads to evict at a time.
+const COLD_EVICTIONS_PER_SWEEP: usize = 1000;
+
 /// The resident channels with their approximate bytes and last use, least recently
 /// used first (never used since loaded counts as oldest), and their total bytes.
 type Sized = (ChannelName, u64, Option<Instant>);
@@ -92,7 +95,8 @@ struct Inner {
     node: Node,
     /// Outputs waiting for the storage writes before them to be durable.
     commit: CommitQueue<Output>,
-    /// When each channel was last used by a local client (cache eviction).
+    /// When each channel was last used by a local client (cache eviction; kept when
+    /// a channel is unloaded, so cold channels still age out of the cache).
     last_used: HashMap<ChannelName, Instant>,
     /// Counts channels leaving memory (unloaded, evicted, node rebuilt): a channel
     /// read from disk outside the lock is installed only if none left meanwhile.
@@ -127,6 +131,8 @@ pub struct Core {
     residency: (u64, Duration),
     /// Every background task of this node; shutdown waits for them all.
     pub tasks: tokio_util::task::TaskTracker,
+    /// When this process opened the node (channels not used since count from here).
+    started: Instant,
 }
 
 impl std::fmt::Debug for Core {
@@ -219,6 +225,7 @@ impl Core {
                 Duration::from_secs(cfg.storage.resident_idle_secs),
             ),
             tasks: tokio_util::task::TaskTracker::new(),
+            started: Instant::now(),
         }))
     }
 
@@ -603,6 +610,11 @@ impl Core {
     /// until the rest fit in `max_bytes`. Only channels without local subscribers and
     /// with everything acked by the cloud are eligible. Returns what was evicted.
     pub fn evict(&self, ttl: Duration, max_bytes: u64) -> Vec<ChannelName> {
+        // Listed before taking the lock: a scan of the stored names.
+        let stored = self
+            .storage()
+            .and_then(|s| Ok(s.channel_names()?))
+            .unwrap_or_default();
         let mut g = self.lock();
         let (sizes, mut total) = by_last_use(&g);
         let mut evicted = Vec::new();
@@ -613,6 +625,26 @@ impl Core {
             }
             total = total.saturating_sub(bytes);
             evicted.push(name);
+        }
+        // Channels on disk that are not resident: idle since their last use here, or
+        // since start. Each is loaded to be evicted (its own last seq must be kept);
+        // one that may not go stays resident until the residency sweep unloads it.
+        let mut cold = 0;
+        for name in stored {
+            if cold >= COLD_EVICTIONS_PER_SWEEP {
+                break;
+            }
+            if g.node.is_resident(&name) {
+                continue;
+            }
+            let used = g.last_used.get(&name).copied().unwrap_or(self.started);
+            if used.elapsed() < ttl || self.ensure(&mut g, &name).is_err() {
+                continue;
+            }
+            if self.evict_locked(&mut g, &name) {
+                evicted.push(name);
+                cold += 1;
+            }
         }
         if !evicted.is_empty() {
             metrics::counter!("outpost_cache_evictions_total").increment(evicted.len() as u64);

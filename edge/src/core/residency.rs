@@ -141,7 +141,6 @@ impl Core {
                 s.unload(&name);
             }
             g.departures += 1;
-            g.last_used.remove(&name);
             self.fanout.forget(&name);
             total = total.saturating_sub(bytes);
             unloaded += 1;
