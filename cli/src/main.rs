@@ -306,7 +306,11 @@ fn open_storage(dir: &std::path::Path) -> Result<edge::storage::Storage> {
 
 /// Files of a data dir that a backup carries besides the database: the cloud's dev
 /// certificate and key (edges pin it) and the QUIC stateless-reset key.
-const BACKUP_FILES: [&str; 3] = ["hub-cert.pem", "hub-key.pem", "quic-reset-key"];
+const BACKUP_FILES: [&str; 3] = [
+    edge::link::tls::DEV_CERT_FILE,
+    edge::link::tls::DEV_KEY_FILE,
+    edge::link::tls::RESET_KEY_FILE,
+];
 
 /// Backup format: JSON lines. A header with the replica id, then a `file` line
 /// (base64) for each of [`BACKUP_FILES`] the data dir holds, then per channel a
@@ -386,15 +390,12 @@ fn bulk_load(
     prefix: &str,
 ) -> Result<()> {
     use shared::replica::{ChannelReplica, LocalOutcome, LocalWrite, ReplicaConfig};
+    use shared::store::Store as _;
     use shared::sync::Persist;
     std::fs::create_dir_all(data_dir)?;
     let storage = open_storage(data_dir)?;
+    // Opening built the (empty) outbox index: nothing loaded here is this node's own.
     storage.replica_id().map_err(|e| anyhow::anyhow!("{e}"))?;
-    // Builds the (empty) outbox index before loading: nothing loaded here is this
-    // node's own, so it stays empty, and the node need not scan for it at start.
-    storage
-        .outbox_channels()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let origin = shared::ReplicaId::new(BULK_ORIGIN).context("bulk origin")?;
     let pad = "x".repeat(payload_bytes);
     let start_ms = now_ms().saturating_sub(channels * ops);
@@ -449,6 +450,7 @@ fn bulk_load(
 
 fn import(data_dir: &std::path::Path, input: &std::path::Path) -> Result<()> {
     use base64::Engine as _;
+    use shared::store::Store as _;
     use shared::sync::Persist;
     use std::io::BufRead;
     if data_dir.join("db").exists() {

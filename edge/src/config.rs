@@ -755,14 +755,6 @@ impl EdgeConfig {
                     "must be longer than uplink.keepalive_ms",
                 );
             }
-            if u.max_frame_bytes < MIN_FRAME_FOR_MESSAGE * l.max_message_bytes
-                || u.max_frame_bytes > shared::wire::ABSOLUTE_MAX_FRAME
-            {
-                bad(
-                    "uplink.max_frame_bytes",
-                    &format!("must be at least {MIN_FRAME_FOR_MESSAGE} x limits.max_message_bytes (an op must fit in a sync batch) and at most {}", shared::wire::ABSOLUTE_MAX_FRAME),
-                );
-            }
         }
         if let Some(h) = &self.hub {
             if h.cert.is_some() != h.key.is_some() {
@@ -788,11 +780,25 @@ impl EdgeConfig {
                     "must be longer than hub.keepalive_ms",
                 );
             }
-            if h.max_frame_bytes < MIN_FRAME_FOR_MESSAGE * l.max_message_bytes
-                || h.max_frame_bytes > shared::wire::ABSOLUTE_MAX_FRAME
-            {
+        }
+        // Every op must fit in one sync batch on each link this node has.
+        let frames = [
+            (
+                "uplink.max_frame_bytes",
+                self.uplink.as_ref().map(|u| u.max_frame_bytes),
+            ),
+            (
+                "hub.max_frame_bytes",
+                self.hub.as_ref().map(|h| h.max_frame_bytes),
+            ),
+        ];
+        for (key, frame) in frames {
+            if frame.is_some_and(|f| {
+                f < MIN_FRAME_FOR_MESSAGE * l.max_message_bytes
+                    || f > shared::wire::ABSOLUTE_MAX_FRAME
+            }) {
                 bad(
-                    "hub.max_frame_bytes",
+                    key,
                     &format!("must be at least {MIN_FRAME_FOR_MESSAGE} x limits.max_message_bytes (an op must fit in a sync batch) and at most {}", shared::wire::ABSOLUTE_MAX_FRAME),
                 );
             }
@@ -815,7 +821,7 @@ impl EdgeConfig {
         .flatten()
         .min()
         .unwrap_or(shared::wire::DEFAULT_MAX_FRAME);
-        (frame / 8).max(1)
+        shared::sync::batch_bytes_for(frame)
     }
 
     /// The retention that applies to a channel's namespace.

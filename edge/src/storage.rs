@@ -13,6 +13,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use shared::codec;
+use shared::store::Store;
 use shared::sync::{DurableChannel, Persist};
 use shared::{ChannelName, Dot, ReplicaId, VersionVector};
 
@@ -97,7 +98,7 @@ impl Storage {
             .open()?;
         // Data dirs written before the index moved to memory hold a `dots` tree.
         db.drop_tree("dots")?;
-        Ok(Self {
+        let storage = Self {
             log: db.open_tree("log")?,
             state: db.open_tree("state")?,
             chans: db.open_tree("chans")?,
@@ -107,7 +108,11 @@ impl Storage {
             db,
             known: Mutex::new(HashSet::new()),
             arrivals: Mutex::new(HashMap::new()),
-        })
+        };
+        if storage.db.get("outbox_index")?.is_none() {
+            storage.build_outbox_index()?;
+        }
+        Ok(storage)
     }
 
     /// The replica id kept in this data dir, created on first start.
@@ -134,37 +139,10 @@ impl Storage {
         Ok(id)
     }
 
-    /// The upstream that last compared every channel with this node
-    /// ([`Persist::Upstream`]).
-    pub fn upstream(&self) -> Result<Option<ReplicaId>, StorageError> {
-        Ok(self
-            .db
-            .get("upstream")?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-            .and_then(|raw| ReplicaId::new(u64::from_be_bytes(raw))))
-    }
-
     /// Sets the replica id (a restored backup takes a new one).
     pub fn set_replica_id(&self, id: ReplicaId) -> Result<(), StorageError> {
         self.db.insert("replica_id", &id.get().to_be_bytes())?;
         Ok(())
-    }
-
-    /// Everything kept, per channel, to rebuild the replication node.
-    /// Channels this replica evicted, with its last seq in each.
-    pub fn retired(&self) -> Result<BTreeMap<ChannelName, u64>, StorageError> {
-        let mut out = BTreeMap::new();
-        for item in self.retired.iter() {
-            let (k, v) = item?;
-            let seq = <[u8; 8]>::try_from(v.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StorageError::Corrupt {
-                    what: "retired seq".into(),
-                    err: codec::CodecError::Decode(format!("{v:?}")),
-                })?;
-            out.insert(channel_name(&k)?, seq);
-        }
-        Ok(out)
     }
 
     /// Every stored channel, loaded (backups; tests).
@@ -178,41 +156,14 @@ impl Storage {
         Ok(out)
     }
 
-    /// The names of every stored channel.
-    pub fn channel_names(&self) -> Result<Vec<ChannelName>, StorageError> {
-        self.chans
-            .iter()
-            .keys()
-            .map(|k| channel_name(&k?))
-            .collect()
-    }
-
-    /// Whether a channel is stored here.
-    pub fn holds(&self, name: &ChannelName) -> Result<bool, StorageError> {
-        Ok(self.chans.contains_key(name.as_str())?)
-    }
-
-    /// Channels with local ops the upstream has not acked ([`Persist::Outbox`]).
-    pub fn outbox_channels(&self) -> Result<Vec<ChannelName>, StorageError> {
-        if self.db.get("outbox_index")?.is_none() {
-            self.build_outbox_index()?;
-        }
-        self.outbox
-            .iter()
-            .keys()
-            .map(|k| channel_name(&k?))
-            .collect()
-    }
-
     /// Data dirs from before the outbox index: one scan finds the channels whose own
     /// ops run past their acked mark.
     fn build_outbox_index(&self) -> Result<(), StorageError> {
         let me = self.replica_id()?;
-        for name in self.channel_names()? {
-            let Some(meta) = self.chans.get(name.as_str())? else {
-                continue;
-            };
-            let meta: ChanMeta = decode(&meta, "channel meta")?;
+        for item in self.chans.iter() {
+            let (k, v) = item?;
+            let name = channel_name(&k)?;
+            let meta: ChanMeta = decode(&v, "channel meta")?;
             let mut own = meta.floor.get(me);
             for item in self.log.scan_prefix(prefix(&name)).values() {
                 let op: shared::Op = decode(&item?, "op")?;
@@ -229,10 +180,26 @@ impl Storage {
         Ok(())
     }
 
-    /// Reads one stored channel (its log, state, floor and acked mark), and keeps the
-    /// index compaction needs for it until [`Storage::unload`].
-    pub fn load_channel(&self, name: &ChannelName) -> Result<Option<DurableChannel>, StorageError> {
-        Ok(self.read_channel(name)?.map(|r| self.install(name, r)))
+    /// Up to `limit` stored channel names after `after` (from the first without it),
+    /// in order.
+    pub fn channel_names_after(
+        &self,
+        after: Option<&ChannelName>,
+        limit: usize,
+    ) -> Result<Vec<ChannelName>, StorageError> {
+        let from = after.map(|c| c.as_str().as_bytes().to_vec());
+        let range = match &from {
+            Some(k) => self.chans.range::<&[u8], _>((
+                std::ops::Bound::Excluded(k.as_slice()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.chans.iter(),
+        };
+        range
+            .keys()
+            .take(limit)
+            .map(|k| channel_name(&k?))
+            .collect()
     }
 
     /// Reads one stored channel without touching what is kept in memory: safe to call
@@ -290,19 +257,6 @@ impl Storage {
         read.channel
     }
 
-    /// Forgets what [`Storage::load_channel`] kept in memory for a channel that is no
-    /// longer resident (its data stays stored).
-    pub fn unload(&self, name: &ChannelName) {
-        self.arrivals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
-        self.known
-            .lock()
-            .map(|mut g| g.remove(name))
-            .unwrap_or_default();
-    }
-
     fn ensure_channel(&self, channel: &ChannelName) -> Result<(), StorageError> {
         // Called for every stored op: look up without cloning the name first.
         let fresh = self
@@ -333,95 +287,6 @@ impl Storage {
             channel.as_str(),
             codec::to_bytes(&meta).map_err(StorageError::Encode)?,
         )?;
-        Ok(())
-    }
-
-    /// Applies one storage action (durable at the next flush).
-    pub fn apply(&self, p: &Persist) -> Result<(), StorageError> {
-        match p {
-            Persist::Op { channel, op } => {
-                self.ensure_channel(channel)?;
-                let arrival = self.db.generate_id()?;
-                let mut k = prefix(channel);
-                k.extend_from_slice(&arrival.to_be_bytes());
-                self.log
-                    .insert(k, codec::to_bytes(op).map_err(StorageError::Encode)?)?;
-                let mut all = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
-                // Look up before cloning the name: this runs for every stored op.
-                match all.get_mut(channel) {
-                    Some(index) => index.insert(op.dot, arrival),
-                    None => all
-                        .entry(channel.clone())
-                        .or_default()
-                        .insert(op.dot, arrival),
-                };
-            }
-            Persist::Register {
-                channel,
-                key,
-                register,
-            } => {
-                self.ensure_channel(channel)?;
-                let mut k = prefix(channel);
-                k.extend_from_slice(key.as_bytes());
-                self.state
-                    .insert(k, codec::to_bytes(register).map_err(StorageError::Encode)?)?;
-            }
-            Persist::RemoveKeys { channel, keys } => {
-                for key in keys {
-                    let mut k = prefix(channel);
-                    k.extend_from_slice(key.as_bytes());
-                    self.state.remove(k)?;
-                }
-            }
-            Persist::Floor { channel, floor } => {
-                self.update_meta(channel, |m| m.floor = floor.clone())?;
-            }
-            Persist::DropOps { channel, dots } => {
-                let found: Vec<u64> = {
-                    let mut all = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
-                    match all.get_mut(channel) {
-                        Some(index) => dots.iter().filter_map(|d| index.remove(d)).collect(),
-                        None => Vec::new(),
-                    }
-                };
-                for arrival in found {
-                    let mut k = prefix(channel);
-                    k.extend_from_slice(&arrival.to_be_bytes());
-                    self.log.remove(k)?;
-                }
-            }
-            Persist::Acked { channel, seq } => {
-                self.update_meta(channel, |m| m.acked = m.acked.max(*seq))?;
-            }
-            Persist::Unacked { channel, seq } => {
-                self.update_meta(channel, |m| m.acked = m.acked.min(*seq))?;
-            }
-            Persist::Upstream { id } => {
-                self.db.insert("upstream", &id.get().to_be_bytes())?;
-            }
-            Persist::Outbox { channel, pending } => {
-                if *pending {
-                    self.outbox.insert(channel.as_str(), &[])?;
-                } else {
-                    self.outbox.remove(channel.as_str())?;
-                }
-            }
-            Persist::Evict { channel, own_seq } => {
-                self.remove_channel(channel)?;
-                let key = channel.as_str().as_bytes();
-                let prev = self
-                    .retired
-                    .get(key)?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                    .map_or(0, u64::from_be_bytes);
-                self.retired
-                    .insert(key, &prev.max(*own_seq).to_be_bytes())?;
-            }
-            Persist::Rebased { channel } => {
-                self.retired.remove(channel.as_str().as_bytes())?;
-            }
-        }
         Ok(())
     }
 
@@ -510,11 +375,96 @@ impl Storage {
 }
 
 /// The sled store behind the seam every node shell uses (see `shared::store`).
-impl shared::store::Store for Storage {
+impl Store for Storage {
     type Error = StorageError;
 
+    /// Applies one storage action (durable at the next flush).
     fn apply(&self, p: &Persist) -> Result<(), StorageError> {
-        Storage::apply(self, p)
+        match p {
+            Persist::Op { channel, op } => {
+                self.ensure_channel(channel)?;
+                let arrival = self.db.generate_id()?;
+                let mut k = prefix(channel);
+                k.extend_from_slice(&arrival.to_be_bytes());
+                self.log
+                    .insert(k, codec::to_bytes(op).map_err(StorageError::Encode)?)?;
+                let mut all = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
+                // Look up before cloning the name: this runs for every stored op.
+                match all.get_mut(channel) {
+                    Some(index) => index.insert(op.dot, arrival),
+                    None => all
+                        .entry(channel.clone())
+                        .or_default()
+                        .insert(op.dot, arrival),
+                };
+            }
+            Persist::Register {
+                channel,
+                key,
+                register,
+            } => {
+                self.ensure_channel(channel)?;
+                let mut k = prefix(channel);
+                k.extend_from_slice(key.as_bytes());
+                self.state
+                    .insert(k, codec::to_bytes(register).map_err(StorageError::Encode)?)?;
+            }
+            Persist::RemoveKeys { channel, keys } => {
+                for key in keys {
+                    let mut k = prefix(channel);
+                    k.extend_from_slice(key.as_bytes());
+                    self.state.remove(k)?;
+                }
+            }
+            Persist::Floor { channel, floor } => {
+                self.update_meta(channel, |m| m.floor = floor.clone())?;
+            }
+            Persist::DropOps { channel, dots } => {
+                let found: Vec<u64> = {
+                    let mut all = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
+                    match all.get_mut(channel) {
+                        Some(index) => dots.iter().filter_map(|d| index.remove(d)).collect(),
+                        None => Vec::new(),
+                    }
+                };
+                for arrival in found {
+                    let mut k = prefix(channel);
+                    k.extend_from_slice(&arrival.to_be_bytes());
+                    self.log.remove(k)?;
+                }
+            }
+            Persist::Acked { channel, seq } => {
+                self.update_meta(channel, |m| m.acked = m.acked.max(*seq))?;
+            }
+            Persist::Unacked { channel, seq } => {
+                self.update_meta(channel, |m| m.acked = m.acked.min(*seq))?;
+            }
+            Persist::Upstream { id } => {
+                self.db.insert("upstream", &id.get().to_be_bytes())?;
+            }
+            Persist::Outbox { channel, pending } => {
+                if *pending {
+                    self.outbox.insert(channel.as_str(), &[])?;
+                } else {
+                    self.outbox.remove(channel.as_str())?;
+                }
+            }
+            Persist::Evict { channel, own_seq } => {
+                self.remove_channel(channel)?;
+                let key = channel.as_str().as_bytes();
+                let prev = self
+                    .retired
+                    .get(key)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map_or(0, u64::from_be_bytes);
+                self.retired
+                    .insert(key, &prev.max(*own_seq).to_be_bytes())?;
+            }
+            Persist::Rebased { channel } => {
+                self.retired.remove(channel.as_str().as_bytes())?;
+            }
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StorageError> {
@@ -522,32 +472,68 @@ impl shared::store::Store for Storage {
         Ok(())
     }
 
+    /// Reads one stored channel (its log, state, floor and acked mark), and keeps the
+    /// index compaction needs for it until [`Storage::unload`].
     fn load_channel(&self, name: &ChannelName) -> Result<Option<DurableChannel>, StorageError> {
-        Storage::load_channel(self, name)
+        Ok(self.read_channel(name)?.map(|r| self.install(name, r)))
     }
 
-    fn holds(&self, name: &ChannelName) -> Result<bool, StorageError> {
-        Storage::holds(self, name)
-    }
-
+    /// The names of every stored channel.
     fn channel_names(&self) -> Result<Vec<ChannelName>, StorageError> {
-        Storage::channel_names(self)
+        self.chans
+            .iter()
+            .keys()
+            .map(|k| channel_name(&k?))
+            .collect()
     }
 
+    /// Channels with local ops the upstream has not acked ([`Persist::Outbox`]).
     fn outbox_channels(&self) -> Result<Vec<ChannelName>, StorageError> {
-        Storage::outbox_channels(self)
+        self.outbox
+            .iter()
+            .keys()
+            .map(|k| channel_name(&k?))
+            .collect()
     }
 
+    /// Everything kept, per channel, to rebuild the replication node.
+    /// Channels this replica evicted, with its last seq in each.
     fn retired(&self) -> Result<BTreeMap<ChannelName, u64>, StorageError> {
-        Storage::retired(self)
+        let mut out = BTreeMap::new();
+        for item in self.retired.iter() {
+            let (k, v) = item?;
+            let seq = <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StorageError::Corrupt {
+                    what: "retired seq".into(),
+                    err: codec::CodecError::Decode(format!("{v:?}")),
+                })?;
+            out.insert(channel_name(&k)?, seq);
+        }
+        Ok(out)
     }
 
+    /// The upstream that last compared every channel with this node
+    /// ([`Persist::Upstream`]).
     fn upstream(&self) -> Result<Option<ReplicaId>, StorageError> {
-        Storage::upstream(self)
+        Ok(self
+            .db
+            .get("upstream")?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .and_then(|raw| ReplicaId::new(u64::from_be_bytes(raw))))
     }
 
+    /// Forgets what [`Storage::load_channel`] kept in memory for a channel that is no
+    /// longer resident (its data stays stored).
     fn unload(&self, name: &ChannelName) {
-        Storage::unload(self, name)
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.known
+            .lock()
+            .map(|mut g| g.remove(name))
+            .unwrap_or_default();
     }
 }
 

@@ -280,11 +280,7 @@ impl ChannelReplica {
     /// A rough count of the bytes this replica holds in memory (log and state).
     pub fn approx_bytes(&self) -> u64 {
         let log: usize = self.log.iter().map(Op::approx_bytes).sum();
-        let state: usize = self
-            .state
-            .iter()
-            .map(|(k, r)| k.len() + r.approx_bytes())
-            .sum();
+        let state: usize = self.state.iter().map(|(k, r)| r.entry_bytes(k)).sum();
         (log + state) as u64
     }
 

@@ -602,10 +602,7 @@ impl Sim {
         let Some(d) = infallible(n.store.load_channel(c)) else {
             return;
         };
-        let mut vv = d.floor.clone();
-        for op in &d.log {
-            vv.raise(op.dot.origin, op.dot.seq);
-        }
+        let vv = d.vv();
         node.load(c.clone(), d);
         // Subscribers resume from what is durable here (the shell's replay).
         n.delivered.entry(c.clone()).or_default().merge(&vv);
@@ -617,9 +614,8 @@ impl Sim {
     fn ensure_for(&mut self, i: usize, input: &Input) {
         match input {
             Input::Interest(c, _) => self.ensure(i, c),
-            Input::Msg(_, SyncMsg::Ephemeral { .. } | SyncMsg::Command(_)) => {}
             Input::Msg(_, m) => {
-                if let Some(c) = m.channel().cloned() {
+                if let Some(c) = m.stored_channel().cloned() {
                     self.ensure(i, &c);
                 }
             }

@@ -107,6 +107,11 @@ impl Register {
         self.siblings.last()
     }
 
+    /// A rough count of the bytes a state entry (`key` and this register) takes.
+    pub fn entry_bytes(&self, key: &str) -> usize {
+        key.len() + self.approx_bytes()
+    }
+
     /// A rough count of the bytes this register takes (encoded or in memory).
     pub fn approx_bytes(&self) -> usize {
         16 * (self.seen.len() + 1)

@@ -30,9 +30,6 @@ pub trait Store {
     /// acked mark. `None` if the channel is not stored.
     fn load_channel(&self, name: &ChannelName) -> Result<Option<DurableChannel>, Self::Error>;
 
-    /// Whether a channel is stored (a node must load it before it names it).
-    fn holds(&self, name: &ChannelName) -> Result<bool, Self::Error>;
-
     /// Every stored channel's name.
     fn channel_names(&self) -> Result<Vec<ChannelName>, Self::Error>;
 
@@ -169,10 +166,6 @@ impl Store for MemStore {
 
     fn load_channel(&self, name: &ChannelName) -> Result<Option<DurableChannel>, Self::Error> {
         Ok(self.lock().channels.get(name).cloned())
-    }
-
-    fn holds(&self, name: &ChannelName) -> Result<bool, Self::Error> {
-        Ok(self.lock().channels.contains_key(name))
     }
 
     fn channel_names(&self) -> Result<Vec<ChannelName>, Self::Error> {

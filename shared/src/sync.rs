@@ -32,8 +32,19 @@ use crate::state::{Conflict, Register};
 use crate::vv::VersionVector;
 use crate::wire::{RebaseBase, SyncMsg};
 
-/// Default of [`SyncConfig::batch_bytes`]: an eighth of the default frame limit.
-pub const DEFAULT_BATCH_BYTES: usize = crate::wire::DEFAULT_MAX_FRAME / 8;
+/// The sync batch for a link whose frames may hold `max_frame` bytes: an eighth, so
+/// that a batch estimated low still fits.
+pub const fn batch_bytes_for(max_frame: usize) -> usize {
+    let b = max_frame / 8;
+    if b == 0 {
+        1
+    } else {
+        b
+    }
+}
+
+/// Default of [`SyncConfig::batch_bytes`].
+pub const DEFAULT_BATCH_BYTES: usize = batch_bytes_for(crate::wire::DEFAULT_MAX_FRAME);
 
 /// A snapshot transfer that grows past this is dropped (and asked for again).
 const MAX_TRANSFER_BYTES: usize = 1 << 30;
@@ -41,6 +52,29 @@ const MAX_TRANSFER_BYTES: usize = 1 << 30;
 /// A rebase carries the upstream's retained log up to this size; a longer one is left
 /// out and the re-opened channel's history starts at the snapshot.
 const MAX_REBASE_LOG_BYTES: usize = 64 << 20;
+
+/// Cuts a sequence of items of the given sizes into consecutive ranges of at most
+/// `max_items` items and about `max_bytes` bytes (at least one item per range).
+fn batches(
+    sizes: impl Iterator<Item = usize>,
+    max_items: usize,
+    max_bytes: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let (max_items, max_bytes) = (max_items.max(1), max_bytes.max(1));
+    let (mut out, mut start, mut bytes, mut end) = (Vec::new(), 0, 0, 0);
+    for (i, b) in sizes.enumerate() {
+        if i > start && (i - start >= max_items || bytes + b > max_bytes) {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += b;
+        end = i + 1;
+    }
+    if start < end {
+        out.push(start..end);
+    }
+    out
+}
 
 /// Which side this node plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +258,17 @@ pub struct DurableChannel {
     pub log: Vec<Op>,
     pub floor: VersionVector,
     pub acked: u64,
+}
+
+impl DurableChannel {
+    /// What the stored channel covers: its floor raised by its log.
+    pub fn vv(&self) -> VersionVector {
+        let mut vv = self.floor.clone();
+        for op in &self.log {
+            vv.raise(op.dot.origin, op.dot.seq);
+        }
+        vv
+    }
 }
 
 #[derive(Debug)]
@@ -770,7 +815,7 @@ impl Node {
             let me = self.me;
             // A new upstream compares every channel: it may lack ops this edge holds
             // (its own acked ones included, if it was restored from a backup).
-            let fresh = self.confirmed_upstream != Some(peer);
+            let fresh = self.compares_all_with(peer);
             let wanted: Vec<ChannelName> = self
                 .channels
                 .iter()
@@ -1054,7 +1099,7 @@ impl Node {
         t.parts = t.parts.saturating_add(1);
         t.bytes += state
             .iter()
-            .map(|(k, r)| k.len() + r.approx_bytes())
+            .map(|(k, r)| r.entry_bytes(k))
             .chain(log.iter().map(Op::approx_bytes))
             .sum::<usize>();
         t.state.extend(state);
@@ -1221,38 +1266,22 @@ impl Node {
     }
 
     /// Sends ops in `Ops` frames of at most `batch_ops` ops and about `batch_bytes`
-    /// bytes each (one op per frame at least).
+    /// bytes each.
     fn send_ops(&mut self, to: ReplicaId, channel: &ChannelName, ops: &[Op]) {
-        let max_ops = self.config.batch_ops.max(1);
-        let max_bytes = self.config.batch_bytes.max(1);
-        let (mut start, mut bytes) = (0, 0);
-        for (i, op) in ops.iter().enumerate() {
-            let b = op.approx_bytes();
-            if i > start && (i - start >= max_ops || bytes + b > max_bytes) {
-                self.send(
-                    to,
-                    SyncMsg::Ops {
-                        channel: channel.clone(),
-                        ops: ops[start..i].to_vec(),
-                    },
-                );
-                (start, bytes) = (i, 0);
-            }
-            bytes += b;
-        }
-        if start < ops.len() {
+        let sizes = ops.iter().map(Op::approx_bytes);
+        for r in batches(sizes, self.config.batch_ops, self.config.batch_bytes) {
             self.send(
                 to,
                 SyncMsg::Ops {
                     channel: channel.clone(),
-                    ops: ops[start..].to_vec(),
+                    ops: ops[r].to_vec(),
                 },
             );
         }
     }
 
-    /// Sends a snapshot (with a rebase's floor and log), in parts when it is larger
-    /// than one batch.
+    /// Sends a snapshot (with a rebase's floor and log), in parts of about
+    /// `batch_bytes` — registers first, then the log's ops — when it is larger.
     fn send_snapshot(
         &mut self,
         to: ReplicaId,
@@ -1260,16 +1289,12 @@ impl Node {
         snapshot: Snapshot,
         rebase: Option<RebaseBase>,
     ) {
-        let budget = self.config.batch_bytes.max(1);
-        let state_bytes: usize = snapshot
-            .state
-            .iter()
-            .map(|(k, r)| k.len() + r.approx_bytes())
-            .sum();
+        let budget = self.config.batch_bytes;
+        let state_bytes: usize = snapshot.state.iter().map(|(k, r)| r.entry_bytes(k)).sum();
         let log_bytes: usize = rebase
             .as_ref()
             .map_or(0, |b| b.log.iter().map(Op::approx_bytes).sum());
-        if state_bytes + log_bytes <= budget {
+        if state_bytes + log_bytes <= budget.max(1) {
             let channel = channel.clone();
             let msg = match rebase {
                 None => SyncMsg::Snapshot { channel, snapshot },
@@ -1285,54 +1310,54 @@ impl Node {
         }
         self.next_xfer += 1;
         let xfer = self.next_xfer;
-        let (mut parts, mut bytes) = (0u32, 0);
-        let (mut state, mut log) = (Vec::new(), Vec::new());
-        let mut flush = |node: &mut Self, state: &mut Vec<_>, log: &mut Vec<_>| {
-            node.send(
+        let state: Vec<(String, Register)> = snapshot.state.into_iter().collect();
+        let (log, rebase) = match rebase {
+            Some(b) => (
+                b.log,
+                Some(RebaseBase {
+                    floor: b.floor,
+                    log: Vec::new(),
+                }),
+            ),
+            None => (Vec::new(), None),
+        };
+        let state_parts = batches(
+            state.iter().map(|(k, r)| r.entry_bytes(k)),
+            usize::MAX,
+            budget,
+        );
+        let log_parts = batches(log.iter().map(Op::approx_bytes), usize::MAX, budget);
+        // The ranges are consecutive from 0: each part takes its items off the front.
+        let (mut state, mut log) = (state.into_iter(), log.into_iter());
+        let parts: Vec<_> = state_parts
+            .into_iter()
+            .map(|r| (state.by_ref().take(r.len()).collect(), Vec::new()))
+            .chain(
+                log_parts
+                    .into_iter()
+                    .map(|r| (Vec::new(), log.by_ref().take(r.len()).collect())),
+            )
+            .collect();
+        let mut sent = 0u32;
+        for (state, log) in parts {
+            self.send(
                 to,
                 SyncMsg::SnapshotPart {
                     channel: channel.clone(),
                     xfer,
-                    part: parts,
-                    state: std::mem::take(state),
-                    log: std::mem::take(log),
+                    part: sent,
+                    state,
+                    log,
                 },
             );
-            parts += 1;
-        };
-        for (key, register) in snapshot.state {
-            let b = key.len() + register.approx_bytes();
-            if !state.is_empty() && bytes + b > budget {
-                flush(self, &mut state, &mut log);
-                bytes = 0;
-            }
-            bytes += b;
-            state.push((key, register));
-        }
-        let rebase = rebase.map(|base| {
-            for op in base.log {
-                let b = op.approx_bytes();
-                if !(state.is_empty() && log.is_empty()) && bytes + b > budget {
-                    flush(self, &mut state, &mut log);
-                    bytes = 0;
-                }
-                bytes += b;
-                log.push(op);
-            }
-            RebaseBase {
-                floor: base.floor,
-                log: Vec::new(),
-            }
-        });
-        if !(state.is_empty() && log.is_empty()) {
-            flush(self, &mut state, &mut log);
+            sent += 1;
         }
         self.send(
             to,
             SyncMsg::SnapshotEnd {
                 channel: channel.clone(),
                 xfer,
-                parts,
+                parts: sent,
                 vv: snapshot.vv,
                 rebase,
             },

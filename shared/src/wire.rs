@@ -159,8 +159,10 @@ pub enum Frame {
 }
 
 impl SyncMsg {
-    /// The channel a message is about, if it is about one.
-    pub fn channel(&self) -> Option<&ChannelName> {
+    /// The channel whose stored state handling this message needs, if any: what a
+    /// shell must make resident before it feeds the message to the node. Ephemeral
+    /// messages are fanned out without it; operator commands go to the shell.
+    pub fn stored_channel(&self) -> Option<&ChannelName> {
         match self {
             SyncMsg::Sync { channel, .. }
             | SyncMsg::Ops { channel, .. }
@@ -168,11 +170,12 @@ impl SyncMsg {
             | SyncMsg::Snapshot { channel, .. }
             | SyncMsg::Rebase { channel, .. }
             | SyncMsg::Unsubscribe { channel }
-            | SyncMsg::Ephemeral { channel, .. }
             | SyncMsg::SnapshotPart { channel, .. }
             | SyncMsg::SnapshotEnd { channel, .. } => Some(channel),
-            SyncMsg::Command(Command::Evict { channel }) => Some(channel),
-            SyncMsg::Heartbeat { .. } | SyncMsg::HeartbeatAck { .. } | SyncMsg::Command(_) => None,
+            SyncMsg::Ephemeral { .. }
+            | SyncMsg::Command(_)
+            | SyncMsg::Heartbeat { .. }
+            | SyncMsg::HeartbeatAck { .. } => None,
         }
     }
 

@@ -2,15 +2,13 @@
 //! (storage, fan-out, uplink), and runs the group commit.
 //!
 //! Output contract (see `shared::sync`): storage actions are applied to sled at once;
-//! every other output produced after a storage action waits in `post` until the group
-//! committer has flushed it, so nothing that is not durable is ever delivered, sent or
+//! every other output produced after a storage action waits in the [`CommitQueue`]
+//! until the group committer has flushed it, so nothing that is not durable is ever delivered, sent or
 //! acknowledged. In `os` durability mode the flush is skipped and outputs run at once.
 //!
 //! Residency (which channels are in memory) is in [`residency`].
 
 mod residency;
-
-use residency::durable_vv;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shared::client::ErrorCode;
 use shared::replica::{LocalOutcome, LocalWrite, NeedSnapshot, ReplicaError};
+use shared::store::Store;
 use shared::sync::{Input, Node, Output, Role, SyncConfig};
 use shared::wire::SyncMsg;
 use shared::{ChannelName, Ephemeral, Op, Register, ReplicaId, VersionVector};
@@ -30,8 +29,9 @@ use crate::fanout::{ConnHandle, Fanout, Replay};
 use crate::link::router::PeerRouter;
 use crate::storage::{Storage, StorageError};
 
-/// Most channels that are not resident the cache sweep loads to evict at a time.
-const COLD_EVICTIONS_PER_SWEEP: usize = 1000;
+/// Stored channels the cache sweep looks at per round for ones that are not resident
+/// (and loads to evict when idle); the next round goes on from there.
+const COLD_SCAN_PER_SWEEP: usize = 1000;
 
 /// The resident channels with their approximate bytes and last use, least recently
 /// used first (never used since loaded counts as oldest), and their total bytes.
@@ -98,6 +98,8 @@ struct Inner {
     /// When each channel was last used by a local client (cache eviction; kept when
     /// a channel is unloaded, so cold channels still age out of the cache).
     last_used: HashMap<ChannelName, Instant>,
+    /// Where the cache sweep's walk over the stored names goes on.
+    cold_cursor: Option<ChannelName>,
     /// Counts channels leaving memory (unloaded, evicted, node rebuilt): a channel
     /// read from disk outside the lock is installed only if none left meanwhile.
     departures: u64,
@@ -173,31 +175,14 @@ impl Core {
         let id = storage.replica_id()?;
         // Start-up reads only what the link needs: channels with unacked local ops.
         // Every other channel is loaded when something names it.
-        let channels = Self::load_outbox(&storage, role)?;
         let fanout = Fanout::default();
-        let mut ops = 0;
-        for (name, d) in &channels {
-            ops += d.log.len();
-            fanout.seed_delivered(name, &durable_vv(d));
-        }
-        tracing::info!(replica = %id, channels = channels.len(), ops, "storage opened; loaded the channels with unacked ops");
         let sync_cfg = sync_config(cfg);
-        let retired = storage.retired()?;
+        let node = Self::restore_node(&storage, id, role, sync_cfg.clone(), &fanout, Vec::new())?;
         // Restored channels count as used now: idle eviction starts counting at start.
-        let last_used: HashMap<ChannelName, Instant> = channels
-            .keys()
-            .map(|c| (c.clone(), Instant::now()))
+        let last_used: HashMap<ChannelName, Instant> = node
+            .channels()
+            .map(|c| (c.channel().clone(), Instant::now()))
             .collect();
-        let upstream = storage.upstream()?;
-        let node = Node::restore(
-            id,
-            role,
-            sync_cfg.clone(),
-            channels,
-            retired,
-            upstream,
-            now_ms(),
-        );
         Ok(Arc::new(Self {
             storage: std::sync::RwLock::new(Some(Arc::new(storage))),
             storage_at: (cfg.data_dir.clone(), cfg.storage.cache_mb),
@@ -207,6 +192,7 @@ impl Core {
                 node,
                 commit: CommitQueue::default(),
                 departures: 0,
+                cold_cursor: None,
                 last_used,
             }),
             fanout,
@@ -384,13 +370,9 @@ impl Core {
         let loaded = match &input {
             Input::LinkUp(peer) => self.ensure_for_link(&mut g, *peer),
             Input::Interest(channel, _) => self.ensure(&mut g, channel),
-            Input::Msg(_, msg) => match msg {
-                // Fanned out, never stored: no need to load the channel.
-                SyncMsg::Ephemeral { .. } | SyncMsg::Command(_) => Ok(()),
-                m => match m.channel() {
-                    Some(channel) => self.ensure(&mut g, channel),
-                    None => Ok(()),
-                },
+            Input::Msg(_, msg) => match msg.stored_channel() {
+                Some(channel) => self.ensure(&mut g, channel),
+                None => Ok(()),
             },
             Input::LinkDown(_) | Input::Timeout => Ok(()),
         };
@@ -610,12 +592,17 @@ impl Core {
     /// until the rest fit in `max_bytes`. Only channels without local subscribers and
     /// with everything acked by the cloud are eligible. Returns what was evicted.
     pub fn evict(&self, ttl: Duration, max_bytes: u64) -> Vec<ChannelName> {
-        // Listed before taking the lock: a scan of the stored names.
+        // A slice of the stored names per sweep, listed before taking the lock, so a
+        // large store is walked a little at a time.
+        let after = self.lock().cold_cursor.take();
         let stored = self
             .storage()
-            .and_then(|s| Ok(s.channel_names()?))
+            .and_then(|s| Ok(s.channel_names_after(after.as_ref(), COLD_SCAN_PER_SWEEP)?))
             .unwrap_or_default();
         let mut g = self.lock();
+        if stored.len() == COLD_SCAN_PER_SWEEP {
+            g.cold_cursor = stored.last().cloned();
+        }
         let (sizes, mut total) = by_last_use(&g);
         let mut evicted = Vec::new();
         for (name, bytes, used) in sizes {
@@ -629,11 +616,7 @@ impl Core {
         // Channels on disk that are not resident: idle since their last use here, or
         // since start. Each is loaded to be evicted (its own last seq must be kept);
         // one that may not go stays resident until the residency sweep unloads it.
-        let mut cold = 0;
         for name in stored {
-            if cold >= COLD_EVICTIONS_PER_SWEEP {
-                break;
-            }
             if g.node.is_resident(&name) {
                 continue;
             }
@@ -643,7 +626,6 @@ impl Core {
             }
             if self.evict_locked(&mut g, &name) {
                 evicted.push(name);
-                cold += 1;
             }
         }
         if !evicted.is_empty() {
@@ -712,23 +694,11 @@ impl Core {
             return;
         };
         let resident: Vec<ChannelName> = g.node.channels().map(|c| c.channel().clone()).collect();
-        let loaded = Self::load_outbox(&storage, g.node.role()).and_then(|mut m| {
-            for name in resident {
-                if let std::collections::btree_map::Entry::Vacant(slot) = m.entry(name) {
-                    if let Some(d) = storage.load_channel(slot.key())? {
-                        slot.insert(d);
-                    }
-                }
-            }
-            Ok(m)
-        });
-        match loaded {
-            Ok(channels) => {
-                let role = g.node.role();
-                let cfg = self.sync_config.clone();
-                let retired = storage.retired().unwrap_or_default();
-                let upstream = storage.upstream().unwrap_or_default();
-                g.node = Node::restore(self.id, role, cfg, channels, retired, upstream, now_ms());
+        let role = g.node.role();
+        let cfg = self.sync_config.clone();
+        match Self::restore_node(&storage, self.id, role, cfg, &self.fanout, resident) {
+            Ok(node) => {
+                g.node = node;
                 tracing::warn!("node rebuilt from storage after a storage failure");
             }
             Err(e) => tracing::error!(error = %e, "cannot reload storage"),

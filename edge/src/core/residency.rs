@@ -6,27 +6,54 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use shared::sync::{DurableChannel, Role};
-use shared::{ChannelName, ReplicaId, VersionVector};
+use shared::store::Store;
+use shared::sync::{DurableChannel, Node, Role, SyncConfig};
+use shared::{ChannelName, ReplicaId};
 
-use super::{by_last_use, Core, CoreError, Inner};
+use super::{by_last_use, now_ms, Core, CoreError, Inner};
+use crate::fanout::Fanout;
 use crate::storage::Storage;
 
 impl Core {
-    /// The stored channels with local ops the upstream has not acked (edge).
-    pub(super) fn load_outbox(
+    /// Rebuilds the node from storage (at start, and after a storage failure): the
+    /// replica's marks and, resident, the channels with local ops the upstream has not
+    /// acked (edge) plus `also`. What they hold is durable: the fan-out's delivered
+    /// vectors include it.
+    pub(super) fn restore_node(
         storage: &Storage,
+        id: ReplicaId,
         role: Role,
-    ) -> Result<BTreeMap<ChannelName, DurableChannel>, CoreError> {
-        let mut out = BTreeMap::new();
-        if role == Role::Edge {
-            for name in storage.outbox_channels()? {
-                if let Some(d) = storage.load_channel(&name)? {
-                    out.insert(name, d);
-                }
+        cfg: SyncConfig,
+        fanout: &Fanout,
+        also: Vec<ChannelName>,
+    ) -> Result<Node, CoreError> {
+        let mut names = if role == Role::Edge {
+            storage.outbox_channels()?
+        } else {
+            Vec::new()
+        };
+        names.extend(also);
+        let mut channels = BTreeMap::new();
+        for name in names {
+            if channels.contains_key(&name) {
+                continue;
+            }
+            if let Some(d) = storage.load_channel(&name)? {
+                fanout.seed_delivered(&name, &d.vv());
+                channels.insert(name, d);
             }
         }
-        Ok(out)
+        let ops: usize = channels.values().map(|d| d.log.len()).sum();
+        tracing::info!(replica = %id, channels = channels.len(), ops, "node restored from storage; other channels stay on disk until used");
+        Ok(Node::restore(
+            id,
+            role,
+            cfg,
+            channels,
+            storage.retired()?,
+            storage.upstream()?,
+            now_ms(),
+        ))
     }
 
     /// Makes a stored channel resident before an input names it (the node must never
@@ -39,20 +66,20 @@ impl Core {
         let storage = self.storage()?;
         let started = Instant::now();
         if let Some(d) = storage.load_channel(channel)? {
-            self.install(g, channel, d, started)?;
+            self.make_resident(g, channel, d, started)?;
         }
         Ok(())
     }
 
     /// Makes a channel read from disk resident.
-    fn install(
+    fn make_resident(
         &self,
         g: &mut Inner,
         channel: &ChannelName,
         d: DurableChannel,
         started: Instant,
     ) -> Result<(), CoreError> {
-        self.fanout.seed_delivered(channel, &durable_vv(&d));
+        self.fanout.seed_delivered(channel, &d.vv());
         let ops = d.log.len();
         g.node.load(channel.clone(), d);
         g.last_used.insert(channel.clone(), Instant::now());
@@ -95,7 +122,7 @@ impl Core {
                 continue;
             }
             let d = storage.install(channel, read);
-            if let Err(e) = self.install(&mut g, channel, d, started) {
+            if let Err(e) = self.make_resident(&mut g, channel, d, started) {
                 tracing::error!(%channel, error = %e, "storage failure after loading a channel");
             }
             return;
@@ -159,13 +186,4 @@ impl Core {
             tracing::error!(%channel, error = %e, "cannot load a channel for a read");
         }
     }
-}
-
-/// What of a stored channel is durable: its floor raised by its log.
-pub(super) fn durable_vv(d: &DurableChannel) -> VersionVector {
-    let mut vv = d.floor.clone();
-    for op in &d.log {
-        vv.raise(op.dot.origin, op.dot.seq);
-    }
-    vv
 }

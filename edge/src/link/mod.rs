@@ -214,10 +214,8 @@ async fn reader(
                     )));
                 }
                 // Read a cold channel from disk without holding the node meanwhile.
-                if !matches!(msg, SyncMsg::Ephemeral { .. } | SyncMsg::Command(_)) {
-                    if let Some(channel) = msg.channel() {
-                        core.preload(channel).await;
-                    }
+                if let Some(channel) = msg.stored_channel() {
+                    core.preload(channel).await;
                 }
                 core.handle(Input::Msg(peer, msg));
             }

@@ -15,6 +15,12 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{HubConfig, UplinkConfig};
 
+/// Files in a data dir that the link keeps: the dev certificate and key (edges pin
+/// the certificate) and the stateless-reset key. A backup carries them.
+pub const DEV_CERT_FILE: &str = "hub-cert.pem";
+pub const DEV_KEY_FILE: &str = "hub-key.pem";
+pub const RESET_KEY_FILE: &str = "quic-reset-key";
+
 /// ALPN protocol id of the link.
 pub const ALPN: &[u8] = b"outpost/1";
 
@@ -66,7 +72,7 @@ impl Identity {
 
     /// The dev certificate in `dir` (`hub-cert.pem`, `hub-key.pem`), made on first use.
     pub fn dev(dir: &Path, names: &[String]) -> Result<Self, TlsError> {
-        let (cert, key) = (dir.join("hub-cert.pem"), dir.join("hub-key.pem"));
+        let (cert, key) = (dir.join(DEV_CERT_FILE), dir.join(DEV_KEY_FILE));
         if cert.exists() && key.exists() {
             return Self::load(&cert, &key);
         }
@@ -233,7 +239,7 @@ impl ServerCertVerifier for PinVerifier {
 /// peer notices at its next packet (at most one keep-alive interval) instead of
 /// waiting for its idle timeout.
 pub fn endpoint_config(data_dir: &Path) -> Result<quinn::EndpointConfig, TlsError> {
-    let path = data_dir.join("quic-reset-key");
+    let path = data_dir.join(RESET_KEY_FILE);
     let key = match std::fs::read(&path) {
         Ok(k) if k.len() == 32 => k,
         _ => {
