@@ -111,6 +111,24 @@ def main():
     table("D", "D — Outpost durability modes")
     table("G", "G — publish → deliver at 10k msg/s: 1,000 channels, one subscriber each")
     table("E", "E — cross-edge latency (edge A → cloud → edge B)")
+    table("H", "H — durable publish below JetStream's saturation (a fifth of G's rate)")
+    pairs = [("outpost-os", "jetstream", "written, fsync left to the OS / on a timer"),
+             ("outpost-fsync", "jetstream-always", "fsync before the ack")]
+    for w in ("G", "H"):
+        g = {r["label"]: r for r in rs if r.get("workload") == w}
+        if not any(js in g for _, js, _ in pairs):
+            continue
+        md.append(f"### Durable publish: Outpost vs NATS JetStream (file storage), workload {w}\n")
+        md.append("| fsync policy | Outpost CPU s / 1M | JetStream CPU s / 1M | JetStream ÷ Outpost CPU | Outpost p99 ms | JetStream p99 ms | JetStream ÷ Outpost p99 |")
+        md.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for o, js, policy in pairs:
+            a_, b_ = g.get(o, {}), g.get(js, {})
+            md.append(
+                f"| {policy} ({o} / {js}) | {(a_.get('cpu_s_per_1m') or 0):.2f} | {(b_.get('cpu_s_per_1m') or 0):.2f} | "
+                f"{ratio(b_.get('cpu_s_per_1m'), a_.get('cpu_s_per_1m'))} | {a_.get('p99_ms', 0):.2f} | {b_.get('p99_ms', 0):.2f} | "
+                f"{ratio(b_.get('p99_ms'), a_.get('p99_ms'))} |"
+            )
+        md.append("")
     heal = [r for r in rs if r.get("workload") == "F"]
     if heal:
         r = heal[0]

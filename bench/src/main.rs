@@ -246,7 +246,7 @@ fn source_ip(i: usize, n: u8) -> Option<std::net::IpAddr> {
 fn topic(p: proto::Proto, k: usize) -> String {
     match p {
         proto::Proto::Outpost => format!("bench:t{k}"),
-        proto::Proto::Nats => format!("bench.t{k}"),
+        proto::Proto::Nats | proto::Proto::Jetstream => format!("bench.t{k}"),
         proto::Proto::Socketio | proto::Proto::Ws => format!("t{k}"),
     }
 }
@@ -281,6 +281,10 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
     let delivered = Arc::new(AtomicU64::new(0));
     let publishing_done = Arc::new(tokio::sync::Notify::new());
     let done_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if p == proto::Proto::Jetstream {
+        let mut ws = proto::connect(p, &url, &token, None).await?;
+        proto::create_stream(&mut ws).await?;
+    }
     // Connect subscribers, 256 at a time.
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(subs);
@@ -353,7 +357,9 @@ async fn fanout(args: FanoutArgs) -> Result<()> {
             );
         }
     }
-    let publisher = proto::connect(p, publish_url.as_deref().unwrap_or(&url), &token, None).await?;
+    let mut publisher =
+        proto::connect(p, publish_url.as_deref().unwrap_or(&url), &token, None).await?;
+    proto::prepare_publisher(p, &mut publisher).await?;
     if p == proto::Proto::Ws {
         // Make sure the broadcast server has registered everyone.
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,7 +1,9 @@
 //! The client side of every system `outpost-bench` measures, over WebSocket, so the
 //! client's cost is the same for each: Outpost's JSON protocol, NATS (`CONNECT` / `SUB`
-//! / `PUB` / `MSG` with `PING`/`PONG`), Engine.IO v4 / Socket.IO (answering pings),
-//! and a plain `ws` broadcast server. Every published message carries its scheduled
+//! / `PUB` / `MSG` with `PING`/`PONG`), NATS JetStream over the same protocol (a file
+//! stream holding every subject, publishes with a reply subject for the stream's ack,
+//! one push consumer per subscriber so delivery follows storage), Engine.IO v4 /
+//! Socket.IO (answering pings), and a plain `ws` broadcast server. Every published message carries its scheduled
 //! send time (`"t"`, Unix ns) so subscribers measure latency from the schedule.
 
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +20,9 @@ pub type Ws = WebSocketStream<TcpStream>;
 pub enum Proto {
     Outpost,
     Nats,
+    /// NATS JetStream: publishes stored in stream `BENCH` (subjects `bench.>`) and acked;
+    /// each subscriber reads through its own push consumer.
+    Jetstream,
     Socketio,
     Ws,
 }
@@ -27,6 +32,7 @@ impl Proto {
         match self {
             Proto::Outpost => "outpost",
             Proto::Nats => "nats-ws",
+            Proto::Jetstream => "jetstream-ws",
             Proto::Socketio => "socket.io",
             Proto::Ws => "ws",
         }
@@ -60,7 +66,7 @@ pub async fn open(url: &str, local: Option<IpAddr>) -> Result<Ws> {
 pub fn url(proto: Proto, base: &str, token: &str) -> String {
     match proto {
         Proto::Outpost => format!("{base}/v1/ws?token={token}"),
-        Proto::Nats | Proto::Ws => base.to_owned(),
+        Proto::Nats | Proto::Jetstream | Proto::Ws => base.to_owned(),
         Proto::Socketio => format!("{base}/socket.io/?EIO=4&transport=websocket"),
     }
 }
@@ -95,7 +101,7 @@ pub async fn connect(proto: Proto, base: &str, token: &str, local: Option<IpAddr
                 );
             }
         }
-        Proto::Nats => {
+        Proto::Nats | Proto::Jetstream => {
             let info = next_data(&mut ws).await?;
             if !info.starts_with(b"INFO") {
                 bail!("expected INFO, got {}", String::from_utf8_lossy(&info));
@@ -165,6 +171,23 @@ pub async fn subscribe(proto: Proto, ws: &mut Ws, topic: &str) -> Result<()> {
                 }
             }
         }
+        Proto::Jetstream => {
+            // A push consumer for this subscriber alone: it delivers what the stream
+            // stored, from now on, to a subject only this connection reads.
+            let n = NEXT_CONSUMER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let config = format!(
+                "{{\"stream_name\":\"{JS_STREAM}\",\"config\":{{\"deliver_subject\":\"deliver.{n}\",\"filter_subject\":\"{topic}\",\"ack_policy\":\"none\",\"deliver_policy\":\"new\",\"inactive_threshold\":60000000000}}}}"
+            );
+            send_text(
+                ws,
+                format!(
+                    "SUB deliver.{n} 1\r\nSUB _INBOX.consumer.{n} 2\r\nPUB $JS.API.CONSUMER.CREATE.{JS_STREAM} _INBOX.consumer.{n} {}\r\n{config}\r\n",
+                    config.len()
+                ),
+            )
+            .await?;
+            js_reply(ws, b"consumer_create_response").await
+        }
         Proto::Socketio => {
             // An ack id makes the server confirm the join.
             send_text(ws, format!("421[\"join\",\"{topic}\"]")).await?;
@@ -195,6 +218,13 @@ pub fn publish_frame(proto: Proto, topic: &str, t: u64, pad: &str, ephemeral: bo
         Proto::Nats => {
             Message::Binary(format!("PUB {topic} {}\r\n{body}\r\n", body.len()).into_bytes().into())
         }
+        // The reply subject makes the stream answer with its ack (the publisher's
+        // connection subscribed `_INBOX.acks.>` in `prepare_publisher`).
+        Proto::Jetstream => Message::Binary(
+            format!("PUB {topic} _INBOX.acks.1 {}\r\n{body}\r\n", body.len())
+                .into_bytes()
+                .into(),
+        ),
         Proto::Socketio => Message::Text(format!("42[\"pub\",\"{topic}\",{body}]").into()),
         Proto::Ws => Message::Text(body.into()),
     }
@@ -228,7 +258,7 @@ pub fn parse(proto: Proto, data: &[u8], buf: &mut Vec<u8>) -> Parsed {
                 out.times.extend(field_t(data));
             }
         }
-        Proto::Nats => {
+        Proto::Nats | Proto::Jetstream => {
             buf.extend_from_slice(data);
             let mut at = 0;
             while let Some(eol) = find(&buf[at..], b"\r\n") {
@@ -257,6 +287,55 @@ pub fn parse(proto: Proto, data: &[u8], buf: &mut Vec<u8>) -> Parsed {
         }
     }
     out
+}
+
+/// The stream every JetStream publish goes to.
+pub const JS_STREAM: &str = "BENCH";
+
+static NEXT_CONSUMER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Creates the file stream `BENCH` over `bench.>` (replicas 1: the bench runs one
+/// server; the server's own `sync_interval` decides when it fsyncs).
+pub async fn create_stream(ws: &mut Ws) -> Result<()> {
+    let config = format!(
+        "{{\"name\":\"{JS_STREAM}\",\"subjects\":[\"bench.>\"],\"storage\":\"file\",\"num_replicas\":1}}"
+    );
+    send_text(
+        ws,
+        format!(
+            "SUB _INBOX.stream 1\r\nPUB $JS.API.STREAM.CREATE.{JS_STREAM} _INBOX.stream {}\r\n{config}\r\n",
+            config.len()
+        ),
+    )
+    .await?;
+    js_reply(ws, b"stream_create_response").await
+}
+
+/// Readies a publisher's connection: JetStream acks come back on `_INBOX.acks.>`.
+pub async fn prepare_publisher(proto: Proto, ws: &mut Ws) -> Result<()> {
+    if proto == Proto::Jetstream {
+        send_text(ws, "SUB _INBOX.acks.> 9\r\n".into()).await?;
+    }
+    Ok(())
+}
+
+/// Waits for a JetStream API response of `kind`; an error in it fails.
+async fn js_reply(ws: &mut Ws, kind: &[u8]) -> Result<()> {
+    loop {
+        let m = next_data(ws).await?;
+        if contains(&m, b"PING") {
+            send_text(ws, "PONG\r\n".into()).await?;
+        }
+        if contains(&m, b"-ERR") {
+            bail!("jetstream: {}", String::from_utf8_lossy(&m));
+        }
+        if contains(&m, kind) {
+            if contains(&m, b"\"error\"") {
+                bail!("jetstream: {}", String::from_utf8_lossy(&m));
+            }
+            return Ok(());
+        }
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
