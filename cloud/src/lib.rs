@@ -7,6 +7,7 @@
 pub mod accept;
 pub mod admin;
 pub mod fleet;
+pub mod jetstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub enum CloudError {
     },
     #[error(transparent)]
     Node(#[from] edge::RunError),
+    #[error("NATS (jetstream.servers): {0}")]
+    Nats(#[from] async_nats::ConnectError),
 }
 
 /// A started cloud: addresses known, not yet serving HTTP.
@@ -76,7 +79,19 @@ pub async fn start(
         addr: hub_cfg.listen,
         err,
     })?;
-    let running = edge::build(cfg, Role::Cloud, shutdown.clone())?;
+    // Clustered: ops are durable once the shared JetStream log has them.
+    let log = match &cfg.jetstream {
+        Some(js) => Some(jetstream::JetStreamLog::connect(js).await?),
+        None => None,
+    };
+    let shared_log = log.clone().map(|l| l as Arc<dyn edge::core::SharedLog>);
+    let running = edge::build_with_log(cfg, Role::Cloud, shared_log, shutdown.clone())?;
+    if let Some(log) = log {
+        running
+            .core
+            .tasks
+            .spawn(jetstream::tail(log, running.core.clone(), shutdown.clone()));
+    }
     let fleet = Arc::new(fleet::Fleet::default());
     let revoked = Arc::new(admin::Revocations::load(&running.core));
     running.core.tasks.spawn(accept::accept_loop(

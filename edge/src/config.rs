@@ -306,6 +306,43 @@ impl Default for HubConfig {
     }
 }
 
+/// The clustered cloud tier (`[jetstream]`, cloud only): this coordinator is one of
+/// several sharing one op log in a NATS JetStream stream. Without the section the cloud
+/// is a single process on its own sled store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamConfig {
+    /// NATS server URLs (`nats://host:4222`); host names are resolved at each connect.
+    pub servers: Vec<String>,
+    /// The stream holding every channel's ops (subjects `<subject_prefix>.<channel>`).
+    pub stream: String,
+    pub subject_prefix: String,
+    /// Replicas of the stream when this coordinator creates it (3 in production: an
+    /// ack then means a majority of the servers stored the op).
+    pub replicas: usize,
+    /// NATS credentials: user and password, or a token.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// How long a publish waits for the stream's ack before it is sent again.
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            stream: "OUTPOST_OPS".into(),
+            subject_prefix: "outpost.ops".into(),
+            replicas: 3,
+            user: None,
+            password: None,
+            token: None,
+            ack_timeout_ms: 5_000,
+        }
+    }
+}
+
 /// The edge's channel cache (`[cache]`): channels without local subscribers and
 /// with nothing left to send are dropped from memory and disk (the cloud has them)
 /// after `ttl_secs`, or sooner, least recently used first, to stay under `max_bytes`.
@@ -416,6 +453,8 @@ pub struct EdgeConfig {
     pub uplink: Option<UplinkConfig>,
     /// Cloud only: the QUIC endpoint edges connect to.
     pub hub: Option<HubConfig>,
+    /// Cloud only: run as one of several coordinators on a JetStream stream.
+    pub jetstream: Option<JetStreamConfig>,
     pub webrtc: WebRtcConfig,
     pub testing: TestingConfig,
 }
@@ -446,6 +485,7 @@ impl Default for EdgeConfig {
             cache: CacheConfig::default(),
             uplink: None,
             hub: None,
+            jetstream: None,
             webrtc: WebRtcConfig::default(),
             testing: TestingConfig::default(),
         }
@@ -469,6 +509,7 @@ const ENV_KEYS: &[&str] = &[
     "cache",
     "uplink",
     "hub",
+    "jetstream",
     "webrtc",
 ];
 
@@ -587,6 +628,31 @@ impl EdgeConfig {
                 problem: problem.into(),
             })
         };
+        if let Some(js) = &self.jetstream {
+            if js.servers.is_empty() {
+                bad("jetstream.servers", "needs at least one NATS URL");
+            }
+            if js.replicas == 0 || js.replicas > 5 {
+                bad("jetstream.replicas", "must be between 1 and 5");
+            }
+            let token_ok = |t: &str| {
+                !t.is_empty()
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            };
+            if !token_ok(&js.stream) {
+                bad("jetstream.stream", "letters, digits, '_' and '-' only");
+            }
+            if !js.subject_prefix.split('.').all(token_ok) {
+                bad(
+                    "jetstream.subject_prefix",
+                    "dot-separated tokens of letters, digits, '_' and '-'",
+                );
+            }
+            if js.ack_timeout_ms == 0 {
+                bad("jetstream.ack_timeout_ms", "must be positive");
+            }
+        }
         if self.region.is_empty() || self.region.len() > 64 {
             bad("region", "must be 1 to 64 characters");
         }

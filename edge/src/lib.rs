@@ -56,9 +56,20 @@ pub fn build(
     role: Role,
     shutdown: CancellationToken,
 ) -> Result<Running, RunError> {
+    build_with_log(cfg, role, None, shutdown)
+}
+
+/// [`build`] for a coordinator of the clustered cloud tier: ops are durable once
+/// `shared_log` stored them.
+pub fn build_with_log(
+    cfg: EdgeConfig,
+    role: Role,
+    shared_log: Option<Arc<dyn core::SharedLog>>,
+    shutdown: CancellationToken,
+) -> Result<Running, RunError> {
     let cfg = Arc::new(cfg);
     let auth = Authenticator::new(&cfg.auth).map_err(RunError::Auth)?;
-    let core = Core::open(&cfg, role)?;
+    let core = Core::open(&cfg, role, shared_log)?;
     core.spawn_background(shutdown.clone());
     let state = Arc::new(AppState::new(
         core.clone(),

@@ -613,7 +613,7 @@ impl Sim {
     /// What the shells load before feeding an input.
     fn ensure_for(&mut self, i: usize, input: &Input) {
         match input {
-            Input::Interest(c, _) => self.ensure(i, c),
+            Input::Interest(c, _) | Input::Logged(c, _) => self.ensure(i, c),
             Input::Msg(_, m) => {
                 if let Some(c) = m.stored_channel().cloned() {
                     self.ensure(i, &c);

@@ -156,6 +156,11 @@ pub enum Input {
     Timeout,
     /// Local subscribers to a channel appeared (`true`) or all left (`false`).
     Interest(ChannelName, bool),
+    /// Cloud in a cluster: ops another coordinator stored in the shared log, in log
+    /// order. Applied (buffered until their predecessors are here, like a peer's) and
+    /// forwarded to every edge subscribed to the channel; nothing is acked, and the
+    /// shell does not append them to the log again.
+    Logged(ChannelName, Vec<Op>),
 }
 
 /// A storage action. See the output contract in the module docs.
@@ -802,7 +807,43 @@ impl Node {
                 }
             }
             Input::Interest(channel, on) => self.interest(now_ms, channel, on),
+            Input::Logged(channel, ops) => self.on_logged(now_ms, channel, ops),
         }
+    }
+
+    fn on_logged(&mut self, now_ms: u64, channel: ChannelName, ops: Vec<Op>) {
+        if self.role != Role::Cloud {
+            self.warn(None, "shared-log ops reach coordinators only".into());
+            return;
+        }
+        let applied = self.receive_all(now_ms, None, &channel, ops);
+        for a in &applied {
+            self.emit_applied(&channel, a);
+        }
+        let ops: Vec<Op> = applied.into_iter().map(|a| a.op).collect();
+        self.forward(&channel, &ops, None);
+    }
+
+    /// Hands ops from `from` (a peer, or the shared log) to the channel's replica;
+    /// returns what got applied, in order.
+    fn receive_all(
+        &mut self,
+        now_ms: u64,
+        from: Option<ReplicaId>,
+        channel: &ChannelName,
+        ops: Vec<Op>,
+    ) -> Vec<Applied> {
+        let mut applied_all = Vec::new();
+        for op in ops {
+            if let Err(e) = self.clock.observe(op.hlc, now_ms) {
+                self.warn(from, e.to_string());
+            }
+            match self.chan(channel).replica.receive(op) {
+                Ok(applied) => applied_all.extend(applied),
+                Err(e) => self.warn(from, format!("{channel}: {e}")),
+            }
+        }
+        applied_all
     }
 
     fn link_up(&mut self, now_ms: u64, peer: ReplicaId) {
@@ -1120,16 +1161,7 @@ impl Node {
         if self.role == Role::Edge && !self.channels.contains_key(&channel) {
             return;
         }
-        let mut applied_all = Vec::new();
-        for op in ops {
-            if let Err(e) = self.clock.observe(op.hlc, now_ms) {
-                self.warn(Some(peer), e.to_string());
-            }
-            match self.chan(&channel).replica.receive(op) {
-                Ok(applied) => applied_all.extend(applied),
-                Err(e) => self.warn(Some(peer), format!("{channel}: {e}")),
-            }
-        }
+        let applied_all = self.receive_all(now_ms, Some(peer), &channel, ops);
         for a in &applied_all {
             self.emit_applied(&channel, a);
         }

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub mod fleet;
+pub mod nats;
 pub mod netns;
 pub mod proxy;
 

@@ -9,6 +9,9 @@
 //! Residency (which channels are in memory) is in [`residency`].
 
 mod residency;
+mod shared_log;
+
+pub use shared_log::{SharedLog, SharedLogError};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use shared::client::ErrorCode;
 use shared::replica::{LocalOutcome, LocalWrite, NeedSnapshot, ReplicaError};
 use shared::store::Store;
-use shared::sync::{Input, Node, Output, Role, SyncConfig};
+use shared::sync::{Input, Node, Output, Persist, Role, SyncConfig};
 use shared::wire::SyncMsg;
 use shared::{ChannelName, Ephemeral, Op, Register, ReplicaId, VersionVector};
 use tokio::sync::{watch, Notify};
@@ -103,6 +106,8 @@ struct Inner {
     /// Counts channels leaving memory (unloaded, evicted, node rebuilt): a channel
     /// read from disk outside the lock is installed only if none left meanwhile.
     departures: u64,
+    /// Dots of the shared-log ops being handled now: applied here, not appended again.
+    from_log: std::collections::HashSet<shared::Dot>,
 }
 
 /// The edge's (or cloud's) replica with its storage and subscribers.
@@ -135,6 +140,10 @@ pub struct Core {
     pub tasks: tokio_util::task::TaskTracker,
     /// When this process opened the node (channels not used since count from here).
     started: Instant,
+    /// Clustered cloud tier: the log every applied op must reach before it is acked.
+    shared_log: Option<Arc<dyn SharedLog>>,
+    /// The shared log stored everything asked of it at the last flush (`/readyz`).
+    pub shared_log_ok: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Core {
@@ -167,8 +176,13 @@ pub fn sync_config(cfg: &EdgeConfig) -> SyncConfig {
 }
 
 impl Core {
-    /// Opens storage and rebuilds the node from it.
-    pub fn open(cfg: &EdgeConfig, role: Role) -> Result<Arc<Self>, CoreError> {
+    /// Opens storage and rebuilds the node from it. With `shared_log` (a coordinator of
+    /// the clustered cloud tier), ops count as durable only once the log has them.
+    pub fn open(
+        cfg: &EdgeConfig,
+        role: Role,
+        shared_log: Option<Arc<dyn SharedLog>>,
+    ) -> Result<Arc<Self>, CoreError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| CoreError::Storage(format!("{}: {e}", cfg.data_dir.display())))?;
         let storage = Storage::open(&cfg.data_dir, cfg.storage.cache_mb)?;
@@ -194,6 +208,7 @@ impl Core {
                 departures: 0,
                 cold_cursor: None,
                 last_used,
+                from_log: Default::default(),
             }),
             fanout,
             id,
@@ -212,6 +227,8 @@ impl Core {
             ),
             tasks: tokio_util::task::TaskTracker::new(),
             started: Instant::now(),
+            shared_log,
+            shared_log_ok: std::sync::atomic::AtomicBool::new(true),
         }))
     }
 
@@ -369,7 +386,7 @@ impl Core {
         let mut g = self.lock();
         let loaded = match &input {
             Input::LinkUp(peer) => self.ensure_for_link(&mut g, *peer),
-            Input::Interest(channel, _) => self.ensure(&mut g, channel),
+            Input::Interest(channel, _) | Input::Logged(channel, _) => self.ensure(&mut g, channel),
             Input::Msg(_, msg) => match msg.stored_channel() {
                 Some(channel) => self.ensure(&mut g, channel),
                 None => Ok(()),
@@ -660,6 +677,11 @@ impl Core {
                         result = Err(e);
                         break;
                     }
+                    if let (Some(log), Persist::Op { channel, op }) = (&self.shared_log, &p) {
+                        if !g.from_log.contains(&op.dot) {
+                            log.append(channel, op);
+                        }
+                    }
                     g.commit.wrote();
                 }
                 other => {
@@ -677,7 +699,7 @@ impl Core {
             self.reload(g);
             return Err(e);
         }
-        if self.durability == Durability::Os {
+        if !self.waits_for_flush() {
             let written = g.commit.written();
             self.complete(g, written);
             self.flushed.send_modify(|s| s.flushed = written);
@@ -763,7 +785,7 @@ impl Core {
 
     /// Second half of a write: resolves once generation `gen` is durable.
     pub async fn wait_durable(&self, gen: u64) -> Result<(), CoreError> {
-        if self.durability == Durability::Os {
+        if !self.waits_for_flush() {
             return Ok(());
         }
         let mut rx = self.flushed.subscribe();
@@ -778,9 +800,93 @@ impl Core {
         }
     }
 
+    /// Outputs wait for a flush: storage fsyncs, or a shared log must store the ops.
+    fn waits_for_flush(&self) -> bool {
+        self.durability == Durability::Fsync || self.shared_log.is_some()
+    }
+
+    /// Waits until the shared log (if any) stored every op queued so far, trying again
+    /// for as long as it takes: meanwhile nothing is acked or delivered, and edges keep
+    /// their unacked ops. False if shutdown came first.
+    async fn flush_shared_log(&self, shutdown: &CancellationToken) -> bool {
+        let Some(log) = &self.shared_log else {
+            return true;
+        };
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let started = Instant::now();
+            match log.flush().await {
+                Ok(()) => {
+                    metrics::histogram!("outpost_shared_log_flush_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    if !self
+                        .shared_log_ok
+                        .swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        tracing::info!("shared log stores ops again: acking");
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    metrics::counter!("outpost_shared_log_failures_total").increment(1);
+                    if self
+                        .shared_log_ok
+                        .swap(false, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        tracing::error!(error = %e, "shared log cannot store ops: holding acks and deliveries, retrying");
+                    } else {
+                        tracing::debug!(error = %e, "shared log still failing");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Whether acks flow: `Err(why)` while a shared log is configured and cannot
+    /// store ops (`/readyz`).
+    pub fn shared_log_health(&self) -> Result<(), String> {
+        let Some(log) = &self.shared_log else {
+            return Ok(());
+        };
+        log.health()?;
+        if self.shared_log_ok.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("the shared log did not store the last ops (retrying); acks are held".into())
+        }
+    }
+
+    /// The generation of everything written so far ([`Core::wait_durable`] waits for
+    /// it).
+    pub fn written(&self) -> u64 {
+        self.lock().commit.written()
+    }
+
+    /// Ops another coordinator stored in the shared log: applied and forwarded to this
+    /// coordinator's edges, not appended again.
+    pub fn handle_logged(&self, channel: ChannelName, ops: Vec<Op>) {
+        let mut g = self.lock();
+        if let Err(e) = self.ensure(&mut g, &channel) {
+            tracing::error!(error = %e, %channel, "cannot load a channel for shared-log ops");
+            return;
+        }
+        g.from_log = ops.iter().map(|o| o.dot).collect();
+        g.node.handle(now_ms(), Input::Logged(channel, ops));
+        let res = self.drain(&mut g);
+        g.from_log.clear();
+        if let Err(e) = res {
+            tracing::error!(error = %e, "storage failure while applying shared-log ops");
+        }
+    }
+
     /// The group committer: one flush covers every write made while the previous one ran.
     async fn flusher(self: Arc<Self>, shutdown: CancellationToken) {
-        if self.durability == Durability::Os {
+        if !self.waits_for_flush() {
             return;
         }
         loop {
@@ -805,10 +911,14 @@ impl Core {
             let target = self.lock().commit.written();
             let started = Instant::now();
             let res = match self.storage() {
-                Ok(s) => s.flush().await.map_err(CoreError::from),
+                Ok(_) if self.durability == Durability::Os => Ok(()),
+                Ok(s) => s.flush().await.map(|_| ()).map_err(CoreError::from),
                 Err(e) => Err(e),
             };
             metrics::histogram!("outpost_flush_seconds").record(started.elapsed().as_secs_f64());
+            if res.is_ok() && !self.flush_shared_log(&shutdown).await {
+                return;
+            }
             match res {
                 Ok(_) => {
                     {

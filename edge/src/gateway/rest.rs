@@ -355,12 +355,19 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready while not shutting down.
+/// Ready while not shutting down, not drained, and (a clustered coordinator) while its
+/// shared log stores ops.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else if state.core.draining.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "drained by the operator\n").into_response()
+    } else if let Err(why) = state.core.shared_log_health() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("shared log: {why}\n"),
+        )
+            .into_response()
     } else {
         "ready\n".into_response()
     }

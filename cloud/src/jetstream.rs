@@ -1,0 +1,375 @@
+//! The clustered cloud tier's shared op log on NATS JetStream.
+//!
+//! **Layout.** One stream (`[jetstream] stream`, default `OUTPOST_OPS`, file storage,
+//! `replicas` copies — 3 in production) over the subjects `<subject_prefix>.>`; a
+//! channel is the subject `<subject_prefix>.<channel name in base64url>`, so any
+//! channel name is a valid single subject token and one stream (one Raft group) holds
+//! every channel. One message per op: its bincode encoding (`shared::codec`), with
+//! `Nats-Msg-Id: <channel>/<dot>` so that a copy sent again within the stream's
+//! duplicate window (2 minutes) is dropped by the server; a copy after the window is
+//! dropped by the replica, which already has the dot.
+//!
+//! **Writes.** The core appends every op it applies from an edge or a client
+//! ([`JetStreamLog::append`], no waiting) and the group committer awaits
+//! [`JetStreamLog::flush`]: every queued op published in order and acknowledged by the
+//! stream, i.e. stored on a majority of its replicas (each server fsyncing every write
+//! with `sync_interval: always`). Only then does the coordinator ack the edge or the
+//! client. A failed flush keeps the ops queued and publishes them again.
+//!
+//! **Reads.** Every coordinator tails the stream ([`tail`]) from the position it has
+//! applied (kept in its own sled) and hands other coordinators' ops to its node
+//! (`Input::Logged`), which applies them and forwards them to its edges.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, context::PublishAckFuture, stream};
+use base64::Engine;
+use bytes::Bytes;
+use edge::config::JetStreamConfig;
+use edge::core::{Core, SharedLog, SharedLogError};
+use futures_util::StreamExt;
+use shared::ids::ChannelName;
+use shared::op::Op;
+use tokio_util::sync::CancellationToken;
+
+/// Publishes in flight at once during a flush (the client's ack window).
+const PUBLISH_WINDOW: usize = 1024;
+/// How often the tail records the position it has applied.
+const POSITION_EVERY: Duration = Duration::from_millis(500);
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+}
+
+/// The subject of a channel's ops.
+pub fn subject(prefix: &str, channel: &ChannelName) -> String {
+    format!("{prefix}.{}", b64().encode(channel.as_str()))
+}
+
+/// The channel a subject names, if it is one of ours.
+pub fn channel_of(prefix: &str, subject: &str) -> Option<ChannelName> {
+    let token = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    let bytes = b64().decode(token).ok()?;
+    ChannelName::new(String::from_utf8(bytes).ok()?).ok()
+}
+
+#[derive(Clone, Debug)]
+struct Queued {
+    subject: String,
+    id: String,
+    payload: Bytes,
+}
+
+/// The JetStream side of a coordinator: connection, stream, queued publishes.
+#[derive(Debug)]
+pub struct JetStreamLog {
+    js: jetstream::Context,
+    cfg: JetStreamConfig,
+    /// Appended, not yet acknowledged by the stream; in append order.
+    queued: Mutex<VecDeque<Queued>>,
+    /// The stream exists and answered (set by [`JetStreamLog::ensure_stream`]).
+    stream_ready: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl JetStreamLog {
+    /// Starts connecting (in the background, retrying for as long as it takes: a
+    /// coordinator may start before its NATS servers).
+    pub async fn connect(cfg: &JetStreamConfig) -> Result<Arc<Self>, async_nats::ConnectError> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name("outpost-cloud")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2));
+        if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        if let Some(t) = &cfg.token {
+            opts = opts.token(t.clone());
+        }
+        let servers: Vec<async_nats::ServerAddr> = cfg
+            .servers
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, std::io::Error>>()
+            .map_err(|e| {
+                async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::ServerParse, e)
+            })?;
+        let client = opts.connect(servers).await?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_millis(cfg.ack_timeout_ms))
+            .ack_timeout(Duration::from_millis(cfg.ack_timeout_ms))
+            .build(client);
+        Ok(Arc::new(Self {
+            js,
+            cfg: cfg.clone(),
+            queued: Mutex::new(VecDeque::new()),
+            stream_ready: AtomicBool::new(false),
+            last_error: Mutex::new(Some("connecting to NATS".into())),
+        }))
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = e;
+        }
+    }
+
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.cfg.stream.clone(),
+            subjects: vec![format!("{}.>", self.cfg.subject_prefix)],
+            storage: stream::StorageType::File,
+            num_replicas: self.cfg.replicas,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        }
+    }
+
+    /// Creates the stream if it does not exist (every coordinator may; they agree on
+    /// the configuration), retrying until it works or `shutdown`.
+    pub async fn ensure_stream(&self, shutdown: &CancellationToken) -> bool {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.js.get_or_create_stream(self.stream_config()).await {
+                Ok(_) => {
+                    self.stream_ready.store(true, Ordering::SeqCst);
+                    self.set_error(None);
+                    tracing::info!(stream = %self.cfg.stream, replicas = self.cfg.replicas, "JetStream stream ready");
+                    return true;
+                }
+                Err(e) => {
+                    let why = format!("stream {}: {e}", self.cfg.stream);
+                    tracing::warn!(error = %why, "JetStream not ready, retrying");
+                    self.set_error(Some(why));
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn publish_all(&self, batch: &[Queued]) -> Result<(), SharedLogError> {
+        let err = |what: &str, e: &dyn std::fmt::Display| SharedLogError(format!("{what}: {e}"));
+        for chunk in batch.chunks(PUBLISH_WINDOW) {
+            let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(chunk.len());
+            for q in chunk {
+                let msg = jetstream::message::PublishMessage::build()
+                    .payload(q.payload.clone())
+                    .message_id(&q.id);
+                let ack = self
+                    .js
+                    .send_publish(q.subject.clone(), msg)
+                    .await
+                    .map_err(|e| err("publish", &e))?;
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.map_err(|e| err("stream ack", &e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl SharedLog for JetStreamLog {
+    fn append(&self, channel: &ChannelName, op: &Op) {
+        let payload = match shared::codec::to_bytes(op) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                // An op the core applied always encodes; if not, it is a bug, and the
+                // op still reaches other coordinators through the edges' syncs.
+                tracing::error!(error = %e, %channel, dot = %op.dot, "cannot encode an op for the shared log");
+                return;
+            }
+        };
+        let q = Queued {
+            subject: subject(&self.cfg.subject_prefix, channel),
+            id: format!("{channel}/{}", op.dot),
+            payload,
+        };
+        if let Ok(mut g) = self.queued.lock() {
+            g.push_back(q);
+        }
+    }
+
+    async fn flush(&self) -> Result<(), SharedLogError> {
+        let batch: Vec<Queued> = match self.queued.lock() {
+            Ok(g) => g.iter().cloned().collect(),
+            Err(_) => return Err(SharedLogError("queue poisoned".into())),
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if !self.stream_ready.load(Ordering::SeqCst) {
+            return Err(SharedLogError("the stream is not ready yet".into()));
+        }
+        match self.publish_all(&batch).await {
+            Ok(()) => {
+                if let Ok(mut g) = self.queued.lock() {
+                    // Only this flush removes, and only what it published: later
+                    // appends stay queued behind.
+                    let n = batch.len().min(g.len());
+                    g.drain(..n);
+                }
+                self.set_error(None);
+                metrics::counter!("outpost_shared_log_ops_total").increment(batch.len() as u64);
+                Ok(())
+            }
+            Err(e) => {
+                self.set_error(Some(e.0.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    fn health(&self) -> Result<(), String> {
+        use async_nats::connection::State;
+        if self.js.client().connection_state() != State::Connected {
+            return Err("not connected to NATS".into());
+        }
+        if !self.stream_ready.load(Ordering::SeqCst) {
+            let why = self
+                .last_error
+                .lock()
+                .ok()
+                .and_then(|g| g.clone())
+                .unwrap_or_else(|| "stream not ready".into());
+            return Err(why);
+        }
+        Ok(())
+    }
+}
+
+/// The sled key of the stream position this coordinator has applied.
+fn position_key(stream: &str) -> String {
+    format!("jetstream_position:{stream}")
+}
+
+/// Applies every op in the stream after the stored position to `core`, then every new
+/// one, until `shutdown`. The ordered consumer recreates itself across server and
+/// leader changes; this loop starts it again after anything else.
+pub async fn tail(log: Arc<JetStreamLog>, core: Arc<Core>, shutdown: CancellationToken) {
+    if !log.ensure_stream(&shutdown).await {
+        return;
+    }
+    let key = position_key(&log.cfg.stream);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let applied = core
+            .storage()
+            .ok()
+            .and_then(|s| s.meta(&key).ok().flatten())
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        match tail_from(&log, &core, applied, &key, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "shared log tail interrupted, starting again");
+                metrics::counter!("outpost_shared_log_tail_restarts_total").increment(1);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn tail_from(
+    log: &JetStreamLog,
+    core: &Arc<Core>,
+    applied: u64,
+    key: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let stream = log
+        .js
+        .get_stream(&log.cfg.stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let deliver_policy = if applied == 0 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: applied + 1,
+        }
+    };
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: format!("{}.>", log.cfg.subject_prefix),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    tracing::info!(from = applied + 1, "tailing the shared log");
+    let prefix = log.cfg.subject_prefix.clone();
+    let mut last = applied;
+    let mut saved = applied;
+    let mut tick = tokio::time::interval(POSITION_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                if last > saved {
+                    // The position is stored only once the ops before it are durable
+                    // here: a restart applies again at most what came since.
+                    let gen = core.written();
+                    core.wait_durable(gen).await.map_err(|e| e.to_string())?;
+                    let storage = core.storage().map_err(|e| e.to_string())?;
+                    storage.set_meta(key, &last.to_be_bytes()).map_err(|e| e.to_string())?;
+                    saved = last;
+                }
+            }
+            m = messages.next() => {
+                let m = match m {
+                    None => return Err("the consumer ended".into()),
+                    Some(Err(e)) => return Err(e.to_string()),
+                    Some(Ok(m)) => m,
+                };
+                if let Ok(info) = m.info() {
+                    last = info.stream_sequence;
+                }
+                let Some(channel) = channel_of(&prefix, m.subject.as_str()) else {
+                    tracing::warn!(subject = %m.subject, "shared log: a subject that names no channel; skipped");
+                    continue;
+                };
+                match shared::codec::from_bytes::<Op>(&m.payload) {
+                    Ok(op) => core.handle_logged(channel, vec![op]),
+                    Err(e) => tracing::warn!(error = %e, %channel, "shared log: an op that does not decode; skipped"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_channel_name_is_one_subject_token() {
+        for name in ["a", "project:42/run.7", "with space*and>", "ünïcode"] {
+            let Ok(c) = ChannelName::new(name) else {
+                continue;
+            };
+            let s = subject("outpost.ops", &c);
+            let token = s.strip_prefix("outpost.ops.").unwrap_or("");
+            assert!(!token.is_empty());
+            assert!(!token.contains(['.', '*', '>', ' ']), "{s}");
+            assert_eq!(channel_of("outpost.ops", &s), Some(c));
+        }
+        assert_eq!(channel_of("outpost.ops", "other.x"), None);
+        assert_eq!(channel_of("outpost.ops", "outpost.ops.!!"), None);
+    }
+}

@@ -1,0 +1,269 @@
+//! The clustered cloud tier between real processes: a 3-node NATS JetStream cluster
+//! (R3 stream, `sync_interval: always`), two `outpost-cloud` coordinators on it and two
+//! edges, each edge listing both coordinators.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use edge::auth::Action;
+use outpost_tests::fleet::{TOKEN_A, TOKEN_B};
+use outpost_tests::nats::NatsCluster;
+use outpost_tests::{eventually, free_udp_port, metric, publish, token, Cloud, Edge, Ws, API_KEY};
+use serde_json::{json, Value};
+
+const CHANNEL: &str = "project:cluster";
+
+/// An edge's `[uplink]` listing coordinators in order (they share one certificate).
+fn uplink(coords: &[&Cloud], token: &str) -> String {
+    let eps: Vec<String> = coords.iter().map(|c| format!("\"{}\"", c.quic)).collect();
+    format!(
+        "[uplink]\nendpoints = [{}]\ntoken = \"{token}\"\npin_sha256 = \"{}\"\nbackoff_min_ms = 50\nbackoff_max_ms = 300\nkeepalive_ms = 300\nidle_timeout_ms = 1500\n",
+        eps.join(", "),
+        coords[0].fingerprint
+    )
+}
+
+/// Starts coordinator `name`; every coordinator after the first gets the first one's
+/// dev certificate, so edges pin one fingerprint for all.
+fn coordinator(dir: &Path, name: &str, nats: &NatsCluster, first: Option<&Cloud>) -> Result<Cloud> {
+    let cdir = dir.join(name);
+    if let Some(first) = first {
+        let data = cdir.join("data");
+        std::fs::create_dir_all(&data)?;
+        for f in [
+            edge::link::tls::DEV_CERT_FILE,
+            edge::link::tls::DEV_KEY_FILE,
+        ] {
+            std::fs::copy(first.dir.join("data").join(f), data.join(f))?;
+        }
+    }
+    Cloud::start(
+        &cdir,
+        free_udp_port()?,
+        &[("edge-a", TOKEN_A), ("edge-b", TOKEN_B)],
+        &nats.jetstream_toml(3),
+    )
+}
+
+async fn history_bodies(http: &reqwest::Client, url: &str) -> Result<BTreeSet<u64>> {
+    let v: Value = http
+        .get(format!("{url}/v1/channels/{CHANNEL}/history?limit=1000"))
+        .bearer_auth(token("reader", "project:*", &[Action::Subscribe], 600))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["ops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["data"]["n"].as_u64())
+        .collect())
+}
+
+/// Reads `want` more ops for the channel from `ws`; returns their `n`s in order.
+async fn receive(ws: &mut Ws, want: usize) -> Result<Vec<u64>> {
+    let mut got = Vec::new();
+    while got.len() < want {
+        let v = ws.recv_within(Duration::from_secs(20)).await?;
+        if v["type"] == "op" && v["channel"] == CHANNEL {
+            if let Some(n) = v["data"]["n"].as_u64() {
+                got.push(n);
+            }
+        }
+    }
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_on_jetstream_share_ops_and_survive_a_coordinator_and_quorum_loss(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut nats = NatsCluster::start(dir.path(), 3).await?;
+    let mut c1 = coordinator(dir.path(), "c1", &nats, None)?;
+    let c2 = coordinator(dir.path(), "c2", &nats, Some(&c1))?;
+    let a = Edge::start(&dir.path().join("a"), &uplink(&[&c1, &c2], TOKEN_A))?;
+    let b = Edge::start(&dir.path().join("b"), &uplink(&[&c2, &c1], TOKEN_B))?;
+    let r = scenario(&mut nats, &mut c1, &c2, &a, &b).await;
+    r.map_err(|e| {
+        let tail = |s: String| {
+            let l: Vec<&str> = s.lines().collect();
+            l[l.len().saturating_sub(40)..].join("\n")
+        };
+        e.context(format!(
+            "--- c1\n{}\n--- c2\n{}\n--- edge A\n{}\n--- edge B\n{}\n{}",
+            tail(c1.log()),
+            tail(c2.log()),
+            tail(a.log()),
+            tail(b.log()),
+            nats.logs()
+        ))
+    })
+}
+
+async fn scenario(
+    nats: &mut NatsCluster,
+    c1: &mut Cloud,
+    c2: &Cloud,
+    a: &Edge,
+    b: &Edge,
+) -> Result<()> {
+    let http = reqwest::Client::new();
+    let edges_on = |c: &Cloud| c.url("/metrics");
+    for (c, n) in [(&*c1, 1.0), (c2, 1.0)] {
+        let url = edges_on(c);
+        eventually(
+            Duration::from_secs(30),
+            "each edge on its first coordinator",
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    Ok((metric(&http, &url, "outpost_edges_connected").await? == n).then_some(()))
+                }
+            },
+        )
+        .await?;
+    }
+    let tok = token("reader", "project:*", &[Action::Subscribe], 600);
+    let mut sub = Ws::connect(b, &tok).await?;
+    sub.subscribe(CHANNEL, None).await?;
+
+    // 1. Edge A (on c1) -> JetStream -> c2 -> edge B, in order.
+    for n in 0..50u64 {
+        let (status, body) = publish(
+            &http,
+            a,
+            API_KEY,
+            CHANNEL,
+            json!({"event": "e", "data": {"n": n}}),
+        )
+        .await?;
+        if status != 200 {
+            bail!("publish {n}: {status} {body}");
+        }
+    }
+    let got = receive(&mut sub, 50).await?;
+    if got != (0..50).collect::<Vec<_>>() {
+        bail!("edge B got {got:?}");
+    }
+    // Both coordinators hold them (c2 only through the shared log), and the stream
+    // has them once each.
+    for c in [&*c1, c2] {
+        let url = c.url("");
+        let url = url.trim_end_matches('/').to_owned();
+        eventually(
+            Duration::from_secs(10),
+            "both coordinators to hold the ops",
+            || {
+                let (http, url) = (http.clone(), url.clone());
+                async move { Ok((history_bodies(&http, &url).await?.len() == 50).then_some(())) }
+            },
+        )
+        .await?;
+    }
+    let stored = nats.stream_messages(0, "OUTPOST_OPS").await?;
+    if stored != 50 {
+        bail!("the stream holds {stored} messages, not 50");
+    }
+
+    // 2. kill -9 of c1: edge A moves to c2 and keeps delivering to B.
+    c1.kill9();
+    let url = edges_on(c2);
+    eventually(Duration::from_secs(20), "edge A to move to c2", || {
+        let (http, url) = (http.clone(), url.clone());
+        async move { Ok((metric(&http, &url, "outpost_edges_connected").await? == 2.0).then_some(())) }
+    })
+    .await?;
+    for n in 50..80u64 {
+        let (status, body) = publish(
+            &http,
+            a,
+            API_KEY,
+            CHANNEL,
+            json!({"event": "e", "data": {"n": n}}),
+        )
+        .await?;
+        if status != 200 {
+            bail!("publish {n}: {status} {body}");
+        }
+    }
+    let got = receive(&mut sub, 30).await?;
+    if got != (50..80).collect::<Vec<_>>() {
+        bail!("edge B got {got:?} after the move");
+    }
+
+    // 3. Quorum lost (2 of 3 NATS nodes down): edges keep accepting writes, the
+    // coordinator acks and delivers nothing and says why; all of it arrives after.
+    nats.kill9(1);
+    nats.kill9(2);
+    for n in 80..100u64 {
+        let (status, body) = publish(
+            &http,
+            a,
+            API_KEY,
+            CHANNEL,
+            json!({"event": "e", "data": {"n": n}}),
+        )
+        .await?;
+        if status != 200 {
+            bail!("edge A refused publish {n} during the NATS outage: {status} {body}");
+        }
+    }
+    let ready = c2.url("/readyz");
+    eventually(
+        Duration::from_secs(20),
+        "c2's /readyz to report the shared log",
+        || {
+            let (http, ready) = (http.clone(), ready.clone());
+            async move {
+                let r = http.get(&ready).send().await?;
+                let code = r.status().as_u16();
+                let text = r.text().await?;
+                Ok((code == 503 && text.contains("shared log")).then_some(()))
+            }
+        },
+    )
+    .await?;
+    let a_metrics = a.url("/metrics");
+    let outbox = metric(&http, &a_metrics, "outpost_outbox_ops").await?;
+    if outbox < 1.0 {
+        bail!("edge A's outbox is empty while JetStream has no quorum: acked without the log");
+    }
+    if let Ok(v) = sub.recv_within(Duration::from_millis(500)).await {
+        if v["type"] == "op" {
+            bail!("edge B got {v} while JetStream had no quorum");
+        }
+    }
+    nats.restart(1)?;
+    nats.restart(2)?;
+    let got = receive(&mut sub, 20).await?;
+    if got != (80..100).collect::<Vec<_>>() {
+        bail!("edge B got {got:?} after quorum came back");
+    }
+    eventually(Duration::from_secs(20), "edge A's outbox to drain", || {
+        let (http, url) = (http.clone(), a_metrics.clone());
+        async move { Ok((metric(&http, &url, "outpost_outbox_ops").await? == 0.0).then_some(())) }
+    })
+    .await?;
+
+    // 4. c1 comes back and catches up from the stream: it serves all 100.
+    c1.restart()?;
+    let url = c1.url("");
+    let url = url.trim_end_matches('/').to_owned();
+    eventually(
+        Duration::from_secs(20),
+        "c1 to catch up from the stream",
+        || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { Ok((history_bodies(&http, &url).await?.len() == 100).then_some(())) }
+        },
+    )
+    .await?;
+    let stored = nats.stream_messages(0, "OUTPOST_OPS").await?;
+    if stored != 100 {
+        bail!("the stream holds {stored} messages, not 100");
+    }
+    Ok(())
+}
