@@ -169,26 +169,39 @@ impl NatsCluster {
         .await
     }
 
-    /// Messages stored in `stream`, as node `i` reports them.
+    /// Messages stored in `stream`, as node `i` reports them (0 if it has none).
     pub async fn stream_messages(&self, i: usize, stream: &str) -> Result<u64> {
+        let d = self.stream_detail(i, stream).await?;
+        if d.is_null() {
+            return Ok(0);
+        }
+        d["state"]["messages"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no message count in {d}"))
+    }
+
+    /// The node leading `stream`'s Raft group, as node `i` sees it.
+    pub async fn stream_leader(&self, i: usize, stream: &str) -> Result<Option<usize>> {
+        let d = self.stream_detail(i, stream).await?;
+        Ok(d["cluster"]["leader"]
+            .as_str()
+            .and_then(|l| l.strip_prefix('n'))
+            .and_then(|n| n.parse().ok()))
+    }
+
+    async fn stream_detail(&self, i: usize, stream: &str) -> Result<serde_json::Value> {
         let url = format!(
             "http://127.0.0.1:{}/jsz?streams=true",
             self.nodes[i].monitor
         );
         let v: serde_json::Value = reqwest::get(&url).await?.json().await?;
-        let streams = v["account_details"]
+        let found = v["account_details"]
             .as_array()
             .into_iter()
             .flatten()
-            .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default());
-        for s in streams {
-            if s["name"] == stream {
-                return s["state"]["messages"]
-                    .as_u64()
-                    .ok_or_else(|| anyhow!("no message count in {s}"));
-            }
-        }
-        Ok(0)
+            .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+            .find(|s| s["name"] == stream);
+        Ok(found.unwrap_or(serde_json::Value::Null))
     }
 
     /// Every node's log, for a failing test's report.

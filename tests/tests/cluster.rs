@@ -265,5 +265,29 @@ async fn scenario(
     if stored != 100 {
         bail!("the stream holds {stored} messages, not 100");
     }
+
+    // 5. kill -9 of the stream's leader while edge A writes: a new leader takes over,
+    // every op arrives once.
+    let leader = match nats.stream_leader(0, "OUTPOST_OPS").await? {
+        Some(l) => l,
+        None => bail!("the stream has no leader"),
+    };
+    nats.kill9(leader);
+    for n in 100..120u64 {
+        let (status, body) = publish(&http, a, API_KEY, CHANNEL, json!({"event": "e", "data": {"n": n}})).await?;
+        if status != 200 {
+            bail!("publish {n} after the leader died: {status} {body}");
+        }
+    }
+    let got = receive(&mut sub, 20).await?;
+    if got != (100..120).collect::<Vec<_>>() {
+        bail!("edge B got {got:?} after the stream leader died");
+    }
+    nats.restart(leader)?;
+    let alive = (leader + 1) % 3;
+    let stored = nats.stream_messages(alive, "OUTPOST_OPS").await?;
+    if stored != 120 {
+        bail!("the stream holds {stored} messages, not 120");
+    }
     Ok(())
 }
