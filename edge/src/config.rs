@@ -1010,6 +1010,16 @@ send_buffer_bytes = 262144
 # keepalive_ms = 500                    # also how soon a restarted cloud is noticed
 # idle_timeout_ms = 10000                # how soon a silent (dead) cloud is noticed
 # max_frame_bytes = 8388608              # at least 16 x limits.max_message_bytes
+
+# Cloud only: one of several coordinators sharing a NATS JetStream stream (run the NATS
+# servers with `sync_interval: always`). Without this section the cloud is one process.
+# [jetstream]
+# servers = ["nats://127.0.0.1:4222"]    # host names are resolved at each connect
+# stream = "OUTPOST_OPS"
+# subject_prefix = "outpost.ops"
+# replicas = 3                           # an ack means a majority of them stored the op
+# ack_timeout_ms = 5000
+# user = "..."; password = "..." or token = "..."
 "#;
 
 #[cfg(test)]
@@ -1026,6 +1036,29 @@ mod tests {
         // The default has no auth method configured: validation says so, by key.
         let err = EdgeConfig::default().validate().expect_err("no auth");
         assert!(err.to_string().contains("auth:"), "{err}");
+    }
+
+    #[test]
+    fn jetstream_section_is_checked_by_key() {
+        let ok = EdgeConfig::from_toml(
+            "[auth]\nallow_anonymous = true\n[jetstream]\nservers = [\"nats://n1:4222\", \"nats://n2:4222\"]\n",
+        )
+        .expect("valid");
+        let js = ok.jetstream.expect("section");
+        assert_eq!((js.replicas, js.stream.as_str()), (3, "OUTPOST_OPS"));
+        let err = EdgeConfig::from_toml(
+            "[auth]\nallow_anonymous = true\n[jetstream]\nservers = []\nreplicas = 0\nstream = \"a.b\"\nsubject_prefix = \"x.>\"\n",
+        )
+        .expect_err("invalid");
+        let s = err.to_string();
+        for key in [
+            "jetstream.servers",
+            "jetstream.replicas",
+            "jetstream.stream",
+            "jetstream.subject_prefix",
+        ] {
+            assert!(s.contains(key), "{key} missing in {s}");
+        }
     }
 
     #[test]

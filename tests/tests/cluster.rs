@@ -274,7 +274,14 @@ async fn scenario(
     };
     nats.kill9(leader);
     for n in 100..120u64 {
-        let (status, body) = publish(&http, a, API_KEY, CHANNEL, json!({"event": "e", "data": {"n": n}})).await?;
+        let (status, body) = publish(
+            &http,
+            a,
+            API_KEY,
+            CHANNEL,
+            json!({"event": "e", "data": {"n": n}}),
+        )
+        .await?;
         if status != 200 {
             bail!("publish {n} after the leader died: {status} {body}");
         }
