@@ -9,18 +9,17 @@
 //! duplicate window (2 minutes) is dropped by the server; a copy after the window is
 //! dropped by the replica, which already has the dot.
 //!
-//! **Writes.** The core appends every op it applies from an edge or a client
-//! ([`JetStreamLog::append`], no waiting) and the group committer awaits
-//! [`JetStreamLog::flush`]: every queued op published in order and acknowledged by the
-//! stream, i.e. stored on a majority of its replicas (each server fsyncing every write
-//! with `sync_interval: always`). Only then does the coordinator ack the edge or the
-//! client. A failed flush keeps the ops queued and publishes them again.
+//! **Writes.** The core queues every op it applies from an edge or a client and the
+//! group committer hands the queue to [`SharedLog::store`]: every op published in
+//! order and acknowledged by the stream, i.e. stored on a majority of its replicas
+//! (each server fsyncing every write with `sync_interval: always`). Only then does the
+//! coordinator ack the edge or the client. A failed store is retried with the same
+//! batch.
 //!
 //! **Reads.** Every coordinator tails the stream ([`tail`]) from the position it has
 //! applied (kept in its own sled) and hands other coordinators' ops to its node
 //! (`Input::Logged`), which applies them and forwards them to its edges.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,20 +55,11 @@ pub fn channel_of(prefix: &str, subject: &str) -> Option<ChannelName> {
     ChannelName::new(String::from_utf8(bytes).ok()?).ok()
 }
 
-#[derive(Clone, Debug)]
-struct Queued {
-    subject: String,
-    id: String,
-    payload: Bytes,
-}
-
-/// The JetStream side of a coordinator: connection, stream, queued publishes.
+/// The JetStream side of a coordinator: connection and stream.
 #[derive(Debug)]
 pub struct JetStreamLog {
     js: jetstream::Context,
     cfg: JetStreamConfig,
-    /// Appended, not yet acknowledged by the stream; in append order.
-    queued: Mutex<VecDeque<Queued>>,
     /// The stream exists and answered (set by [`JetStreamLog::ensure_stream`]).
     stream_ready: AtomicBool,
     last_error: Mutex<Option<String>>,
@@ -106,7 +96,6 @@ impl JetStreamLog {
         Ok(Arc::new(Self {
             js,
             cfg: cfg.clone(),
-            queued: Mutex::new(VecDeque::new()),
             stream_ready: AtomicBool::new(false),
             last_error: Mutex::new(Some("connecting to NATS".into())),
         }))
@@ -154,80 +143,17 @@ impl JetStreamLog {
             delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
-
-    async fn publish_all(&self, batch: &[Queued]) -> Result<(), SharedLogError> {
-        let err = |what: &str, e: &dyn std::fmt::Display| SharedLogError(format!("{what}: {e}"));
-        for chunk in batch.chunks(PUBLISH_WINDOW) {
-            let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(chunk.len());
-            for q in chunk {
-                let msg = jetstream::message::PublishMessage::build()
-                    .payload(q.payload.clone())
-                    .message_id(&q.id);
-                let ack = self
-                    .js
-                    .send_publish(q.subject.clone(), msg)
-                    .await
-                    .map_err(|e| err("publish", &e))?;
-                acks.push(ack);
-            }
-            for ack in acks {
-                ack.await.map_err(|e| err("stream ack", &e))?;
-            }
-        }
-        Ok(())
-    }
 }
 
 #[async_trait::async_trait]
 impl SharedLog for JetStreamLog {
-    fn append(&self, channel: &ChannelName, op: &Op) {
-        let payload = match shared::codec::to_bytes(op) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => {
-                // An op the core applied always encodes; if not, it is a bug, and the
-                // op still reaches other coordinators through the edges' syncs.
-                tracing::error!(error = %e, %channel, dot = %op.dot, "cannot encode an op for the shared log");
-                return;
-            }
-        };
-        let q = Queued {
-            subject: subject(&self.cfg.subject_prefix, channel),
-            id: format!("{channel}/{}", op.dot),
-            payload,
-        };
-        if let Ok(mut g) = self.queued.lock() {
-            g.push_back(q);
-        }
-    }
-
-    async fn flush(&self) -> Result<(), SharedLogError> {
-        let batch: Vec<Queued> = match self.queued.lock() {
-            Ok(g) => g.iter().cloned().collect(),
-            Err(_) => return Err(SharedLogError("queue poisoned".into())),
-        };
-        if batch.is_empty() {
-            return Ok(());
-        }
+    async fn store(&self, batch: &[(ChannelName, Op)]) -> Result<(), SharedLogError> {
         if !self.stream_ready.load(Ordering::SeqCst) {
             return Err(SharedLogError("the stream is not ready yet".into()));
         }
-        match self.publish_all(&batch).await {
-            Ok(()) => {
-                if let Ok(mut g) = self.queued.lock() {
-                    // Only this flush removes, and only what it published: later
-                    // appends stay queued behind.
-                    let n = batch.len().min(g.len());
-                    g.drain(..n);
-                }
-                self.set_error(None);
-                metrics::counter!("outpost_shared_log_ops_total").increment(batch.len() as u64);
-                Ok(())
-            }
-            Err(e) => {
-                self.set_error(Some(e.0.clone()));
-                Err(e)
-            }
-        }
+        let result = self.publish_all(batch).await;
+        self.set_error(result.as_ref().err().map(|e| e.0.clone()));
+        result
     }
 
     fn health(&self) -> Result<(), String> {
@@ -243,6 +169,33 @@ impl SharedLog for JetStreamLog {
                 .and_then(|g| g.clone())
                 .unwrap_or_else(|| "stream not ready".into());
             return Err(why);
+        }
+        Ok(())
+    }
+}
+
+impl JetStreamLog {
+    /// Publishes in order, up to [`PUBLISH_WINDOW`] awaiting their acks at once.
+    async fn publish_all(&self, batch: &[(ChannelName, Op)]) -> Result<(), SharedLogError> {
+        let err = |what: &str, e: &dyn std::fmt::Display| SharedLogError(format!("{what}: {e}"));
+        for chunk in batch.chunks(PUBLISH_WINDOW) {
+            let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(chunk.len());
+            for (channel, op) in chunk {
+                // An op the core applied always encodes.
+                let payload = shared::codec::to_bytes(op).map_err(|e| err("encode", &e))?;
+                let msg = jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(payload))
+                    .message_id(format!("{channel}/{}", op.dot));
+                let ack = self
+                    .js
+                    .send_publish(subject(&self.cfg.subject_prefix, channel), msg)
+                    .await
+                    .map_err(|e| err("publish", &e))?;
+                acks.push(ack);
+            }
+            for ack in acks {
+                ack.await.map_err(|e| err("stream ack", &e))?;
+            }
         }
         Ok(())
     }

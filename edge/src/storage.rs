@@ -342,6 +342,32 @@ impl Storage {
         Ok(())
     }
 
+    /// Clustered coordinator: `channel` has ops the shared log may not have yet (set
+    /// with the op, in the same group commit; cleared once the log stored them).
+    pub fn mark_unlogged(&self, channel: &ChannelName) -> Result<(), StorageError> {
+        self.db
+            .insert(format!("unlogged:{channel}"), &[] as &[u8])?;
+        Ok(())
+    }
+
+    pub fn clear_unlogged(&self, channel: &ChannelName) -> Result<(), StorageError> {
+        self.db.remove(format!("unlogged:{channel}"))?;
+        Ok(())
+    }
+
+    /// The channels marked with [`Storage::mark_unlogged`].
+    pub fn unlogged_channels(&self) -> Result<Vec<ChannelName>, StorageError> {
+        let mut out = Vec::new();
+        for k in self.db.scan_prefix("unlogged:").keys() {
+            let k = k?;
+            let name = std::str::from_utf8(&k[b"unlogged:".len()..]).ok();
+            if let Some(c) = name.and_then(|n| ChannelName::new(n).ok()) {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes everything kept for a channel (cache eviction).
     pub fn remove_channel(&self, channel: &ChannelName) -> Result<(), StorageError> {
         let p = prefix(channel);

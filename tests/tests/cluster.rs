@@ -83,10 +83,10 @@ async fn coordinators_on_jetstream_share_ops_and_survive_a_coordinator_and_quoru
     let dir = tempfile::tempdir()?;
     let mut nats = NatsCluster::start(dir.path(), 3).await?;
     let mut c1 = coordinator(dir.path(), "c1", &nats, None)?;
-    let c2 = coordinator(dir.path(), "c2", &nats, Some(&c1))?;
+    let mut c2 = coordinator(dir.path(), "c2", &nats, Some(&c1))?;
     let a = Edge::start(&dir.path().join("a"), &uplink(&[&c1, &c2], TOKEN_A))?;
     let b = Edge::start(&dir.path().join("b"), &uplink(&[&c2, &c1], TOKEN_B))?;
-    let r = scenario(&mut nats, &mut c1, &c2, &a, &b).await;
+    let r = scenario(&mut nats, &mut c1, &mut c2, &a, &b).await;
     r.map_err(|e| {
         let tail = |s: String| {
             let l: Vec<&str> = s.lines().collect();
@@ -106,13 +106,13 @@ async fn coordinators_on_jetstream_share_ops_and_survive_a_coordinator_and_quoru
 async fn scenario(
     nats: &mut NatsCluster,
     c1: &mut Cloud,
-    c2: &Cloud,
+    c2: &mut Cloud,
     a: &Edge,
     b: &Edge,
 ) -> Result<()> {
     let http = reqwest::Client::new();
     let edges_on = |c: &Cloud| c.url("/metrics");
-    for (c, n) in [(&*c1, 1.0), (c2, 1.0)] {
+    for (c, n) in [(&*c1, 1.0), (&*c2, 1.0)] {
         let url = edges_on(c);
         eventually(
             Duration::from_secs(30),
@@ -150,7 +150,7 @@ async fn scenario(
     }
     // Both coordinators hold them (c2 only through the shared log), and the stream
     // has them once each.
-    for c in [&*c1, c2] {
+    for c in [&*c1, &*c2] {
         let url = c.url("");
         let url = url.trim_end_matches('/').to_owned();
         eventually(
@@ -170,7 +170,7 @@ async fn scenario(
 
     // 2. kill -9 of c1: edge A moves to c2 and keeps delivering to B.
     c1.kill9();
-    let url = edges_on(c2);
+    let url = edges_on(&*c2);
     eventually(Duration::from_secs(20), "edge A to move to c2", || {
         let (http, url) = (http.clone(), url.clone());
         async move { Ok((metric(&http, &url, "outpost_edges_connected").await? == 2.0).then_some(())) }
@@ -236,6 +236,10 @@ async fn scenario(
             bail!("edge B got {v} while JetStream had no quorum");
         }
     }
+    // c2 dies holding ops the stream has not stored (they are only in its own store):
+    // restarted, it must not ack them from there, and must send them to the stream.
+    c2.kill9();
+    c2.restart()?;
     nats.restart(1)?;
     nats.restart(2)?;
     let got = receive(&mut sub, 20).await?;

@@ -108,6 +108,14 @@ struct Inner {
     departures: u64,
     /// Dots of the shared-log ops being handled now: applied here, not appended again.
     from_log: std::collections::HashSet<shared::Dot>,
+    /// Clustered: ops applied here that the shared log must store, in order; the
+    /// group committer takes them after the local flush.
+    log_queue: Vec<(ChannelName, Op)>,
+    /// Channels marked in storage as holding ops the log may lack.
+    unlogged: std::collections::HashSet<ChannelName>,
+    /// Set at start when channels were re-queued for the log: every output waits for
+    /// them to be stored (an edge must not be acked from local storage alone).
+    log_barrier: bool,
 }
 
 /// The edge's (or cloud's) replica with its storage and subscribers.
@@ -192,6 +200,19 @@ impl Core {
         let fanout = Fanout::default();
         let sync_cfg = sync_config(cfg);
         let node = Self::restore_node(&storage, id, role, sync_cfg.clone(), &fanout, Vec::new())?;
+        // A coordinator that stopped before the shared log stored some ops sends those
+        // channels' logs again (the log drops what it has; replicas ignore duplicates).
+        let (log_queue, unlogged) = match &shared_log {
+            Some(_) => Self::unlogged_ops(&storage)?,
+            None => Default::default(),
+        };
+        if !log_queue.is_empty() {
+            tracing::info!(
+                channels = unlogged.len(),
+                ops = log_queue.len(),
+                "sending ops the shared log may lack again"
+            );
+        }
         // Restored channels count as used now: idle eviction starts counting at start.
         let last_used: HashMap<ChannelName, Instant> = node
             .channels()
@@ -209,6 +230,9 @@ impl Core {
                 cold_cursor: None,
                 last_used,
                 from_log: Default::default(),
+                log_barrier: !log_queue.is_empty(),
+                log_queue,
+                unlogged,
             }),
             fanout,
             id,
@@ -230,6 +254,28 @@ impl Core {
             shared_log,
             shared_log_ok: std::sync::atomic::AtomicBool::new(true),
         }))
+    }
+
+    /// The ops of every channel marked unlogged, in log order.
+    #[allow(clippy::type_complexity)]
+    fn unlogged_ops(
+        storage: &Storage,
+    ) -> Result<
+        (
+            Vec<(ChannelName, Op)>,
+            std::collections::HashSet<ChannelName>,
+        ),
+        CoreError,
+    > {
+        let mut ops = Vec::new();
+        let mut channels = std::collections::HashSet::new();
+        for c in storage.unlogged_channels()? {
+            if let Some(read) = storage.read_channel(&c)? {
+                ops.extend(read.channel.log.iter().map(|op| (c.clone(), op.clone())));
+            }
+            channels.insert(c);
+        }
+        Ok((ops, channels))
     }
 
     /// The storage, unless it is being reopened after a failure.
@@ -677,14 +723,28 @@ impl Core {
                         result = Err(e);
                         break;
                     }
-                    if let (Some(log), Persist::Op { channel, op }) = (&self.shared_log, &p) {
+                    if let (Some(_), Persist::Op { channel, op }) = (&self.shared_log, &p) {
                         if !g.from_log.contains(&op.dot) {
-                            log.append(channel, op);
+                            if !g.unlogged.contains(channel) {
+                                let marked = match &storage {
+                                    Ok(s) => s.mark_unlogged(channel).map_err(CoreError::from),
+                                    Err(e) => Err(CoreError::Storage(e.to_string())),
+                                };
+                                if let Err(e) = marked {
+                                    result = Err(e);
+                                    break;
+                                }
+                                g.unlogged.insert(channel.clone());
+                            }
+                            g.log_queue.push((channel.clone(), op.clone()));
                         }
                     }
                     g.commit.wrote();
                 }
                 other => {
+                    if g.log_barrier {
+                        g.commit.wrote();
+                    }
                     if let Some(now) = g.commit.push(other) {
                         self.execute(now);
                     }
@@ -805,46 +865,72 @@ impl Core {
         self.durability == Durability::Fsync || self.shared_log.is_some()
     }
 
-    /// Waits until the shared log (if any) stored every op queued so far, trying again
-    /// for as long as it takes: meanwhile nothing is acked or delivered, and edges keep
-    /// their unacked ops. False if shutdown came first.
-    async fn flush_shared_log(&self, shutdown: &CancellationToken) -> bool {
+    /// Stores `batch` in the shared log (if any), trying again for as long as it
+    /// takes: meanwhile nothing is acked or delivered, and edges keep their unacked
+    /// ops. Then clears the unlogged marks of channels with nothing left queued. False
+    /// if shutdown came first.
+    async fn flush_shared_log(
+        &self,
+        batch: Vec<(ChannelName, Op)>,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let Some(log) = &self.shared_log else {
             return true;
         };
         let mut delay = Duration::from_millis(50);
-        loop {
-            let started = Instant::now();
-            match log.flush().await {
-                Ok(()) => {
-                    metrics::histogram!("outpost_shared_log_flush_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    if !self
-                        .shared_log_ok
-                        .swap(true, std::sync::atomic::Ordering::SeqCst)
-                    {
-                        tracing::info!("shared log stores ops again: acking");
+        if !batch.is_empty() {
+            loop {
+                let started = Instant::now();
+                match log.store(&batch).await {
+                    Ok(()) => {
+                        metrics::histogram!("outpost_shared_log_flush_seconds")
+                            .record(started.elapsed().as_secs_f64());
+                        metrics::counter!("outpost_shared_log_ops_total")
+                            .increment(batch.len() as u64);
+                        if !self
+                            .shared_log_ok
+                            .swap(true, std::sync::atomic::Ordering::SeqCst)
+                        {
+                            tracing::info!("shared log stores ops again: acking");
+                        }
+                        break;
                     }
-                    return true;
-                }
-                Err(e) => {
-                    metrics::counter!("outpost_shared_log_failures_total").increment(1);
-                    if self
-                        .shared_log_ok
-                        .swap(false, std::sync::atomic::Ordering::SeqCst)
-                    {
-                        tracing::error!(error = %e, "shared log cannot store ops: holding acks and deliveries, retrying");
-                    } else {
-                        tracing::debug!(error = %e, "shared log still failing");
+                    Err(e) => {
+                        metrics::counter!("outpost_shared_log_failures_total").increment(1);
+                        if self
+                            .shared_log_ok
+                            .swap(false, std::sync::atomic::Ordering::SeqCst)
+                        {
+                            tracing::error!(error = %e, "shared log cannot store ops: holding acks and deliveries, retrying");
+                        } else {
+                            tracing::debug!(error = %e, "shared log still failing");
+                        }
                     }
                 }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
+        let mut g = self.lock();
+        g.log_barrier = false;
+        let stored: std::collections::HashSet<&ChannelName> =
+            batch.iter().map(|(c, _)| c).collect();
+        let still: std::collections::HashSet<ChannelName> =
+            g.log_queue.iter().map(|(c, _)| c.clone()).collect();
+        let storage = self.storage().ok();
+        for c in stored {
+            if !still.contains(c) && g.unlogged.remove(c) {
+                if let Some(s) = &storage {
+                    if let Err(e) = s.clear_unlogged(c) {
+                        tracing::warn!(error = %e, channel = %c, "cannot clear an unlogged mark (its log is sent again at the next start)");
+                    }
+                }
+            }
+        }
+        true
     }
 
     /// Whether acks flow: `Err(why)` while a shared log is configured and cannot
@@ -892,7 +978,7 @@ impl Core {
         loop {
             let pending = {
                 let g = self.lock();
-                g.commit.written() > self.flushed.borrow().flushed
+                g.commit.written() > self.flushed.borrow().flushed || !g.log_queue.is_empty()
             };
             if !pending {
                 tokio::select! {
@@ -908,7 +994,12 @@ impl Core {
                     tokio::time::sleep(self.commit_window).await;
                 }
             }
-            let target = self.lock().commit.written();
+            // The generation to complete and the ops the log must store for it, taken
+            // together: every op queued by a write of generation <= target is here.
+            let (target, batch) = {
+                let mut g = self.lock();
+                (g.commit.written(), std::mem::take(&mut g.log_queue))
+            };
             let started = Instant::now();
             let res = match self.storage() {
                 Ok(_) if self.durability == Durability::Os => Ok(()),
@@ -916,7 +1007,12 @@ impl Core {
                 Err(e) => Err(e),
             };
             metrics::histogram!("outpost_flush_seconds").record(started.elapsed().as_secs_f64());
-            if res.is_ok() && !self.flush_shared_log(&shutdown).await {
+            if res.is_err() {
+                // The batch goes back in front: it is stored after the repair.
+                let mut g = self.lock();
+                let later = std::mem::replace(&mut g.log_queue, batch);
+                g.log_queue.extend(later);
+            } else if !self.flush_shared_log(batch, &shutdown).await {
                 return;
             }
             match res {
