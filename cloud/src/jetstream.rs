@@ -4,10 +4,12 @@
 //! `replicas` copies — 3 in production) over the subjects `<subject_prefix>.>`; a
 //! channel is the subject `<subject_prefix>.<channel name in base64url>`, so any
 //! channel name is a valid single subject token and one stream (one Raft group) holds
-//! every channel. One message per op: its bincode encoding (`shared::codec`), with
-//! `Nats-Msg-Id: <channel>/<dot>` so that a copy sent again within the stream's
-//! duplicate window (2 minutes) is dropped by the server; a copy after the window is
-//! dropped by the replica, which already has the dot.
+//! every channel. One message per [`LogRecord`], its bincode encoding
+//! (`shared::codec`): an op, with `Nats-Msg-Id: <channel>/<dot>` so that a copy sent
+//! again within the stream's duplicate window (2 minutes) is dropped by the server (a
+//! copy after the window is dropped by the replica, which already has the dot); or
+//! state a coordinator installed from an edge's snapshot, in parts of at most
+//! [`STATE_PART_BYTES`] of registers followed by one part with the vector.
 //!
 //! **Writes.** The core queues every op it applies from an edge or a client and the
 //! group committer hands the queue to [`SharedLog::store`]: every op published in
@@ -31,11 +33,14 @@ use edge::config::JetStreamConfig;
 use edge::core::{Core, SharedLog, SharedLogError};
 use futures_util::StreamExt;
 use shared::ids::ChannelName;
-use shared::op::Op;
+use shared::replica::Snapshot;
+use shared::wire::LogRecord;
 use tokio_util::sync::CancellationToken;
 
 /// Publishes in flight at once during a flush (the client's ack window).
 const PUBLISH_WINDOW: usize = 1024;
+/// Registers per state part stay under this (NATS's default `max_payload` is 1 MiB).
+pub const STATE_PART_BYTES: usize = 256 << 10;
 /// How often the tail records the position it has applied.
 const POSITION_EVERY: Duration = Duration::from_millis(500);
 
@@ -147,7 +152,7 @@ impl JetStreamLog {
 
 #[async_trait::async_trait]
 impl SharedLog for JetStreamLog {
-    async fn store(&self, batch: &[(ChannelName, Op)]) -> Result<(), SharedLogError> {
+    async fn store(&self, batch: &[(ChannelName, LogRecord)]) -> Result<(), SharedLogError> {
         if !self.stream_ready.load(Ordering::SeqCst) {
             return Err(SharedLogError("the stream is not ready yet".into()));
         }
@@ -174,21 +179,87 @@ impl SharedLog for JetStreamLog {
     }
 }
 
+/// The messages of one record: (message id, payload).
+fn messages(
+    channel: &ChannelName,
+    record: &LogRecord,
+) -> Result<Vec<(String, Vec<u8>)>, shared::codec::CodecError> {
+    match record {
+        LogRecord::Op(op) => Ok(vec![(
+            format!("{channel}/{}", op.dot),
+            shared::codec::to_bytes(record)?,
+        )]),
+        LogRecord::State(snap) => {
+            // Parts of registers (a part alone changes nothing a merge cannot), then
+            // the vector: a reader that stops midway installed no vector it lacks
+            // state for.
+            use sha2::Digest;
+            let vv = shared::codec::to_bytes(&snap.vv)?;
+            let id = hex::encode(&sha2::Sha256::digest(&vv)[..12]);
+            let mut out = Vec::new();
+            let mut part = Snapshot {
+                vv: Default::default(),
+                state: Default::default(),
+            };
+            let mut bytes = 0;
+            for (k, r) in &snap.state {
+                let size = k.len() + shared::codec::to_bytes(r)?.len();
+                if bytes + size > STATE_PART_BYTES && !part.state.is_empty() {
+                    let rec = LogRecord::State(std::mem::replace(
+                        &mut part,
+                        Snapshot {
+                            vv: Default::default(),
+                            state: Default::default(),
+                        },
+                    ));
+                    out.push((
+                        format!("{channel}/state/{id}/{}", out.len()),
+                        shared::codec::to_bytes(&rec)?,
+                    ));
+                    bytes = 0;
+                }
+                bytes += size;
+                part.state.insert(k.clone(), r.clone());
+            }
+            if !part.state.is_empty() {
+                out.push((
+                    format!("{channel}/state/{id}/{}", out.len()),
+                    shared::codec::to_bytes(&LogRecord::State(part))?,
+                ));
+            }
+            let end = LogRecord::State(Snapshot {
+                vv: snap.vv.clone(),
+                state: Default::default(),
+            });
+            out.push((
+                format!("{channel}/state/{id}/end"),
+                shared::codec::to_bytes(&end)?,
+            ));
+            Ok(out)
+        }
+    }
+}
+
 impl JetStreamLog {
     /// Publishes in order, up to [`PUBLISH_WINDOW`] awaiting their acks at once.
-    async fn publish_all(&self, batch: &[(ChannelName, Op)]) -> Result<(), SharedLogError> {
+    async fn publish_all(&self, batch: &[(ChannelName, LogRecord)]) -> Result<(), SharedLogError> {
         let err = |what: &str, e: &dyn std::fmt::Display| SharedLogError(format!("{what}: {e}"));
-        for chunk in batch.chunks(PUBLISH_WINDOW) {
+        let mut msgs = Vec::with_capacity(batch.len());
+        for (channel, record) in batch {
+            // A record the core produced always encodes.
+            for (id, payload) in messages(channel, record).map_err(|e| err("encode", &e))? {
+                msgs.push((subject(&self.cfg.subject_prefix, channel), id, payload));
+            }
+        }
+        for chunk in msgs.chunks(PUBLISH_WINDOW) {
             let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(chunk.len());
-            for (channel, op) in chunk {
-                // An op the core applied always encodes.
-                let payload = shared::codec::to_bytes(op).map_err(|e| err("encode", &e))?;
+            for (subject, id, payload) in chunk {
                 let msg = jetstream::message::PublishMessage::build()
-                    .payload(Bytes::from(payload))
-                    .message_id(format!("{channel}/{}", op.dot));
+                    .payload(Bytes::from(payload.clone()))
+                    .message_id(id);
                 let ack = self
                     .js
-                    .send_publish(subject(&self.cfg.subject_prefix, channel), msg)
+                    .send_publish(subject.clone(), msg)
                     .await
                     .map_err(|e| err("publish", &e))?;
                 acks.push(ack);
@@ -297,9 +368,9 @@ async fn tail_from(
                     tracing::warn!(subject = %m.subject, "shared log: a subject that names no channel; skipped");
                     continue;
                 };
-                match shared::codec::from_bytes::<Op>(&m.payload) {
-                    Ok(op) => core.handle_logged(channel, vec![op]),
-                    Err(e) => tracing::warn!(error = %e, %channel, "shared log: an op that does not decode; skipped"),
+                match shared::codec::from_bytes::<LogRecord>(&m.payload) {
+                    Ok(record) => core.handle_logged(channel, record),
+                    Err(e) => tracing::warn!(error = %e, %channel, "shared log: a record that does not decode; skipped"),
                 }
             }
         }
@@ -324,5 +395,61 @@ mod tests {
         }
         assert_eq!(channel_of("outpost.ops", "other.x"), None);
         assert_eq!(channel_of("outpost.ops", "outpost.ops.!!"), None);
+    }
+
+    #[test]
+    fn a_large_state_goes_in_parts_with_the_vector_last() {
+        use shared::hlc::Hlc;
+        use shared::replica::{ChannelReplica, LocalWrite, ReplicaConfig};
+        let channel = ChannelName::new("project:big").unwrap_or_else(|e| panic!("{e}"));
+        let me = shared::ReplicaId::new(7).unwrap_or_else(|| panic!("id"));
+        let mut r = ChannelReplica::new(channel.clone(), me, ReplicaConfig::default());
+        let value = shared::op::Payload::from_value(&"x".repeat(20_000));
+        for i in 0..40u64 {
+            let write = LocalWrite::Set {
+                key: format!("k{i}"),
+                value: value.clone(),
+                context: Default::default(),
+            };
+            r.local(
+                Hlc {
+                    wall_ms: i,
+                    logical: 0,
+                },
+                write,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let snap = r.snapshot();
+        let msgs =
+            messages(&channel, &LogRecord::State(snap.clone())).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            msgs.len() >= 4,
+            "800 KB of registers in parts: {}",
+            msgs.len()
+        );
+        let mut merged = Snapshot {
+            vv: Default::default(),
+            state: Default::default(),
+        };
+        for (i, (id, payload)) in msgs.iter().enumerate() {
+            assert!(
+                payload.len() < 512 << 10,
+                "part {i} is {} bytes",
+                payload.len()
+            );
+            let Ok(LogRecord::State(part)) = shared::codec::from_bytes::<LogRecord>(payload) else {
+                panic!("part {i} is not a state record");
+            };
+            let last = i + 1 == msgs.len();
+            assert_eq!(
+                part.vv.is_empty(),
+                !last,
+                "only the last part ({id}) has the vector"
+            );
+            merged.vv.merge(&part.vv);
+            merged.state.extend(part.state);
+        }
+        assert_eq!(merged, snap);
     }
 }

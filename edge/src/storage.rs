@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use shared::codec;
 use shared::store::Store;
 use shared::sync::{DurableChannel, Persist};
+use shared::wire::LogRecord;
 use shared::{ChannelName, Dot, ReplicaId, VersionVector};
 
 /// A storage failure. Nothing that failed here was acknowledged.
@@ -71,6 +72,9 @@ pub struct Storage {
     /// `channel` -> () for channels with local ops the upstream has not acked: the
     /// ones a restarted edge loads before its link comes up.
     outbox: sled::Tree,
+    /// Clustered coordinator: `seq(u64 BE)` -> (channel, record) queued for the shared
+    /// log and not yet stored there.
+    log_outbox: sled::Tree,
     known: Mutex<HashSet<ChannelName>>,
     /// channel -> dot -> arrival: where compaction finds an op's log entry.
     arrivals: Mutex<HashMap<ChannelName, HashMap<Dot, u64>>>,
@@ -105,6 +109,7 @@ impl Storage {
             conflicts: db.open_tree("conflicts")?,
             retired: db.open_tree("retired")?,
             outbox: db.open_tree("outbox")?,
+            log_outbox: db.open_tree("log_outbox")?,
             db,
             known: Mutex::new(HashSet::new()),
             arrivals: Mutex::new(HashMap::new()),
@@ -342,28 +347,46 @@ impl Storage {
         Ok(())
     }
 
-    /// Clustered coordinator: `channel` has ops the shared log may not have yet (set
-    /// with the op, in the same group commit; cleared once the log stored them).
-    pub fn mark_unlogged(&self, channel: &ChannelName) -> Result<(), StorageError> {
-        self.db
-            .insert(format!("unlogged:{channel}"), &[] as &[u8])?;
+    /// Clustered coordinator: a record queued for the shared log, under `seq` (kept
+    /// until [`Storage::log_outbox_remove_upto`]; written in the group commit of the
+    /// op or state it carries).
+    pub fn log_outbox_put(
+        &self,
+        seq: u64,
+        channel: &ChannelName,
+        record: &LogRecord,
+    ) -> Result<(), StorageError> {
+        let v = codec::to_bytes(&(channel, record)).map_err(StorageError::Encode)?;
+        self.log_outbox.insert(seq.to_be_bytes(), v)?;
         Ok(())
     }
 
-    pub fn clear_unlogged(&self, channel: &ChannelName) -> Result<(), StorageError> {
-        self.db.remove(format!("unlogged:{channel}"))?;
+    /// The shared log stored every record up to `seq`.
+    pub fn log_outbox_remove_upto(&self, seq: u64) -> Result<(), StorageError> {
+        for k in self.log_outbox.range(..=seq.to_be_bytes()).keys() {
+            self.log_outbox.remove(k?)?;
+        }
         Ok(())
     }
 
-    /// The channels marked with [`Storage::mark_unlogged`].
-    pub fn unlogged_channels(&self) -> Result<Vec<ChannelName>, StorageError> {
+    /// Every record queued for the shared log and not yet stored, in order.
+    #[allow(clippy::type_complexity)]
+    pub fn log_outbox(&self) -> Result<Vec<(u64, ChannelName, LogRecord)>, StorageError> {
         let mut out = Vec::new();
-        for k in self.db.scan_prefix("unlogged:").keys() {
-            let k = k?;
-            let name = std::str::from_utf8(&k[b"unlogged:".len()..]).ok();
-            if let Some(c) = name.and_then(|n| ChannelName::new(n).ok()) {
-                out.push(c);
-            }
+        for kv in self.log_outbox.iter() {
+            let (k, v) = kv?;
+            let seq = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StorageError::Corrupt {
+                    what: "log_outbox key".into(),
+                    err: codec::CodecError::Trailing(k.len()),
+                })?;
+            let (c, r): (ChannelName, LogRecord) =
+                codec::from_bytes(&v).map_err(|err| StorageError::Corrupt {
+                    what: format!("log_outbox {seq}"),
+                    err,
+                })?;
+            out.push((seq, c, r));
         }
         Ok(out)
     }

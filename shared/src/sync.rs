@@ -30,7 +30,7 @@ use crate::replica::{
 };
 use crate::state::{Conflict, Register};
 use crate::vv::VersionVector;
-use crate::wire::{RebaseBase, SyncMsg};
+use crate::wire::{LogRecord, RebaseBase, SyncMsg};
 
 /// The sync batch for a link whose frames may hold `max_frame` bytes: an eighth, so
 /// that a batch estimated low still fits.
@@ -156,11 +156,12 @@ pub enum Input {
     Timeout,
     /// Local subscribers to a channel appeared (`true`) or all left (`false`).
     Interest(ChannelName, bool),
-    /// Cloud in a cluster: ops another coordinator stored in the shared log, in log
-    /// order. Applied (buffered until their predecessors are here, like a peer's) and
-    /// forwarded to every edge subscribed to the channel; nothing is acked, and the
-    /// shell does not append them to the log again.
-    Logged(ChannelName, Vec<Op>),
+    /// Cloud in a cluster: a record of the shared log (another coordinator's op, or
+    /// state it installed from a snapshot), in log order. Applied like a peer's ops or
+    /// snapshot (ops buffered until their predecessors are here) and forwarded to
+    /// every edge subscribed to the channel; nothing is acked, and the shell does not
+    /// queue what it produces for the log again.
+    Logged(ChannelName, LogRecord),
 }
 
 /// A storage action. See the output contract in the module docs.
@@ -807,15 +808,19 @@ impl Node {
                 }
             }
             Input::Interest(channel, on) => self.interest(now_ms, channel, on),
-            Input::Logged(channel, ops) => self.on_logged(now_ms, channel, ops),
+            Input::Logged(channel, record) => self.on_logged(now_ms, channel, record),
         }
     }
 
-    fn on_logged(&mut self, now_ms: u64, channel: ChannelName, ops: Vec<Op>) {
+    fn on_logged(&mut self, now_ms: u64, channel: ChannelName, record: LogRecord) {
         if self.role != Role::Cloud {
-            self.warn(None, "shared-log ops reach coordinators only".into());
+            self.warn(None, "shared-log records reach coordinators only".into());
             return;
         }
+        let ops = match record {
+            LogRecord::Op(op) => vec![op],
+            LogRecord::State(snapshot) => return self.install(None, channel, &snapshot),
+        };
         let applied = self.receive_all(now_ms, None, &channel, ops);
         for a in &applied {
             self.emit_applied(&channel, a);
@@ -1071,6 +1076,11 @@ impl Node {
         if self.role == Role::Edge && !self.channels.contains_key(&channel) {
             return;
         }
+        self.install(Some(peer), channel, snapshot);
+    }
+
+    /// Merges a snapshot from `from` (a peer, or the shared log) into the channel.
+    fn install(&mut self, from: Option<ReplicaId>, channel: ChannelName, snapshot: &Snapshot) {
         let (changed, applied) = self.chan(&channel).replica.install_snapshot(snapshot);
         let floor = self.chan(&channel).replica.floor().clone();
         for (key, register) in &changed {
@@ -1094,7 +1104,14 @@ impl Node {
         }
         if self.role == Role::Cloud {
             let ops: Vec<Op> = applied.into_iter().map(|a| a.op).collect();
-            self.forward(&channel, &ops, Some(peer));
+            self.forward(&channel, &ops, from);
+            // An edge sends a snapshot when it cannot send the ops themselves (it
+            // compacted some it must resend, e.g. to a new upstream that lacks them):
+            // it is acked like ops, or its outbox would never drain.
+            if let Some(peer) = from {
+                let vv = self.chan(&channel).replica.vv().clone();
+                self.send(peer, SyncMsg::Ack { channel, vv });
+            }
         }
     }
 

@@ -29,6 +29,17 @@ pub enum PeerRole {
     Cloud,
 }
 
+/// One record of the clustered cloud tier's shared log (a JetStream stream; see
+/// `cloud::jetstream`): an op a coordinator applied, or state it installed from a
+/// snapshot (whose ops it never saw one by one). A `State` record with an empty `vv`
+/// carries registers only (one part of a large state; merging a register is always
+/// safe); the vector comes in the last part, after all its registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogRecord {
+    Op(Op),
+    State(Snapshot),
+}
+
 /// Messages of the replication state machine (see [`crate::sync`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncMsg {

@@ -1,4 +1,5 @@
-//! Seeded simulations of a cloud and several edges under faults.
+//! Seeded simulations of the cloud tier (one cloud, or 2–3 coordinators sharing a log)
+//! and several edges under faults.
 //! `SEED=n cargo test -p shared --test simulator` replays one seed;
 //! `SIM_SEEDS=n` changes how many seeds the sweep runs (default 500).
 
@@ -32,6 +33,13 @@ fn simulated_fleet_converges_and_loses_nothing() {
                 total.partitions += r.partitions;
                 total.dropped += r.dropped;
                 total.messages += r.messages;
+                if r.coordinators > 1 {
+                    total.coordinators += 1;
+                }
+                total.logged += r.logged;
+                total.log_outages += r.log_outages;
+                total.requeued += r.requeued;
+                total.moves += r.moves;
                 total.converged_after_ms = total.converged_after_ms.max(r.converged_after_ms);
             }
             Err(f) => {
@@ -40,6 +48,10 @@ fn simulated_fleet_converges_and_loses_nothing() {
             }
         }
     }
+    eprintln!(
+        "{} seeds with 2-3 coordinators sharing a log: {} ops stored in it, {} log outages, {} ops queued again after a coordinator crash, {} edge moves between coordinators",
+        total.coordinators, total.logged, total.log_outages, total.requeued, total.moves
+    );
     eprintln!(
         "{} seeds: {} acked ops checked, {} deliveries, {} conflicts, {} snapshots ({} parts of snapshots sent in parts), {} crashes ({} with a torn register write), {} evictions, {} channels unloaded and {} loaded from disk, {} partition flips, {}/{} frames dropped, slowest convergence {} ms",
         seeds.len(),
@@ -70,6 +82,13 @@ fn simulated_fleet_converges_and_loses_nothing() {
         assert!(
             total.crashes > 0 && total.partitions > 0,
             "the sweep injected no faults"
+        );
+        assert!(
+            total.coordinators > 0
+                && total.log_outages > 0
+                && total.requeued > 0
+                && total.moves > 0,
+            "the sweep never exercised the clustered tier's faults"
         );
     }
 }

@@ -21,7 +21,7 @@ use shared::client::ErrorCode;
 use shared::replica::{LocalOutcome, LocalWrite, NeedSnapshot, ReplicaError};
 use shared::store::Store;
 use shared::sync::{Input, Node, Output, Persist, Role, SyncConfig};
-use shared::wire::SyncMsg;
+use shared::wire::{LogRecord, SyncMsg};
 use shared::{ChannelName, Ephemeral, Op, Register, ReplicaId, VersionVector};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -108,13 +108,15 @@ struct Inner {
     departures: u64,
     /// Dots of the shared-log ops being handled now: applied here, not appended again.
     from_log: std::collections::HashSet<shared::Dot>,
-    /// Clustered: ops applied here that the shared log must store, in order; the
-    /// group committer takes them after the local flush.
-    log_queue: Vec<(ChannelName, Op)>,
-    /// Channels marked in storage as holding ops the log may lack.
-    unlogged: std::collections::HashSet<ChannelName>,
-    /// Set at start when channels were re-queued for the log: every output waits for
-    /// them to be stored (an edge must not be acked from local storage alone).
+    /// A state record from the shared log is being installed now (not queued again).
+    from_log_state: bool,
+    /// Clustered: records the shared log must store (ops applied here, state
+    /// installed from snapshots), in order, each under its log-outbox seq; the group
+    /// committer takes them after the local flush.
+    log_queue: Vec<(u64, ChannelName, LogRecord)>,
+    next_log_seq: u64,
+    /// Set at start when the log outbox held records: every output waits for them to
+    /// be stored (an edge must not be acked from local storage alone).
     log_barrier: bool,
 }
 
@@ -200,17 +202,17 @@ impl Core {
         let fanout = Fanout::default();
         let sync_cfg = sync_config(cfg);
         let node = Self::restore_node(&storage, id, role, sync_cfg.clone(), &fanout, Vec::new())?;
-        // A coordinator that stopped before the shared log stored some ops sends those
-        // channels' logs again (the log drops what it has; replicas ignore duplicates).
-        let (log_queue, unlogged) = match &shared_log {
-            Some(_) => Self::unlogged_ops(&storage)?,
-            None => Default::default(),
+        // A coordinator that stopped before the shared log stored some records sends
+        // them again (the log drops what it has; replicas ignore duplicates).
+        let log_queue = match &shared_log {
+            Some(_) => storage.log_outbox()?,
+            None => Vec::new(),
         };
+        let next_log_seq = log_queue.last().map_or(1, |(seq, _, _)| seq + 1);
         if !log_queue.is_empty() {
             tracing::info!(
-                channels = unlogged.len(),
-                ops = log_queue.len(),
-                "sending ops the shared log may lack again"
+                records = log_queue.len(),
+                "sending records the shared log may lack again"
             );
         }
         // Restored channels count as used now: idle eviction starts counting at start.
@@ -230,9 +232,10 @@ impl Core {
                 cold_cursor: None,
                 last_used,
                 from_log: Default::default(),
+                from_log_state: false,
                 log_barrier: !log_queue.is_empty(),
                 log_queue,
-                unlogged,
+                next_log_seq,
             }),
             fanout,
             id,
@@ -254,28 +257,6 @@ impl Core {
             shared_log,
             shared_log_ok: std::sync::atomic::AtomicBool::new(true),
         }))
-    }
-
-    /// The ops of every channel marked unlogged, in log order.
-    #[allow(clippy::type_complexity)]
-    fn unlogged_ops(
-        storage: &Storage,
-    ) -> Result<
-        (
-            Vec<(ChannelName, Op)>,
-            std::collections::HashSet<ChannelName>,
-        ),
-        CoreError,
-    > {
-        let mut ops = Vec::new();
-        let mut channels = std::collections::HashSet::new();
-        for c in storage.unlogged_channels()? {
-            if let Some(read) = storage.read_channel(&c)? {
-                ops.extend(read.channel.log.iter().map(|op| (c.clone(), op.clone())));
-            }
-            channels.insert(c);
-        }
-        Ok((ops, channels))
     }
 
     /// The storage, unless it is being reopened after a failure.
@@ -725,23 +706,31 @@ impl Core {
                     }
                     if let (Some(_), Persist::Op { channel, op }) = (&self.shared_log, &p) {
                         if !g.from_log.contains(&op.dot) {
-                            if !g.unlogged.contains(channel) {
-                                let marked = match &storage {
-                                    Ok(s) => s.mark_unlogged(channel).map_err(CoreError::from),
-                                    Err(e) => Err(CoreError::Storage(e.to_string())),
-                                };
-                                if let Err(e) = marked {
-                                    result = Err(e);
-                                    break;
-                                }
-                                g.unlogged.insert(channel.clone());
+                            let record = LogRecord::Op(op.clone());
+                            if let Err(e) = self.queue_for_log(g, &storage, channel, record) {
+                                result = Err(e);
+                                break;
                             }
-                            g.log_queue.push((channel.clone(), op.clone()));
                         }
                     }
                     g.commit.wrote();
                 }
                 other => {
+                    if let Output::SnapshotInstalled { channel, .. } = &other {
+                        // State installed from a snapshot holds ops this coordinator
+                        // never saw one by one: the log gets the channel's state.
+                        let snap = g.node.channel(channel).map(|c| c.snapshot());
+                        if let (Some(_), false, Some(snap)) =
+                            (&self.shared_log, g.from_log_state, snap)
+                        {
+                            let record = LogRecord::State(snap);
+                            if let Err(e) = self.queue_for_log(g, &storage, channel, record) {
+                                result = Err(e);
+                                break;
+                            }
+                            g.commit.wrote();
+                        }
+                    }
                     if g.log_barrier {
                         g.commit.wrote();
                     }
@@ -766,6 +755,25 @@ impl Core {
         } else if wrote.is_some() {
             self.flush_wake.notify_one();
         }
+        Ok(())
+    }
+
+    /// Clustered: writes `record` to the log outbox (durable with this generation)
+    /// and queues it for the shared log.
+    fn queue_for_log(
+        &self,
+        g: &mut Inner,
+        storage: &Result<Arc<Storage>, CoreError>,
+        channel: &ChannelName,
+        record: LogRecord,
+    ) -> Result<(), CoreError> {
+        let seq = g.next_log_seq;
+        match storage {
+            Ok(s) => s.log_outbox_put(seq, channel, &record)?,
+            Err(e) => return Err(CoreError::Storage(e.to_string())),
+        }
+        g.next_log_seq += 1;
+        g.log_queue.push((seq, channel.clone(), record));
         Ok(())
     }
 
@@ -867,69 +875,64 @@ impl Core {
 
     /// Stores `batch` in the shared log (if any), trying again for as long as it
     /// takes: meanwhile nothing is acked or delivered, and edges keep their unacked
-    /// ops. Then clears the unlogged marks of channels with nothing left queued. False
-    /// if shutdown came first.
+    /// ops. Then removes it from the log outbox. False if shutdown came first.
     async fn flush_shared_log(
         &self,
-        batch: Vec<(ChannelName, Op)>,
+        batch: Vec<(u64, ChannelName, LogRecord)>,
         shutdown: &CancellationToken,
     ) -> bool {
         let Some(log) = &self.shared_log else {
             return true;
         };
+        let Some(last) = batch.last().map(|(seq, _, _)| *seq) else {
+            self.lock().log_barrier = false;
+            return true;
+        };
+        let records: Vec<(ChannelName, LogRecord)> =
+            batch.into_iter().map(|(_, c, r)| (c, r)).collect();
         let mut delay = Duration::from_millis(50);
-        if !batch.is_empty() {
-            loop {
-                let started = Instant::now();
-                match log.store(&batch).await {
-                    Ok(()) => {
-                        metrics::histogram!("outpost_shared_log_flush_seconds")
-                            .record(started.elapsed().as_secs_f64());
-                        metrics::counter!("outpost_shared_log_ops_total")
-                            .increment(batch.len() as u64);
-                        if !self
-                            .shared_log_ok
-                            .swap(true, std::sync::atomic::Ordering::SeqCst)
-                        {
-                            tracing::info!("shared log stores ops again: acking");
-                        }
-                        break;
+        loop {
+            let started = Instant::now();
+            match log.store(&records).await {
+                Ok(()) => {
+                    metrics::histogram!("outpost_shared_log_flush_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::counter!("outpost_shared_log_records_total")
+                        .increment(records.len() as u64);
+                    if !self
+                        .shared_log_ok
+                        .swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        tracing::info!("shared log stores records again: acking");
                     }
-                    Err(e) => {
-                        metrics::counter!("outpost_shared_log_failures_total").increment(1);
-                        if self
-                            .shared_log_ok
-                            .swap(false, std::sync::atomic::Ordering::SeqCst)
-                        {
-                            tracing::error!(error = %e, "shared log cannot store ops: holding acks and deliveries, retrying");
-                        } else {
-                            tracing::debug!(error = %e, "shared log still failing");
-                        }
-                    }
+                    break;
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return false,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-        let mut g = self.lock();
-        g.log_barrier = false;
-        let stored: std::collections::HashSet<&ChannelName> =
-            batch.iter().map(|(c, _)| c).collect();
-        let still: std::collections::HashSet<ChannelName> =
-            g.log_queue.iter().map(|(c, _)| c.clone()).collect();
-        let storage = self.storage().ok();
-        for c in stored {
-            if !still.contains(c) && g.unlogged.remove(c) {
-                if let Some(s) = &storage {
-                    if let Err(e) = s.clear_unlogged(c) {
-                        tracing::warn!(error = %e, channel = %c, "cannot clear an unlogged mark (its log is sent again at the next start)");
+                Err(e) => {
+                    metrics::counter!("outpost_shared_log_failures_total").increment(1);
+                    if self
+                        .shared_log_ok
+                        .swap(false, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        tracing::error!(error = %e, "shared log cannot store records: holding acks and deliveries, retrying");
+                    } else {
+                        tracing::debug!(error = %e, "shared log still failing");
                     }
                 }
             }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
         }
+        // Stored: out of the outbox (if this write is lost, the next start sends the
+        // records again, which is harmless).
+        if let Ok(s) = self.storage() {
+            if let Err(e) = s.log_outbox_remove_upto(last) {
+                tracing::warn!(error = %e, "cannot trim the shared-log outbox");
+            }
+        }
+        self.lock().log_barrier = false;
         true
     }
 
@@ -955,16 +958,22 @@ impl Core {
 
     /// Ops another coordinator stored in the shared log: applied and forwarded to this
     /// coordinator's edges, not appended again.
-    pub fn handle_logged(&self, channel: ChannelName, ops: Vec<Op>) {
+    pub fn handle_logged(&self, channel: ChannelName, record: LogRecord) {
         let mut g = self.lock();
         if let Err(e) = self.ensure(&mut g, &channel) {
-            tracing::error!(error = %e, %channel, "cannot load a channel for shared-log ops");
+            tracing::error!(error = %e, %channel, "cannot load a channel for a shared-log record");
             return;
         }
-        g.from_log = ops.iter().map(|o| o.dot).collect();
-        g.node.handle(now_ms(), Input::Logged(channel, ops));
+        match &record {
+            LogRecord::Op(op) => {
+                g.from_log.insert(op.dot);
+            }
+            LogRecord::State(_) => g.from_log_state = true,
+        }
+        g.node.handle(now_ms(), Input::Logged(channel, record));
         let res = self.drain(&mut g);
         g.from_log.clear();
+        g.from_log_state = false;
         if let Err(e) = res {
             tracing::error!(error = %e, "storage failure while applying shared-log ops");
         }
