@@ -901,10 +901,13 @@ impl Sim {
                 Output::Conflict { .. } => self.report.conflicts += 1,
                 Output::Warn { reason, .. } => {
                     // An edge that moves to a coordinator which has not read the log
-                    // that far yet sends its acked ops again: expected when clustered.
+                    // that far yet sends its acked ops again, or waits for a rebase
+                    // that holds its own evicted ops: expected when clustered.
                     let expected = reason.contains("wait for missing predecessors")
                         || (self.clustered()
-                            && reason.contains("the upstream lacks this edge's acked ops"));
+                            && (reason.contains("the upstream lacks this edge's acked ops")
+                                || reason
+                                    .contains("the upstream's base lacks this edge's own ops")));
                     if !expected {
                         self.violations.push(format!("node {i} warned: {reason}"));
                     }

@@ -46,6 +46,10 @@ pub const fn batch_bytes_for(max_frame: usize) -> usize {
 /// Default of [`SyncConfig::batch_bytes`].
 pub const DEFAULT_BATCH_BYTES: usize = batch_bytes_for(crate::wire::DEFAULT_MAX_FRAME);
 
+/// Rebases an edge refuses because the upstream lacks its own evicted ops, before it
+/// takes one anyway (see `on_rebase`).
+const MAX_REBASE_REFUSALS: u32 = 20;
+
 /// A snapshot transfer that grows past this is dropped (and asked for again).
 const MAX_TRANSFER_BYTES: usize = 1 << 30;
 
@@ -289,6 +293,8 @@ struct Chan {
     /// Re-created after an eviction: holds only what this node wrote since, until the
     /// upstream's snapshot brings back the rest.
     rebase: bool,
+    /// Rebases refused because the upstream lacked this node's own evicted ops.
+    rebase_refusals: u32,
 }
 
 impl Chan {
@@ -443,6 +449,7 @@ impl Node {
                 last_sent_ms: 0,
                 last_sync_ms: 0,
                 rebase,
+                rebase_refusals: 0,
             },
         );
     }
@@ -586,6 +593,7 @@ impl Node {
                     last_sent_ms: 0,
                     last_sync_ms: 0,
                     rebase: own > 0,
+                    rebase_refusals: 0,
                 },
             );
         }
@@ -1126,6 +1134,23 @@ impl Node {
         if self.role != Role::Edge || !self.channels.get(&channel).is_some_and(|c| c.rebase) {
             return;
         }
+        // The base must hold this edge's own ops from before the eviction (they were
+        // acked, so the upstream has them — unless it has not caught up yet, like a
+        // coordinator still reading the shared log): a base without them would leave
+        // their effects out of the state while the vector claims them. Ask again at
+        // the next sync; after a few refusals accept it (an upstream restored from an
+        // older backup may never have them).
+        let me = self.me;
+        let c = self.chan(&channel);
+        let own_floor = c.replica.floor().get(me);
+        if snapshot.vv.get(me) < own_floor && c.rebase_refusals < MAX_REBASE_REFUSALS {
+            c.rebase_refusals += 1;
+            self.warn(
+                None,
+                format!("{channel}: the upstream's base lacks this edge's own ops up to seq {own_floor} (not caught up yet?); asking again"),
+            );
+            return;
+        }
         self.rebase(channel, snapshot, floor, log);
     }
 
@@ -1415,6 +1440,18 @@ impl Node {
 
     /// Sends `to` what it lacks relative to `since`: ops, or a snapshot.
     fn send_missing(&mut self, to: ReplicaId, channel: &ChannelName, since: &VersionVector) {
+        let c = self.chan(channel);
+        if c.rebase {
+            // Re-created after an eviction, not rebased yet: the state holds only what
+            // this node wrote since, so a snapshot of it would claim ops whose effects
+            // it lacks. Send the ops it has; a peer that lacks the older ones (the
+            // upstream has them, or gets them: it acked them) buffers these meanwhile.
+            let mut have = since.clone();
+            have.merge(c.replica.floor());
+            if let Ok(ops) = c.replica.ops_since(&have, usize::MAX) {
+                return self.send_ops(to, channel, &ops);
+            }
+        }
         let c = self.chan(channel);
         match c.replica.ops_since(since, usize::MAX) {
             Ok(ops) => self.send_ops(to, channel, &ops),
