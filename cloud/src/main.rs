@@ -48,7 +48,8 @@ struct RunArgs {
 enum Cmd {
     /// Run the cloud (the default).
     Run,
-    /// Validate a configuration file and exit.
+    /// Validate a configuration file (with the OUTPOST_* environment applied, as at
+    /// start) and exit.
     Checkconfig { file: PathBuf },
 }
 
@@ -56,9 +57,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::Checkconfig { file }) => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let cfg = CloudConfig::from_toml(&text)
+            // As the server reads it: the file, then the OUTPOST_* environment.
+            let cfg = CloudConfig::load(Some(&file), Figment::new())
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             if cfg.hub.is_none() {
                 anyhow::bail!("{}: hub: the cloud needs a [hub] section", file.display());

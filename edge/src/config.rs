@@ -221,8 +221,9 @@ impl Default for LogConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UplinkConfig {
-    /// QUIC addresses of cloud endpoints, tried in order.
-    pub endpoints: Vec<SocketAddr>,
+    /// Cloud endpoints (`host:port`, `ip:port` or `[ipv6]:port`), tried in order; host
+    /// names are resolved at each dial, so a moved coordinator is found again.
+    pub endpoints: Vec<String>,
     /// The name the cloud's certificate is issued for (TLS server name).
     pub server_name: String,
     /// This edge's credential (the cloud keeps its SHA-256 in `[[hub.edges]]`).
@@ -463,6 +464,22 @@ pub struct EdgeConfig {
 /// batches are an eighth of a frame (see [`EdgeConfig::link_batch_bytes`]) and every
 /// op must fit in one batch with room for its dot, clock and dependencies.
 pub const MIN_FRAME_FOR_MESSAGE: usize = 16;
+
+/// `host:port`, `ip:port` or `[ipv6]:port`.
+fn valid_endpoint(ep: &str) -> bool {
+    if ep.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((host, port)) = ep.rsplit_once(':') else {
+        return false;
+    };
+    port.parse::<u16>().is_ok_and(|p| p > 0)
+        && !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+}
 
 /// The cloud reads the same configuration, with `[hub]` instead of `[uplink]`.
 pub type CloudConfig = EdgeConfig;
@@ -789,6 +806,11 @@ impl EdgeConfig {
             }
         }
         if let Some(u) = &self.uplink {
+            for ep in &u.endpoints {
+                if !valid_endpoint(ep) {
+                    bad("uplink.endpoints", &format!("{ep:?} is not host:port"));
+                }
+            }
             if u.endpoints.is_empty() {
                 bad(
                     "uplink.endpoints",
@@ -1000,7 +1022,7 @@ send_buffer_bytes = 262144
 
 # The link to the cloud. Without this section the edge runs on its own.
 # [uplink]
-# endpoints = ["127.0.0.1:7800"]        # cloud QUIC addresses, tried in order
+# endpoints = ["127.0.0.1:7800"]        # cloud QUIC endpoints (host:port), tried in order
 # server_name = "outpost-cloud"          # the name on the cloud's certificate
 # token = "<this edge's secret>"         # the cloud lists its SHA-256 in [[hub.edges]]
 # ca = "/etc/outpost/ca.pem"             # production: verify the cloud against this CA
@@ -1036,6 +1058,30 @@ mod tests {
         // The default has no auth method configured: validation says so, by key.
         let err = EdgeConfig::default().validate().expect_err("no auth");
         assert!(err.to_string().contains("auth:"), "{err}");
+    }
+
+    #[test]
+    fn uplink_endpoints_take_host_names() {
+        for ok in [
+            "127.0.0.1:7800",
+            "[::1]:7800",
+            "coordinator-0.outpost.svc:7800",
+            "localhost:1",
+        ] {
+            assert!(valid_endpoint(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "host",
+            "host:",
+            "host:0",
+            "host:99999",
+            ":7800",
+            "a b:1",
+            "http://x:1",
+        ] {
+            assert!(!valid_endpoint(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -52,7 +52,8 @@ enum Cmd {
     Run,
     /// Print a commented default configuration.
     Genconfig,
-    /// Validate a configuration file and exit.
+    /// Validate a configuration file (with the OUTPOST_* environment applied, as at
+    /// start) and exit.
     Checkconfig { file: PathBuf },
     /// Mint an HS256 client token.
     Gentoken {
@@ -83,9 +84,9 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Cmd::Checkconfig { file }) => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            EdgeConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            // As the server reads it: the file, then the OUTPOST_* environment.
+            EdgeConfig::load(Some(&file), figment::Figment::new())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             println!("{}: ok", file.display());
             return Ok(());
         }

@@ -15,9 +15,13 @@ use serde_json::{json, Value};
 
 const CHANNEL: &str = "project:cluster";
 
-/// An edge's `[uplink]` listing coordinators in order (they share one certificate).
+/// An edge's `[uplink]` listing coordinators in order (they share one certificate), by
+/// host name (resolved at each dial).
 fn uplink(coords: &[&Cloud], token: &str) -> String {
-    let eps: Vec<String> = coords.iter().map(|c| format!("\"{}\"", c.quic)).collect();
+    let eps: Vec<String> = coords
+        .iter()
+        .map(|c| format!("\"localhost:{}\"", c.quic.port()))
+        .collect();
     format!(
         "[uplink]\nendpoints = [{}]\ntoken = \"{token}\"\npin_sha256 = \"{}\"\nbackoff_min_ms = 50\nbackoff_max_ms = 300\nkeepalive_ms = 300\nidle_timeout_ms = 1500\n",
         eps.join(", "),

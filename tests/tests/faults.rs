@@ -18,9 +18,15 @@
 //!   in order, without duplicates and without a gap (resume tokens skipped nothing);
 //! - nothing was delivered or stored that no writer sent, and no write was applied twice.
 //!
+//! The clustered variant runs the same writers, subscribers and checker over a 3-node
+//! NATS JetStream cluster, two coordinators and two edges (four replicas to compare),
+//! and its controller also kills coordinators and NATS servers — one at a time (the
+//! stream leader among them) and sometimes two (a quorum loss).
+//!
 //! `SCHEDULES=n` runs n schedules (default 20); `SEED=n` replays schedule n alone (the
 //! faults and actions are the same, process timing is not); `SEED_BASE=n` starts the
-//! sweep elsewhere. Every schedule prints its seed.
+//! sweep elsewhere; `CLUSTER_SCHEDULES=n` sets the clustered count (default 20, seeds
+//! from 2001). Every schedule prints its seed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -29,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use outpost_tests::nats::NatsCluster;
 use outpost_tests::netns::Region;
 use outpost_tests::proxy::{Faults, UdpProxy};
 use outpost_tests::{admin_token, free_udp_port, Cloud, Edge, Ws};
@@ -139,6 +146,257 @@ async fn schedules_across_regions_with_netem_latency_and_loss() -> Result<()> {
     Ok(())
 }
 
+/// The same checker over the clustered cloud tier: a 3-node NATS JetStream cluster
+/// (R3, `sync_interval: always`), 2 coordinators and 2 edges, each edge listing both
+/// coordinators through fault proxies. The controller also kills coordinators and
+/// NATS servers (one at a time, and sometimes two: a quorum loss).
+/// `CLUSTER_SCHEDULES=n` (default 20), seeds from 2001; `SEED=n` replays one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clustered_fault_schedules_lose_no_acknowledged_op() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let seeds: Vec<u64> = match env_u64("SEED") {
+        Some(s) => vec![s],
+        None => (2001..2001 + env_u64("CLUSTER_SCHEDULES").unwrap_or(20)).collect(),
+    };
+    let mut total = Totals::default();
+    let started = Instant::now();
+    for seed in seeds.iter().copied() {
+        let t = Instant::now();
+        let s = cluster_schedule(seed).await.map_err(|e| {
+            e.context(format!(
+                "clustered schedule seed={seed} FAILED (replay: SEED={seed} cargo test -p outpost-tests --test faults clustered)"
+            ))
+        })?;
+        eprintln!(
+            "clustered schedule seed={seed} ok in {:.1} s: {} actions ({}), {} writes acked of {} sent, {} deliveries checked",
+            t.elapsed().as_secs_f64(),
+            s.actions.len(),
+            s.actions.join(" "),
+            s.acked,
+            s.attempted,
+            s.deliveries
+        );
+        total.add(&s);
+    }
+    eprintln!(
+        "{} clustered schedules in {:.0} s: {} acknowledged ops checked on 4 replicas, {} deliveries checked, {} kills, {} partitions",
+        seeds.len(),
+        started.elapsed().as_secs_f64(),
+        total.acked,
+        total.deliveries,
+        total.kills,
+        total.cuts
+    );
+    Ok(())
+}
+
+/// One clustered schedule.
+async fn cluster_schedule(seed: u64) -> Result<Summary> {
+    let dir = match std::env::var("TEST_KEEP_DIR") {
+        Ok(p) => tempfile::Builder::new()
+            .prefix(&format!("cluster-{seed}-"))
+            .disable_cleanup(true)
+            .tempdir_in(p)?,
+        Err(_) => tempfile::tempdir()?,
+    };
+    let mut nats = NatsCluster::start(dir.path(), 3).await?;
+    let allowed = [("edge-a", TOKENS[0]), ("edge-b", TOKENS[1])];
+    let js = nats.jetstream_toml(3);
+    let c1 = Cloud::start(
+        &dir.path().join("c1"),
+        free_udp_port()?,
+        &allowed,
+        &format!("{js}\n{RESIDENCY}"),
+    )?;
+    // The second coordinator serves the first one's certificate: edges pin one.
+    let data2 = dir.path().join("c2").join("data");
+    std::fs::create_dir_all(&data2)?;
+    for f in [
+        edge::link::tls::DEV_CERT_FILE,
+        edge::link::tls::DEV_KEY_FILE,
+    ] {
+        std::fs::copy(c1.dir.join("data").join(f), data2.join(f))?;
+    }
+    let c2 = Cloud::start(
+        &dir.path().join("c2"),
+        free_udp_port()?,
+        &allowed,
+        &format!("{js}\n{RESIDENCY}"),
+    )?;
+    let mut coords = [c1, c2];
+    // Proxies: edge x to coordinator k is proxies[2 * x + k].
+    let mut proxies = Vec::new();
+    for x in 0..2u64 {
+        for (k, c) in coords.iter().enumerate() {
+            proxies
+                .push(UdpProxy::start(c.quic, seed.wrapping_mul(1000) + 10 * x + k as u64).await?);
+        }
+    }
+    let mut edges = Vec::new();
+    for (x, name) in ["a", "b"].iter().enumerate() {
+        // Edge A prefers coordinator 1, edge B coordinator 2.
+        let order = if x == 0 { [0, 1] } else { [1, 0] };
+        let eps: Vec<String> = order
+            .iter()
+            .map(|k| format!("\"{}\"", proxies[2 * x + k].addr))
+            .collect();
+        edges.push(Edge::start(
+            &dir.path().join(name),
+            &format!(
+                "[uplink]\nendpoints = [{}]\ntoken = \"{}\"\npin_sha256 = \"{}\"\nbackoff_min_ms = 50\nbackoff_max_ms = 500\nkeepalive_ms = 300\nidle_timeout_ms = 1500\n\n{CACHE}\n{RESIDENCY}",
+                eps.join(", "),
+                TOKENS[x],
+                coords[0].fingerprint
+            ),
+        )?);
+    }
+    let r = run_cluster_schedule(seed, &mut nats, &mut coords, &mut edges, &proxies).await;
+    r.map_err(|e| {
+        let tail = |s: String| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        e.context(format!(
+            "--- coordinator 1 log\n{}\n--- coordinator 2 log\n{}\n--- edge A log\n{}\n--- edge B log\n{}\n{}",
+            tail(coords[0].log()),
+            tail(coords[1].log()),
+            tail(edges[0].log()),
+            tail(edges[1].log()),
+            nats.logs()
+        ))
+    })
+}
+
+async fn run_cluster_schedule(
+    seed: u64,
+    nats: &mut NatsCluster,
+    coords: &mut [Cloud; 2],
+    edges: &mut [Edge],
+    proxies: &[UdpProxy],
+) -> Result<Summary> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let eps = Arc::new(Endpoints::new(4));
+    eps.set(0, Some(edges[0].addr));
+    eps.set(1, Some(edges[1].addr));
+    eps.set(2, Some(coords[0].addr));
+    eps.set(3, Some(coords[1].addr));
+    let rec: Rec = Arc::new(Mutex::new(Recorder {
+        deliveries: vec![Vec::new(); SUBSCRIBERS],
+        ..Recorder::default()
+    }));
+    let stop_writers = Arc::new(AtomicBool::new(false));
+    let stop_subs = Arc::new(AtomicBool::new(false));
+    let subs: Vec<_> = (0..SUBSCRIBERS)
+        .map(|j| {
+            tokio::spawn(subscriber(
+                j,
+                seed,
+                eps.clone(),
+                rec.clone(),
+                stop_subs.clone(),
+            ))
+        })
+        .collect();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            tokio::spawn(writer(
+                i,
+                seed,
+                4,
+                eps.clone(),
+                rec.clone(),
+                stop_writers.clone(),
+            ))
+        })
+        .collect();
+    let mut actions = Vec::new();
+    let steps = rng.random_range(8..=14);
+    for _ in 0..steps {
+        let x = rng.random_range(0..2usize);
+        let name = ["a", "b"][x];
+        match rng.random_range(0..12u32) {
+            0..=1 => {
+                for k in 0..2 {
+                    proxies[2 * x + k].set(Faults {
+                        drop: rng.random_range(0.0..0.3),
+                        dup: rng.random_range(0.0..0.2),
+                        delay_ms: rng.random_range(0..40),
+                        cut: false,
+                    });
+                }
+                actions.push(format!("lossy-{name}"));
+            }
+            2 => {
+                // Cut the edge from its preferred coordinator only: it moves.
+                let k = x;
+                proxies[2 * x + k].cut();
+                actions.push(format!("cut-{name}-from-c{}", k + 1));
+            }
+            3 => {
+                for k in 0..2 {
+                    proxies[2 * x + k].heal();
+                }
+                actions.push(format!("heal-{name}"));
+            }
+            4..=5 => {
+                edges[x].kill9();
+                eps.set(x, None);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..800))).await;
+                tokio::task::block_in_place(|| edges[x].restart())
+                    .with_context(|| format!("restarting edge {name}"))?;
+                eps.set(x, Some(edges[x].addr));
+                actions.push(format!("kill-{name}"));
+            }
+            6..=7 => {
+                let k = rng.random_range(0..2usize);
+                coords[k].kill9();
+                eps.set(2 + k, None);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(100..1500))).await;
+                tokio::task::block_in_place(|| coords[k].restart())
+                    .with_context(|| format!("restarting coordinator {}", k + 1))?;
+                eps.set(2 + k, Some(coords[k].addr));
+                actions.push(format!("kill-c{}", k + 1));
+            }
+            8..=9 => {
+                let n = rng.random_range(0..3usize);
+                nats.kill9(n);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+                nats.restart(n)?;
+                actions.push(format!("kill-nats{n}"));
+            }
+            10 => {
+                // Quorum lost for a while: coordinators hold acks, edges keep writing.
+                let n = rng.random_range(0..3usize);
+                let m = (n + 1) % 3;
+                nats.kill9(n);
+                nats.kill9(m);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
+                nats.restart(n)?;
+                nats.restart(m)?;
+                actions.push(format!("kill-nats{n}+{m}"));
+            }
+            _ => actions.push("calm".to_owned()),
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
+    }
+    nats.wait_meta_leader().await?;
+    let r = check(
+        seed,
+        eps,
+        rec,
+        stop_subs,
+        (stop_writers, writers),
+        subs,
+        proxies,
+    )
+    .await;
+    r.map(|mut s| {
+        s.actions = actions.clone();
+        s
+    })
+    .with_context(|| format!("after actions {}", actions.join(" ")))
+}
+
 /// Latency and loss between the edges' region and the cloud's.
 const NETEM: &str = "delay 15ms 5ms loss 1%";
 
@@ -200,13 +458,20 @@ fn lock(r: &Rec) -> std::sync::MutexGuard<'_, Recorder> {
     r.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The current address of each endpoint: edge A, edge B, the cloud (None while down).
-#[derive(Default)]
-struct Endpoints(Mutex<[Option<SocketAddr>; 3]>);
+/// The current address of each endpoint: edge A, edge B, then the cloud or the
+/// coordinators (None while down).
+struct Endpoints(Mutex<Vec<Option<SocketAddr>>>);
 
 impl Endpoints {
+    fn new(n: usize) -> Self {
+        Self(Mutex::new(vec![None; n]))
+    }
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
     fn get(&self, i: usize) -> Option<SocketAddr> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())[i % 3]
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g[i % g.len()]
     }
     fn set(&self, i: usize, a: Option<SocketAddr>) {
         self.0.lock().unwrap_or_else(|e| e.into_inner())[i] = a;
@@ -304,7 +569,7 @@ async fn subscriber(j: usize, seed: u64, eps: Arc<Endpoints>, rec: Rec, stop: Ar
     let mut at = j;
     'outer: while !stop.load(Ordering::Relaxed) {
         let Some(mut ws) = connect(&eps, at).await else {
-            at = rng.random_range(0..3);
+            at = rng.random_range(0..eps.len());
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -356,7 +621,7 @@ async fn subscriber(j: usize, seed: u64, eps: Arc<Endpoints>, rec: Rec, stop: Ar
                 _ => {}
             }
         }
-        at = rng.random_range(0..3);
+        at = rng.random_range(0..eps.len());
     }
 }
 
@@ -418,7 +683,7 @@ fn state_diff(states: &[Value]) -> String {
             .collect()
     };
     let all: Vec<BTreeMap<String, Value>> = states.iter().map(keyed).collect();
-    let names = ["A", "B", "cloud"];
+    let names = ["A", "B", "cloud / coordinator 1", "coordinator 2"];
     let mut out = String::new();
     let keys: BTreeSet<&String> = all.iter().flat_map(|m| m.keys()).collect();
     for key in keys {
@@ -564,7 +829,7 @@ async fn run_schedule(
     plan: Option<(usize, usize)>,
 ) -> Result<Summary> {
     let mut rng = SmallRng::seed_from_u64(seed);
-    let eps = Arc::new(Endpoints::default());
+    let eps = Arc::new(Endpoints::new(3));
     eps.set(0, Some(edges[0].addr));
     eps.set(1, Some(edges[1].addr));
     eps.set(2, Some(cloud.addr));
@@ -699,7 +964,7 @@ async fn check(
     stop_subs: Arc<AtomicBool>,
     (stop_writers, writers): (Arc<AtomicBool>, Vec<tokio::task::JoinHandle<()>>),
     subs: Vec<tokio::task::JoinHandle<()>>,
-    proxies: &[UdpProxy; 2],
+    proxies: &[UdpProxy],
 ) -> Result<Summary> {
     // Heal everything and let the writers finish.
     for p in proxies {
@@ -716,7 +981,8 @@ async fn check(
     // consumers when a channel's history arrives in a burst.
     let stop_holders = Arc::new(AtomicBool::new(false));
     let mut holders = Vec::new();
-    for i in 0..3 {
+    let n = eps.len();
+    for i in 0..n {
         let (eps, stop) = (eps.clone(), stop_holders.clone());
         holders.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
@@ -753,7 +1019,7 @@ async fn check(
         let mut out = BTreeMap::new();
         'check: for ch in CHANNELS {
             let mut sets = Vec::new();
-            for i in 0..3 {
+            for i in 0..n {
                 let addr = eps.get(i).context("endpoint down")?;
                 // Transient while an edge waits for its link to return with the
                 // base of a channel it evicted and opened again.
@@ -793,31 +1059,25 @@ async fn check(
             if problem.is_some() {
                 break;
             }
-            if sets[0] != sets[1] || sets[0] != sets[2] {
+            if sets.iter().any(|s| *s != sets[0]) {
                 let differing: Vec<&String> = sets
                     .iter()
                     .flat_map(|m| m.keys())
-                    .filter(|d| {
-                        !(sets[0].get(*d) == sets[1].get(*d) && sets[0].get(*d) == sets[2].get(*d))
-                    })
+                    .filter(|d| sets.iter().any(|s| s.get(*d) != sets[0].get(*d)))
                     .take(5)
                     .collect();
                 let show: Vec<String> = differing
                     .iter()
                     .map(|d| {
-                        format!(
-                            "{d}: {:?} / {:?} / {:?}",
-                            sets[0].get(*d),
-                            sets[1].get(*d),
-                            sets[2].get(*d)
-                        )
+                        let each: Vec<String> =
+                            sets.iter().map(|s| format!("{:?}", s.get(*d))).collect();
+                        format!("{d}: {}", each.join(" / "))
                     })
                     .collect();
+                let sizes: Vec<String> = sets.iter().map(|s| s.len().to_string()).collect();
                 problem = Some(format!(
-                    "replicas differ on {ch}: {} / {} / {} ops (A, B, cloud), e.g. {show:?}",
-                    sets[0].len(),
-                    sets[1].len(),
-                    sets[2].len()
+                    "replicas differ on {ch}: {} ops (A, B, then the cloud tier), e.g. {show:?}",
+                    sizes.join(" / ")
                 ));
                 break;
             }
@@ -835,10 +1095,10 @@ async fn check(
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let mut states = Vec::new();
-            for i in 0..3 {
+            for i in 0..n {
                 states.push(state(&http, eps.get(i).context("endpoint down")?, ch).await?);
             }
-            if states[0] == states[1] && states[0] == states[2] {
+            if states.iter().all(|s| *s == states[0]) {
                 final_states.insert(ch, states.swap_remove(0));
                 break;
             }

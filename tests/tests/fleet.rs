@@ -353,7 +353,7 @@ async fn bad_edges_and_hostile_frames_are_refused_and_others_keep_working() -> R
     ensure!(s == 200);
     // Garbage, a bad first frame, and an oversized length on a real QUIC link.
     let pinned = edge::config::UplinkConfig {
-        endpoints: vec![f.cloud.quic],
+        endpoints: vec![f.cloud.quic.to_string()],
         token: TOKEN_A.into(),
         pin_sha256: Some(f.cloud.fingerprint.clone()),
         ..Default::default()

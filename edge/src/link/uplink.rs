@@ -23,6 +23,16 @@ pub struct UplinkStatus {
     pub last_error: Option<String>,
 }
 
+/// The first address of `ep` (`host:port`) of the socket's family.
+async fn resolve(ep: &str, v6: bool) -> std::io::Result<SocketAddr> {
+    tokio::net::lookup_host(ep)
+        .await?
+        .find(|a| a.is_ipv6() == v6)
+        .ok_or_else(|| {
+            std::io::Error::other(format!("no {} address", if v6 { "IPv6" } else { "IPv4" }))
+        })
+}
+
 /// Runs the uplink until `shutdown`.
 pub async fn run(
     core: Arc<Core>,
@@ -33,8 +43,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), LinkError> {
     let client = tls::client_config(&cfg).map_err(|e| LinkError::Setup(e.to_string()))?;
+    // An IPv6 literal first: an IPv6 socket; otherwise IPv4 (host names must resolve
+    // to IPv4 addresses then).
     let bind: SocketAddr = match cfg.endpoints.first() {
-        Some(SocketAddr::V6(_)) => "[::]:0".parse(),
+        Some(ep) if ep.starts_with('[') => "[::]:0".parse(),
         _ => "0.0.0.0:0".parse(),
     }
     .map_err(|e| LinkError::Setup(format!("{e}")))?;
@@ -49,20 +61,31 @@ pub async fn run(
     endpoint.set_default_client_config(client);
     let mut failures: u32 = 0;
     loop {
-        for addr in &cfg.endpoints {
+        for ep in &cfg.endpoints {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
             if let Ok(mut s) = status.lock() {
                 s.attempts += 1;
             }
-            match connect(&endpoint, *addr, &cfg, &core, &region).await {
+            // Resolved at each dial: a coordinator that moved is found again.
+            let addr = match resolve(ep, bind.is_ipv6()).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(endpoint = %ep, error = %e, "uplink endpoint does not resolve");
+                    if let Ok(mut s) = status.lock() {
+                        s.last_error = Some(format!("{ep}: {e}"));
+                    }
+                    continue;
+                }
+            };
+            match connect(&endpoint, addr, &cfg, &core, &region).await {
                 Ok((conn, streams, cloud)) => {
                     failures = 0;
                     tracing::info!(%addr, %cloud, "uplink connected");
                     metrics::gauge!("outpost_uplink_connected").set(1.0);
                     if let Ok(mut s) = status.lock() {
-                        s.connected_to = Some(*addr);
+                        s.connected_to = Some(addr);
                         s.cloud = Some(cloud.to_string());
                         s.last_error = None;
                     }
