@@ -41,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 const PUBLISH_WINDOW: usize = 1024;
 /// Registers per state part stay under this (NATS's default `max_payload` is 1 MiB).
 pub const STATE_PART_BYTES: usize = 256 << 10;
+/// How often the tail checks that it is not stuck behind the stream's end.
+const STALL_CHECK_EVERY: Duration = Duration::from_secs(3);
 /// How often the tail records the position it has applied.
 const POSITION_EVERY: Duration = Duration::from_millis(500);
 
@@ -264,8 +266,9 @@ impl JetStreamLog {
                     .map_err(|e| err("publish", &e))?;
                 acks.push(ack);
             }
-            for ack in acks {
-                ack.await.map_err(|e| err("stream ack", &e))?;
+            for (ack, (_, id, _)) in acks.into_iter().zip(chunk) {
+                let ack = ack.await.map_err(|e| err("stream ack", &e))?;
+                tracing::debug!(%id, seq = ack.sequence, duplicate = ack.duplicate, "stored in the shared log");
             }
         }
         Ok(())
@@ -341,15 +344,37 @@ async fn tail_from(
     let mut last = applied;
     let mut saved = applied;
     let mut tick = tokio::time::interval(POSITION_EVERY);
+    // A consumer that stays silent with records waiting (a leader change it did not
+    // notice, say) would leave this coordinator behind for good: the watchdog compares
+    // the stream's last sequence with what arrived and starts the tail again.
+    let mut watchdog = tokio::time::interval(STALL_CHECK_EVERY);
+    watchdog.tick().await;
+    let mut seen_at_check = last;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = watchdog.tick() => {
+                if last == seen_at_check {
+                    if let Ok(info) = stream.get_info().await {
+                        if info.state.last_sequence > last {
+                            metrics::counter!("outpost_shared_log_tail_stalls_total").increment(1);
+                            return Err(format!(
+                                "no record for {STALL_CHECK_EVERY:?} at position {last} while the stream ends at {}",
+                                info.state.last_sequence
+                            ));
+                        }
+                    }
+                }
+                seen_at_check = last;
+            }
             _ = tick.tick() => {
                 if last > saved {
                     // The position is stored only once the ops before it are durable
                     // here: a restart applies again at most what came since.
                     let gen = core.written();
+                    tracing::debug!(position = last, gen, "shared log tail: saving the position");
                     core.wait_durable(gen).await.map_err(|e| e.to_string())?;
+                    tracing::debug!(position = last, "shared log tail: position durable");
                     let storage = core.storage().map_err(|e| e.to_string())?;
                     storage.set_meta(key, &last.to_be_bytes()).map_err(|e| e.to_string())?;
                     saved = last;

@@ -344,6 +344,13 @@ impl Fanout {
     pub fn deliver(&self, channel: &ChannelName, op: &Op) {
         let mut g = self.lock();
         let ch = g.entry(channel.clone()).or_default();
+        if ch.delivered.covers(op.dot) {
+            // Already counted as delivered: the channel was loaded from disk (or a
+            // snapshot installed) while this delivery waited for its flush — a
+            // coordinator holds deliveries while the shared log is away — and
+            // subscribers since then replayed it from the log.
+            return;
+        }
         ch.delivered.raise(op.dot.origin, op.dot.seq);
         if ch.subs.is_empty() {
             return;

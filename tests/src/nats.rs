@@ -26,9 +26,21 @@ pub fn nats_server_bin() -> Result<PathBuf> {
     Ok(p)
 }
 
+/// A free TCP port below Linux's ephemeral range (32768-60999): a killed node must be
+/// able to listen on its port again, and an ephemeral port can meanwhile be taken by
+/// any outgoing connection on the machine (seen in the clustered fault schedules).
 fn free_tcp_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 400) * 30;
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + n % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between 20000 and 32000")
 }
 
 #[derive(Debug)]

@@ -696,14 +696,11 @@ impl Core {
         while let Some(out) = g.node.poll() {
             match out {
                 Output::Persist(p) => {
-                    let applied = match &storage {
-                        Ok(s) => s.apply(&p).map_err(CoreError::from),
-                        Err(e) => Err(CoreError::Storage(e.to_string())),
-                    };
-                    if let Err(e) = applied {
-                        result = Err(e);
-                        break;
-                    }
+                    // The log outbox record goes first: storage keeps a prefix of its
+                    // writes across a crash, so an op that survives always has its
+                    // record (an op stored here without one would never reach the log
+                    // — found by the clustered fault schedules, a coordinator killed
+                    // between the two writes).
                     if let (Some(_), Persist::Op { channel, op }) = (&self.shared_log, &p) {
                         if !g.from_log.contains(&op.dot) {
                             let record = LogRecord::Op(op.clone());
@@ -712,6 +709,14 @@ impl Core {
                                 break;
                             }
                         }
+                    }
+                    let applied = match &storage {
+                        Ok(s) => s.apply(&p).map_err(CoreError::from),
+                        Err(e) => Err(CoreError::Storage(e.to_string())),
+                    };
+                    if let Err(e) = applied {
+                        result = Err(e);
+                        break;
                     }
                     g.commit.wrote();
                 }
@@ -773,6 +778,9 @@ impl Core {
             Err(e) => return Err(CoreError::Storage(e.to_string())),
         }
         g.next_log_seq += 1;
+        if let LogRecord::Op(op) = &record {
+            tracing::debug!(%channel, dot = %op.dot, seq, "queued for the shared log");
+        }
         g.log_queue.push((seq, channel.clone(), record));
         Ok(())
     }
