@@ -394,7 +394,7 @@ async fn tail_from(
                     continue;
                 };
                 match shared::codec::from_bytes::<LogRecord>(&m.payload) {
-                    Ok(record) => core.handle_logged(channel, record),
+                    Ok(record) => core.handle(shared::sync::Input::Logged(channel, record)),
                     Err(e) => tracing::warn!(error = %e, %channel, "shared log: a record that does not decode; skipped"),
                 }
             }

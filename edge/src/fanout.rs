@@ -620,24 +620,28 @@ mod tests {
         let channel = ChannelName::new("project:f").unwrap_or_else(|e| panic!("{e}"));
         let me = shared::ReplicaId::new(3).unwrap_or_else(|| panic!("id"));
         let mut r = ChannelReplica::new(channel.clone(), me, ReplicaConfig::default());
-        let write = LocalWrite::Event {
-            kind: "e".into(),
-            data: shared::op::Payload::from_value(&1),
-            idempotency_key: None,
-        };
-        let Ok(LocalOutcome::Applied(a)) = r.local(
-            Hlc {
-                wall_ms: 1,
+        let mut event = |n: u64| {
+            let write = LocalWrite::Event {
+                kind: "e".into(),
+                data: shared::op::Payload::from_value(&n),
+                idempotency_key: None,
+            };
+            let hlc = Hlc {
+                wall_ms: n,
                 logical: 0,
-            },
-            write,
-        ) else {
-            panic!("not applied");
+            };
+            match r.local(hlc, write) {
+                Ok(LocalOutcome::Applied(a)) => a.op,
+                _ => panic!("not applied"),
+            }
         };
+        let first = event(1);
         let fanout = Fanout::default();
         // The channel was loaded from disk with the op while its delivery waited for a
         // flush: the op counts as delivered, and a subscriber replays it from the log.
-        fanout.seed_delivered(&channel, r.vv());
+        let mut vv = VersionVector::new();
+        vv.raise(first.dot.origin, first.dot.seq);
+        fanout.seed_delivered(&channel, &vv);
         let (tx, mut rx) = SendQueue::new(16);
         let conn = ConnHandle {
             id: 1,
@@ -647,28 +651,17 @@ mod tests {
             kill: CancellationToken::new(),
             kill_reason: Arc::new(AtomicU8::new(0)),
         };
-        let (replay, _) = fanout.subscribe(&channel, &conn, &VersionVector::new(), r.log(), false);
+        let log = [first.clone()];
+        let (replay, _) =
+            fanout.subscribe(&channel, &conn, &VersionVector::new(), log.iter(), false);
         assert_eq!(replay.ops.len(), 1, "the replay carries the op");
         // Then the held delivery runs: nobody gets it a second time.
-        fanout.deliver(&channel, &a.op);
+        fanout.deliver(&channel, &first);
         use futures_util::FutureExt;
         assert!(rx.recv().now_or_never().is_none(), "delivered twice");
         // A new op is delivered as usual.
-        let write = LocalWrite::Event {
-            kind: "e".into(),
-            data: shared::op::Payload::from_value(&2),
-            idempotency_key: None,
-        };
-        let Ok(LocalOutcome::Applied(b)) = r.local(
-            Hlc {
-                wall_ms: 2,
-                logical: 0,
-            },
-            write,
-        ) else {
-            panic!("not applied");
-        };
-        fanout.deliver(&channel, &b.op);
+        let second = event(2);
+        fanout.deliver(&channel, &second);
         assert!(rx.recv().now_or_never().is_some(), "a new op is delivered");
     }
 }

@@ -220,14 +220,10 @@ impl Storage {
         for item in self.log.scan_prefix(&p) {
             let (k, v) = item?;
             let op: shared::Op = decode(&v, "op")?;
-            let arrival = k
-                .get(p.len()..)
-                .and_then(|a| <[u8; 8]>::try_from(a).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StorageError::Corrupt {
-                    what: format!("log key of {name}"),
-                    err: codec::CodecError::Decode("not channel \\0 arrival".into()),
-                })?;
+            let arrival = be_u64(
+                k.get(p.len()..).unwrap_or_default(),
+                &format!("log key of {name}"),
+            )?;
             dots.insert(op.dot, arrival);
             log.push(op);
         }
@@ -375,17 +371,8 @@ impl Storage {
         let mut out = Vec::new();
         for kv in self.log_outbox.iter() {
             let (k, v) = kv?;
-            let seq = <[u8; 8]>::try_from(k.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StorageError::Corrupt {
-                    what: "log_outbox key".into(),
-                    err: codec::CodecError::Trailing(k.len()),
-                })?;
-            let (c, r): (ChannelName, LogRecord) =
-                codec::from_bytes(&v).map_err(|err| StorageError::Corrupt {
-                    what: format!("log_outbox {seq}"),
-                    err,
-                })?;
+            let seq = be_u64(&k, "log_outbox key")?;
+            let (c, r): (ChannelName, LogRecord) = decode(&v, &format!("log_outbox {seq}"))?;
             out.push((seq, c, r));
         }
         Ok(out)
@@ -551,12 +538,7 @@ impl Store for Storage {
         let mut out = BTreeMap::new();
         for item in self.retired.iter() {
             let (k, v) = item?;
-            let seq = <[u8; 8]>::try_from(v.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StorageError::Corrupt {
-                    what: "retired seq".into(),
-                    err: codec::CodecError::Decode(format!("{v:?}")),
-                })?;
+            let seq = be_u64(&v, "retired seq")?;
             out.insert(channel_name(&k)?, seq);
         }
         Ok(out)
@@ -593,6 +575,16 @@ fn channel_name(k: &[u8]) -> Result<ChannelName, StorageError> {
         .ok_or_else(|| StorageError::Corrupt {
             what: "channel name".into(),
             err: codec::CodecError::Decode(format!("{k:?}")),
+        })
+}
+
+/// A big-endian u64 (keys and marks written with `to_be_bytes`).
+fn be_u64(v: &[u8], what: &str) -> Result<u64, StorageError> {
+    <[u8; 8]>::try_from(v)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StorageError::Corrupt {
+            what: what.into(),
+            err: codec::CodecError::Decode(format!("{} bytes, not a u64", v.len())),
         })
 }
 

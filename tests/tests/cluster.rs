@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use edge::auth::Action;
-use outpost_tests::fleet::{TOKEN_A, TOKEN_B};
+use outpost_tests::fleet::{connected, TOKEN_A, TOKEN_B};
 use outpost_tests::nats::NatsCluster;
 use outpost_tests::{eventually, free_udp_port, metric, publish, token, Cloud, Edge, Ws, API_KEY};
 use serde_json::{json, Value};
@@ -51,9 +51,9 @@ fn coordinator(dir: &Path, name: &str, nats: &NatsCluster, first: Option<&Cloud>
     )
 }
 
-async fn history_bodies(http: &reqwest::Client, url: &str) -> Result<BTreeSet<u64>> {
+async fn history_bodies(http: &reqwest::Client, c: &Cloud) -> Result<BTreeSet<u64>> {
     let v: Value = http
-        .get(format!("{url}/v1/channels/{CHANNEL}/history?limit=1000"))
+        .get(c.url(&format!("/v1/channels/{CHANNEL}/history?limit=1000")))
         .bearer_auth(token("reader", "project:*", &[Action::Subscribe], 600))
         .send()
         .await?
@@ -65,6 +65,52 @@ async fn history_bodies(http: &reqwest::Client, url: &str) -> Result<BTreeSet<u6
         .flatten()
         .filter_map(|o| o["data"]["n"].as_u64())
         .collect())
+}
+
+/// Waits until coordinator `c` serves `n` distinct events of the channel.
+async fn holds(
+    http: &reqwest::Client,
+    c: &Cloud,
+    n: usize,
+    within: Duration,
+    what: &str,
+) -> Result<()> {
+    eventually(within, what, || async move {
+        Ok((history_bodies(http, c).await?.len() == n).then_some(()))
+    })
+    .await
+}
+
+/// Publishes events `n` for every `n` in `ns` on edge `a`; each must be acked.
+async fn publish_range(
+    http: &reqwest::Client,
+    a: &Edge,
+    ns: std::ops::Range<u64>,
+    when: &str,
+) -> Result<()> {
+    for n in ns {
+        let (status, body) = publish(
+            http,
+            a,
+            API_KEY,
+            CHANNEL,
+            json!({"event": "e", "data": {"n": n}}),
+        )
+        .await?;
+        if status != 200 {
+            bail!("publish {n} {when}: {status} {body}");
+        }
+    }
+    Ok(())
+}
+
+/// The next events on `sub` are exactly `ns`, in order.
+async fn expect_received(sub: &mut Ws, ns: std::ops::Range<u64>, when: &str) -> Result<()> {
+    let got = receive(sub, ns.clone().count()).await?;
+    if got != ns.collect::<Vec<_>>() {
+        bail!("edge B got {got:?} {when}");
+    }
+    Ok(())
 }
 
 /// Reads `want` more ops for the channel from `ws`; returns their `n`s in order.
@@ -115,55 +161,25 @@ async fn scenario(
     b: &Edge,
 ) -> Result<()> {
     let http = reqwest::Client::new();
-    let edges_on = |c: &Cloud| c.url("/metrics");
-    for (c, n) in [(&*c1, 1.0), (&*c2, 1.0)] {
-        let url = edges_on(c);
-        eventually(
-            Duration::from_secs(30),
-            "each edge on its first coordinator",
-            || {
-                let (http, url) = (http.clone(), url.clone());
-                async move {
-                    Ok((metric(&http, &url, "outpost_edges_connected").await? == n).then_some(()))
-                }
-            },
-        )
-        .await?;
-    }
+    // Each edge on its first coordinator.
+    connected(&http, c1, 1.0).await?;
+    connected(&http, c2, 1.0).await?;
     let tok = token("reader", "project:*", &[Action::Subscribe], 600);
     let mut sub = Ws::connect(b, &tok).await?;
     sub.subscribe(CHANNEL, None).await?;
 
     // 1. Edge A (on c1) -> JetStream -> c2 -> edge B, in order.
-    for n in 0..50u64 {
-        let (status, body) = publish(
-            &http,
-            a,
-            API_KEY,
-            CHANNEL,
-            json!({"event": "e", "data": {"n": n}}),
-        )
-        .await?;
-        if status != 200 {
-            bail!("publish {n}: {status} {body}");
-        }
-    }
-    let got = receive(&mut sub, 50).await?;
-    if got != (0..50).collect::<Vec<_>>() {
-        bail!("edge B got {got:?}");
-    }
+    publish_range(&http, a, 0..50, "").await?;
+    expect_received(&mut sub, 0..50, "").await?;
     // Both coordinators hold them (c2 only through the shared log), and the stream
     // has them once each.
     for c in [&*c1, &*c2] {
-        let url = c.url("");
-        let url = url.trim_end_matches('/').to_owned();
-        eventually(
+        holds(
+            &http,
+            c,
+            50,
             Duration::from_secs(10),
             "both coordinators to hold the ops",
-            || {
-                let (http, url) = (http.clone(), url.clone());
-                async move { Ok((history_bodies(&http, &url).await?.len() == 50).then_some(())) }
-            },
         )
         .await?;
     }
@@ -174,47 +190,16 @@ async fn scenario(
 
     // 2. kill -9 of c1: edge A moves to c2 and keeps delivering to B.
     c1.kill9();
-    let url = edges_on(&*c2);
-    eventually(Duration::from_secs(20), "edge A to move to c2", || {
-        let (http, url) = (http.clone(), url.clone());
-        async move { Ok((metric(&http, &url, "outpost_edges_connected").await? == 2.0).then_some(())) }
-    })
-    .await?;
-    for n in 50..80u64 {
-        let (status, body) = publish(
-            &http,
-            a,
-            API_KEY,
-            CHANNEL,
-            json!({"event": "e", "data": {"n": n}}),
-        )
-        .await?;
-        if status != 200 {
-            bail!("publish {n}: {status} {body}");
-        }
-    }
-    let got = receive(&mut sub, 30).await?;
-    if got != (50..80).collect::<Vec<_>>() {
-        bail!("edge B got {got:?} after the move");
-    }
+    // Edge A moves to c2.
+    connected(&http, c2, 2.0).await?;
+    publish_range(&http, a, 50..80, "").await?;
+    expect_received(&mut sub, 50..80, "after the move").await?;
 
     // 3. Quorum lost (2 of 3 NATS nodes down): edges keep accepting writes, the
     // coordinator acks and delivers nothing and says why; all of it arrives after.
     nats.kill9(1);
     nats.kill9(2);
-    for n in 80..100u64 {
-        let (status, body) = publish(
-            &http,
-            a,
-            API_KEY,
-            CHANNEL,
-            json!({"event": "e", "data": {"n": n}}),
-        )
-        .await?;
-        if status != 200 {
-            bail!("edge A refused publish {n} during the NATS outage: {status} {body}");
-        }
-    }
+    publish_range(&http, a, 80..100, "during the NATS outage").await?;
     let ready = c2.url("/readyz");
     eventually(
         Duration::from_secs(20),
@@ -246,10 +231,7 @@ async fn scenario(
     c2.restart()?;
     nats.restart(1)?;
     nats.restart(2)?;
-    let got = receive(&mut sub, 20).await?;
-    if got != (80..100).collect::<Vec<_>>() {
-        bail!("edge B got {got:?} after quorum came back");
-    }
+    expect_received(&mut sub, 80..100, "after quorum came back").await?;
     eventually(Duration::from_secs(20), "edge A's outbox to drain", || {
         let (http, url) = (http.clone(), a_metrics.clone());
         async move { Ok((metric(&http, &url, "outpost_outbox_ops").await? == 0.0).then_some(())) }
@@ -258,15 +240,12 @@ async fn scenario(
 
     // 4. c1 comes back and catches up from the stream: it serves all 100.
     c1.restart()?;
-    let url = c1.url("");
-    let url = url.trim_end_matches('/').to_owned();
-    eventually(
+    holds(
+        &http,
+        c1,
+        100,
         Duration::from_secs(20),
         "c1 to catch up from the stream",
-        || {
-            let (http, url) = (http.clone(), url.clone());
-            async move { Ok((history_bodies(&http, &url).await?.len() == 100).then_some(())) }
-        },
     )
     .await?;
     let stored = nats.stream_messages(0, "OUTPOST_OPS").await?;
@@ -281,23 +260,8 @@ async fn scenario(
         None => bail!("the stream has no leader"),
     };
     nats.kill9(leader);
-    for n in 100..120u64 {
-        let (status, body) = publish(
-            &http,
-            a,
-            API_KEY,
-            CHANNEL,
-            json!({"event": "e", "data": {"n": n}}),
-        )
-        .await?;
-        if status != 200 {
-            bail!("publish {n} after the leader died: {status} {body}");
-        }
-    }
-    let got = receive(&mut sub, 20).await?;
-    if got != (100..120).collect::<Vec<_>>() {
-        bail!("edge B got {got:?} after the stream leader died");
-    }
+    publish_range(&http, a, 100..120, "after the leader died").await?;
+    expect_received(&mut sub, 100..120, "after the stream leader died").await?;
     nats.restart(leader)?;
     let alive = (leader + 1) % 3;
     let stored = nats.stream_messages(alive, "OUTPOST_OPS").await?;

@@ -280,35 +280,7 @@ async fn run_cluster_schedule(
     eps.set(1, Some(edges[1].addr));
     eps.set(2, Some(coords[0].addr));
     eps.set(3, Some(coords[1].addr));
-    let rec: Rec = Arc::new(Mutex::new(Recorder {
-        deliveries: vec![Vec::new(); SUBSCRIBERS],
-        ..Recorder::default()
-    }));
-    let stop_writers = Arc::new(AtomicBool::new(false));
-    let stop_subs = Arc::new(AtomicBool::new(false));
-    let subs: Vec<_> = (0..SUBSCRIBERS)
-        .map(|j| {
-            tokio::spawn(subscriber(
-                j,
-                seed,
-                eps.clone(),
-                rec.clone(),
-                stop_subs.clone(),
-            ))
-        })
-        .collect();
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|i| {
-            tokio::spawn(writer(
-                i,
-                seed,
-                4,
-                eps.clone(),
-                rec.clone(),
-                stop_writers.clone(),
-            ))
-        })
-        .collect();
+    let clients = Clients::start(seed, &eps, 4);
     let mut actions = Vec::new();
     let steps = rng.random_range(8..=14);
     for _ in 0..steps {
@@ -380,21 +352,7 @@ async fn run_cluster_schedule(
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
     }
     nats.wait_meta_leader().await?;
-    let r = check(
-        seed,
-        eps,
-        rec,
-        stop_subs,
-        (stop_writers, writers),
-        subs,
-        proxies,
-    )
-    .await;
-    r.map(|mut s| {
-        s.actions = actions.clone();
-        s
-    })
-    .with_context(|| format!("after actions {}", actions.join(" ")))
+    check(seed, eps, clients, proxies, actions).await
 }
 
 /// Latency and loss between the edges' region and the cloud's.
@@ -833,33 +791,7 @@ async fn run_schedule(
     eps.set(0, Some(edges[0].addr));
     eps.set(1, Some(edges[1].addr));
     eps.set(2, Some(cloud.addr));
-    let rec: Rec = Arc::new(Mutex::new(Recorder {
-        deliveries: vec![Vec::new(); SUBSCRIBERS],
-        ..Recorder::default()
-    }));
-    let stop_writers = Arc::new(AtomicBool::new(false));
-    let stop_subs = Arc::new(AtomicBool::new(false));
-    let mut subs = Vec::new();
-    for j in 0..SUBSCRIBERS {
-        subs.push(tokio::spawn(subscriber(
-            j,
-            seed,
-            eps.clone(),
-            rec.clone(),
-            stop_subs.clone(),
-        )));
-    }
-    let mut writers = Vec::new();
-    for i in 0..WRITERS {
-        writers.push(tokio::spawn(writer(
-            i,
-            seed,
-            if plan.is_some() { 2 } else { 3 },
-            eps.clone(),
-            rec.clone(),
-            stop_writers.clone(),
-        )));
-    }
+    let clients = Clients::start(seed, &eps, if plan.is_some() { 2 } else { 3 });
 
     // The schedule: a seeded mix of link faults, partitions and crashes.
     let mut actions = Vec::new();
@@ -940,16 +872,64 @@ async fn run_schedule(
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
     }
 
-    let r = check(
-        seed,
-        eps,
-        rec,
-        stop_subs,
-        (stop_writers, writers),
-        subs,
-        proxies,
-    )
-    .await;
+    check(seed, eps, clients, proxies, actions).await
+}
+
+/// The writers and subscribers of one schedule, and what they recorded.
+struct Clients {
+    rec: Rec,
+    stop_writers: Arc<AtomicBool>,
+    stop_subs: Arc<AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+    subs: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Clients {
+    /// Starts the subscribers (over every endpoint) and the writers (over the first
+    /// `writer_endpoints`).
+    fn start(seed: u64, eps: &Arc<Endpoints>, writer_endpoints: usize) -> Self {
+        let rec: Rec = Arc::new(Mutex::new(Recorder {
+            deliveries: vec![Vec::new(); SUBSCRIBERS],
+            ..Recorder::default()
+        }));
+        let stop_writers = Arc::new(AtomicBool::new(false));
+        let stop_subs = Arc::new(AtomicBool::new(false));
+        let subs = (0..SUBSCRIBERS)
+            .map(|j| {
+                tokio::spawn(subscriber(
+                    j,
+                    seed,
+                    eps.clone(),
+                    rec.clone(),
+                    stop_subs.clone(),
+                ))
+            })
+            .collect();
+        let writers = (0..WRITERS)
+            .map(|i| {
+                let (eps, rec, stop) = (eps.clone(), rec.clone(), stop_writers.clone());
+                tokio::spawn(writer(i, seed, writer_endpoints, eps, rec, stop))
+            })
+            .collect();
+        Self {
+            rec,
+            stop_writers,
+            stop_subs,
+            writers,
+            subs,
+        }
+    }
+}
+
+/// Heals, runs the checker, and names the schedule's actions in any failure.
+async fn check(
+    seed: u64,
+    eps: Arc<Endpoints>,
+    clients: Clients,
+    proxies: &[UdpProxy],
+    actions: Vec<String>,
+) -> Result<Summary> {
+    let r = check_history(seed, eps, clients, proxies).await;
     r.map(|mut s| {
         s.actions = actions.clone();
         s
@@ -957,15 +937,19 @@ async fn run_schedule(
     .with_context(|| format!("after actions {}", actions.join(" ")))
 }
 
-async fn check(
+async fn check_history(
     seed: u64,
     eps: Arc<Endpoints>,
-    rec: Rec,
-    stop_subs: Arc<AtomicBool>,
-    (stop_writers, writers): (Arc<AtomicBool>, Vec<tokio::task::JoinHandle<()>>),
-    subs: Vec<tokio::task::JoinHandle<()>>,
+    clients: Clients,
     proxies: &[UdpProxy],
 ) -> Result<Summary> {
+    let Clients {
+        rec,
+        stop_writers,
+        stop_subs,
+        writers,
+        subs,
+    } = clients;
     // Heal everything and let the writers finish.
     for p in proxies {
         p.heal();

@@ -153,7 +153,7 @@ pub struct Core {
     /// Clustered cloud tier: the log every applied op must reach before it is acked.
     shared_log: Option<Arc<dyn SharedLog>>,
     /// The shared log stored everything asked of it at the last flush (`/readyz`).
-    pub shared_log_ok: std::sync::atomic::AtomicBool,
+    shared_log_ok: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Core {
@@ -426,8 +426,20 @@ impl Core {
             tracing::error!(error = %e, "cannot load a channel for a replication input");
             return;
         }
+        // A record from the shared log (clustered coordinator) is applied here, not
+        // queued for the log again: the drain skips what is marked.
+        match &input {
+            Input::Logged(_, LogRecord::Op(op)) => {
+                g.from_log.insert(op.dot);
+            }
+            Input::Logged(_, LogRecord::State(_)) => g.from_log_state = true,
+            _ => {}
+        }
         g.node.handle(now_ms(), input);
-        if let Err(e) = self.drain(&mut g) {
+        let res = self.drain(&mut g);
+        g.from_log.clear();
+        g.from_log_state = false;
+        if let Err(e) = res {
             tracing::error!(error = %e, "storage failure while handling replication input");
         }
     }
@@ -962,29 +974,6 @@ impl Core {
     /// it).
     pub fn written(&self) -> u64 {
         self.lock().commit.written()
-    }
-
-    /// Ops another coordinator stored in the shared log: applied and forwarded to this
-    /// coordinator's edges, not appended again.
-    pub fn handle_logged(&self, channel: ChannelName, record: LogRecord) {
-        let mut g = self.lock();
-        if let Err(e) = self.ensure(&mut g, &channel) {
-            tracing::error!(error = %e, %channel, "cannot load a channel for a shared-log record");
-            return;
-        }
-        match &record {
-            LogRecord::Op(op) => {
-                g.from_log.insert(op.dot);
-            }
-            LogRecord::State(_) => g.from_log_state = true,
-        }
-        g.node.handle(now_ms(), Input::Logged(channel, record));
-        let res = self.drain(&mut g);
-        g.from_log.clear();
-        g.from_log_state = false;
-        if let Err(e) = res {
-            tracing::error!(error = %e, "storage failure while applying shared-log ops");
-        }
     }
 
     /// The group committer: one flush covers every write made while the previous one ran.
