@@ -440,6 +440,10 @@ pub struct EdgeConfig {
     pub dev: bool,
     /// Seconds between SSE heartbeat comments.
     pub sse_heartbeat_secs: u64,
+    /// After SIGTERM, how long the listener keeps accepting (answering `/readyz` with
+    /// 503 and refusing new WebSockets) before it closes, so that a load balancer sees
+    /// the node draining before connections are refused. Milliseconds.
+    pub shutdown_drain_ms: u64,
     /// How long shutdown waits for clients to be told to move, in milliseconds.
     pub shutdown_grace_ms: u64,
     pub storage: StorageConfig,
@@ -492,6 +496,7 @@ impl Default for EdgeConfig {
             region: "local".into(),
             dev: false,
             sse_heartbeat_secs: 15,
+            shutdown_drain_ms: 1_000,
             shutdown_grace_ms: 2_000,
             storage: StorageConfig::default(),
             auth: AuthConfig::default(),
@@ -516,6 +521,7 @@ const ENV_KEYS: &[&str] = &[
     "region",
     "dev",
     "sse_heartbeat_secs",
+    "shutdown_drain_ms",
     "shutdown_grace_ms",
     "storage",
     "auth",
@@ -934,6 +940,10 @@ region = "local"
 # Development conveniences (prints a ready token at start). Never in production.
 dev = false
 sse_heartbeat_secs = 15
+# After SIGTERM: /readyz answers 503 and new WebSockets are refused for this long
+# while the listener still accepts (a load balancer sees the node draining), then the
+# listener closes and open requests get shutdown_grace_ms to finish.
+shutdown_drain_ms = 1000
 shutdown_grace_ms = 2000
 
 [storage]

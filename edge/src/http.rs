@@ -32,22 +32,39 @@ pub struct HttpLimits {
     pub header_timeout: Duration,
 }
 
-/// Serves `app` on `listener` until `shutdown`, then lets open requests finish for at
-/// most `grace`.
+/// How the accept loop stops: `drain` after `shutdown` fires it stops accepting (in
+/// between, new connections are served one request each: `/readyz` says 503, so a
+/// load balancer sees the node draining before connections are refused), then open
+/// requests get at most `grace` to finish.
+#[derive(Clone, Copy, Debug)]
+pub struct Stopping {
+    pub drain: Duration,
+    pub grace: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` (and `stopping.drain` after it).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
     shutdown: CancellationToken,
-    grace: Duration,
+    stopping: Stopping,
 ) {
     let max = limits.max_sockets.clamp(1, u32::MAX as usize);
     let open = Arc::new(Semaphore::new(max));
     let mut last_warn: Option<Instant> = None;
+    let stop_accepting = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(stopping.drain).await;
+        }
+    };
+    tokio::pin!(stop_accepting);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            () = shutdown.cancelled() => break,
+            () = &mut stop_accepting => break,
         };
         let (stream, addr) = match accepted {
             Ok(x) => x,
@@ -76,13 +93,21 @@ pub async fn serve(
             async move { app.call(req).await }
         });
         let stop = shutdown.clone();
+        // Accepted while draining: one request, then the connection closes.
+        let draining = shutdown.is_cancelled();
         tokio::spawn(async move {
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
+                .keep_alive(!draining)
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
             tokio::pin!(conn);
+            if draining {
+                let _ = tokio::time::timeout(stopping.grace, conn.as_mut()).await;
+                drop(permit);
+                return;
+            }
             tokio::select! {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
@@ -99,5 +124,5 @@ pub async fn serve(
     }
     drop(listener);
     // Wait for open HTTP requests to finish (WebSockets close themselves on shutdown).
-    let _ = tokio::time::timeout(grace, open.acquire_many(max as u32)).await;
+    let _ = tokio::time::timeout(stopping.grace, open.acquire_many(max as u32)).await;
 }

@@ -19,6 +19,7 @@ pub mod http;
 pub mod link;
 pub mod startup;
 pub mod storage;
+pub mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +69,9 @@ pub fn build_with_log(
     shutdown: CancellationToken,
 ) -> Result<Running, RunError> {
     let cfg = Arc::new(cfg);
+    // The recorder first: opening storage already records (e.g. a repair).
+    let _ = gateway::metrics_handle();
+    telemetry::register(role, shared_log.is_some());
     let auth = Authenticator::new(&cfg.auth).map_err(RunError::Auth)?;
     let core = Core::open(&cfg, role, shared_log)?;
     core.spawn_background(shutdown.clone());
@@ -117,7 +121,11 @@ pub async fn serve_with(
         header_timeout: Duration::from_secs(state.cfg.limits.header_timeout_secs),
     };
     // WebSocket connections see the token and close themselves with 4101.
-    http::serve(listener, app, limits, shutdown, grace).await;
+    let stopping = http::Stopping {
+        drain: Duration::from_millis(state.cfg.shutdown_drain_ms),
+        grace,
+    };
+    http::serve(listener, app, limits, shutdown, stopping).await;
     // Give connection tasks a moment to send their close frames, wait for every
     // background task (each stops on `shutdown`; the group committer flushes last),
     // then make sure everything acknowledged is on disk.

@@ -109,11 +109,29 @@ pub enum CloseCode {
     IdleTimeout = 4102,
 }
 
+/// RFC 6455 §5.5: a control frame carries at most 125 bytes, 2 of them the close code.
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// `reason` cut to what a close frame may carry, at a character boundary: a longer
+/// reason makes conforming clients fail the connection (1002) and never see the code.
+pub fn close_reason(reason: &str) -> &str {
+    if reason.len() <= MAX_CLOSE_REASON {
+        return reason;
+    }
+    let mut end = MAX_CLOSE_REASON;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
 /// Messages from a client.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMsg {
     Connect {
+        #[serde(default)]
+        id: Option<u64>,
         token: Option<String>,
     },
     Subscribe {
@@ -239,6 +257,10 @@ pub struct SiblingView {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMsg {
     Connected {
+        /// The `id` of the `connect` request this answers; absent when the token came
+        /// with the upgrade request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
         client: String,
         replica: String,
     },
@@ -371,6 +393,17 @@ impl ServerMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_reasons_fit_a_control_frame_at_a_char_boundary() {
+        assert_eq!(close_reason("short"), "short");
+        let long = "é".repeat(100); // 200 bytes, 2 per char
+        let cut = close_reason(&long);
+        assert!(cut.len() <= MAX_CLOSE_REASON && cut.len() >= MAX_CLOSE_REASON - 1);
+        assert!(long.starts_with(cut));
+        let exact = "x".repeat(MAX_CLOSE_REASON);
+        assert_eq!(close_reason(&exact), exact);
+    }
 
     #[test]
     fn json_shapes() {

@@ -158,6 +158,20 @@ impl Edge {
         }
     }
 
+    /// Waits for the process to exit by itself (after a signal sent elsewhere).
+    pub fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let mut c = self.child.take().ok_or_else(|| anyhow!("not running"))?;
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(s) = c.try_wait()? {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        bail!("edge did not exit within {within:?}")
+    }
+
     /// SIGTERM and wait for the process to exit.
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
         let mut c = self.child.take().ok_or_else(|| anyhow!("not running"))?;

@@ -95,7 +95,9 @@ async fn seeded_fault_schedules_lose_no_acknowledged_op() -> Result<()> {
                 total.add(&s);
             }
             Err(e) => {
-                bail!("schedule seed={seed} FAILED (replay: SEED={seed} cargo test -p outpost-tests --test faults): {e:#}")
+                return Err(e.context(format!(
+                    "schedule seed={seed} FAILED (replay: SEED={seed} cargo test -p outpost-tests --test faults)"
+                )))
             }
         }
     }
@@ -251,19 +253,14 @@ async fn cluster_schedule(seed: u64) -> Result<Summary> {
         )?);
     }
     let r = run_cluster_schedule(seed, &mut nats, &mut coords, &mut edges, &proxies).await;
-    r.map_err(|e| {
-        let tail = |s: String| {
-            let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        };
-        e.context(format!(
-            "--- coordinator 1 log\n{}\n--- coordinator 2 log\n{}\n--- edge A log\n{}\n--- edge B log\n{}\n{}",
-            tail(coords[0].log()),
-            tail(coords[1].log()),
-            tail(edges[0].log()),
-            tail(edges[1].log()),
-            nats.logs()
-        ))
+    r.inspect_err(|_| {
+        print_log_tails(&[
+            ("coordinator 1", coords[0].log()),
+            ("coordinator 2", coords[1].log()),
+            ("edge A", edges[0].log()),
+            ("edge B", edges[1].log()),
+            ("nats", nats.logs()),
+        ])
     })
 }
 
@@ -740,17 +737,12 @@ async fn schedule_in(seed: u64, region: Option<&Region>) -> Result<Summary> {
         )?);
     }
     let r = run_schedule(seed, &mut cloud, &mut edges, &proxies, region, plan).await;
-    let r = r.map_err(|e| {
-        let tail = |s: String| {
-            let lines: Vec<&str> = s.lines().collect();
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        };
-        e.context(format!(
-            "--- cloud log\n{}\n--- edge A log\n{}\n--- edge B log\n{}",
-            tail(cloud.log()),
-            tail(edges[0].log()),
-            tail(edges[1].log())
-        ))
+    let r = r.inspect_err(|_| {
+        print_log_tails(&[
+            ("cloud", cloud.log()),
+            ("edge A", edges[0].log()),
+            ("edge B", edges[1].log()),
+        ])
     })?;
     let st = |i: usize| {
         (
@@ -1227,4 +1219,16 @@ async fn check_history(
         duplicated: 0,
         delayed: 0,
     })
+}
+
+/// On a failed schedule: the last lines of every process's log, printed before the
+/// error so that the error (what was violated) is the last thing a CI log shows.
+fn print_log_tails(logs: &[(&str, String)]) {
+    for (name, log) in logs {
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!("--- {name} log (last 40 lines)");
+        for l in &lines[lines.len().saturating_sub(40)..] {
+            eprintln!("{l}");
+        }
+    }
 }

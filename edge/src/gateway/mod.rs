@@ -1,6 +1,7 @@
 //! The client gateway (axum): WebSocket, SSE and REST over one listener, with auth,
 //! limits, health and metrics. The cloud serves the same gateway.
 
+pub mod paths;
 pub mod rest;
 pub mod rtc;
 pub mod sse;
@@ -261,22 +262,10 @@ pub fn now_secs() -> u64 {
 /// The whole client-facing router.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.cfg.limits.max_message_bytes;
-    let r = Router::new()
+    let channels = paths::channel_routes().with_state(state.clone());
+    let r = paths::channel_routes()
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/rtc/offer", axum::routing::post(rtc::offer))
-        .route(
-            "/v1/channels/{channel}/events",
-            get(rest::events_get).post(rest::publish),
-        )
-        .route("/v1/channels/{channel}/history", get(rest::history))
-        .route("/v1/channels/{channel}/state", get(rest::state_all))
-        .route(
-            "/v1/channels/{channel}/state/{key}",
-            get(rest::state_get)
-                .put(rest::state_put)
-                .delete(rest::state_delete),
-        )
-        .route("/v1/channels/{channel}/presence", get(rest::presence))
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
         .route("/metrics", get(rest::metrics))
@@ -295,7 +284,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .allow_methods(tower_http::cors::Any)
         .allow_headers(tower_http::cors::Any)
         .max_age(std::time::Duration::from_secs(3600));
-    r.fallback(rest::not_found)
+    r.fallback(move |req| paths::fallback(channels.clone(), req))
         .layer(DefaultBodyLimit::max(limit))
         .layer(cors)
         .with_state(state)

@@ -283,7 +283,14 @@ type EphemeralSlot = Arc<Mutex<Option<Arc<dyn DataChannel>>>>;
 
 /// Why the connection's message stream ended.
 #[derive(Debug)]
-struct Gone;
+pub(crate) struct Gone;
+
+/// Data channels have no close frame: a closed channel owes the client nothing.
+impl super::ws::ReadError for Gone {
+    fn close_frame(self) -> Option<(u16, String)> {
+        None
+    }
+}
 
 /// Sends the connection task's messages on the data channels. Messages fed between
 /// two flushes travel together: one data-channel message carries several protocol

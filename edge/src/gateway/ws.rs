@@ -125,16 +125,55 @@ struct Conn {
 }
 
 async fn close<K: Sink<Message> + Unpin>(sink: &mut K, code: CloseCode, reason: &str) {
+    close_with(sink, code as u16, reason).await;
+}
+
+async fn close_with<K: Sink<Message> + Unpin>(sink: &mut K, code: u16, reason: &str) {
     let _ = sink
         .send(Message::Close(Some(CloseFrame {
-            code: code as u16,
-            reason: reason.into(),
+            code,
+            reason: client::close_reason(reason).into(),
         })))
         .await;
 }
 
+/// A transport's read error, as the close frame that tells the client why its
+/// connection ends (RFC 6455 §7.4.1), if one is owed.
+pub(crate) trait ReadError {
+    fn close_frame(self) -> Option<(u16, String)>;
+}
+
+impl ReadError for axum::Error {
+    fn close_frame(self) -> Option<(u16, String)> {
+        use tungstenite::error::{CapacityError, Error as WsError};
+        let e = self.into_inner().downcast::<WsError>().ok()?;
+        match *e {
+            WsError::Utf8(_) => Some((1007, "text message is not valid UTF-8".into())),
+            WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => Some((
+                1009,
+                format!("message of {size} bytes exceeds the limit of {max_size}"),
+            )),
+            WsError::Capacity(e) => Some((1009, e.to_string())),
+            WsError::Protocol(e) => Some((1002, e.to_string())),
+            _ => None,
+        }
+    }
+}
+
 fn text(msg: &ServerMsg) -> Message {
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
+}
+
+/// The `id` of a request that could not be served (too large, or not a valid
+/// message), when it is a JSON object with a numeric `id`: the error then answers
+/// that request. Skims the rest without building it.
+fn request_id(t: &str) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Option<u64>,
+    }
+    serde_json::from_str::<IdOnly>(t).ok().and_then(|m| m.id)
 }
 
 /// Waits until queued messages are ready to pop (none before `connect`).
@@ -235,6 +274,7 @@ pub(crate) async fn serve<T, E>(
     cred: Option<String>,
 ) where
     T: Sink<Message> + Stream<Item = Result<Message, E>> + Unpin,
+    E: ReadError,
 {
     let limits = state.cfg.limits.clone();
     let mut conn = Conn {
@@ -253,7 +293,7 @@ pub(crate) async fn serve<T, E>(
     if cred.is_some() || state.cfg.auth.allow_anonymous {
         match state.principal(cred.as_deref()) {
             Ok(p) => {
-                let hello = conn.authenticated(p);
+                let hello = conn.authenticated(p, None);
                 if io.send(text(&hello)).await.is_err() {
                     return;
                 }
@@ -360,7 +400,17 @@ pub(crate) async fn serve<T, E>(
             // write; at most MAX_PENDING_ACKS wait, then reading pauses.
             m = std::future::poll_fn(|cx| read_gate.poll(cx, |cx| io.poll_next_unpin(cx))), if conn.acks.len() < MAX_PENDING_ACKS => {
                 read_gate.rearm();
-                let Some(Ok(m)) = m else { break };
+                let m = match m {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        if let Some((code, reason)) = e.close_frame() {
+                            tracing::debug!(code, reason, "closing: the client broke the WebSocket protocol");
+                            close_with(&mut io, code, &reason).await;
+                        }
+                        break;
+                    }
+                    None => break,
+                };
                 last_read = tokio::time::Instant::now();
                 let replies = match m {
                     Message::Text(t) => conn.on_text(&t),
@@ -404,7 +454,7 @@ pub(crate) async fn serve<T, E>(
 }
 
 impl Conn {
-    fn authenticated(&mut self, p: Principal) -> ServerMsg {
+    fn authenticated(&mut self, p: Principal, id: Option<u64>) -> ServerMsg {
         if self.handle.is_none() {
             let (handle, queue) = self.state.new_conn(&p.subject);
             self.handle = Some(handle);
@@ -412,6 +462,7 @@ impl Conn {
         }
         self.principal = Some(p);
         ServerMsg::Connected {
+            id,
             client: self
                 .handle
                 .as_ref()
@@ -433,7 +484,7 @@ impl Conn {
         let limit = self.state.cfg.limits.max_message_bytes;
         if t.len() > limit {
             return vec![ServerMsg::error(
-                None,
+                request_id(t),
                 ErrorCode::MessageTooLarge,
                 format!("message of {} bytes exceeds the limit of {limit}", t.len()),
             )];
@@ -441,11 +492,8 @@ impl Conn {
         let msg: ClientMsg = match serde_json::from_str(t) {
             Ok(m) => m,
             Err(e) => {
-                let id = serde_json::from_str::<serde_json::Value>(t)
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(serde_json::Value::as_u64));
                 return vec![ServerMsg::error(
-                    id,
+                    request_id(t),
                     ErrorCode::BadRequest,
                     format!("not a valid message: {e}"),
                 )];
@@ -533,12 +581,12 @@ impl Conn {
 
     fn on_msg(&mut self, msg: ClientMsg) -> Result<Vec<ServerMsg>, (Option<u64>, ApiError)> {
         match msg {
-            ClientMsg::Connect { token } => {
+            ClientMsg::Connect { id, token } => {
                 let p = self
                     .state
                     .principal(token.as_deref())
-                    .map_err(|e| (None, e))?;
-                Ok(vec![self.authenticated(p)])
+                    .map_err(|e| (id, e))?;
+                Ok(vec![self.authenticated(p, id)])
             }
             ClientMsg::Ping { id } => Ok(vec![ServerMsg::Pong { id }]),
             ClientMsg::Subscribe {
