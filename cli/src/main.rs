@@ -547,15 +547,24 @@ async fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:<12} {:<18} {:<10} {:<9} {:>7} {:>8} {:>8} {:>8}  SINCE",
-                    "NAME", "REPLICA", "REGION", "STATE", "RTT ms", "LAG ops", "OUTBOX", "CLIENTS"
+                    "{:<12} {:<18} {:<10} {:<18} {:<9} {:>7} {:>8} {:>8} {:>8}  SINCE",
+                    "NAME",
+                    "REPLICA",
+                    "REGION",
+                    "COORDINATOR",
+                    "STATE",
+                    "RTT ms",
+                    "LAG ops",
+                    "OUTBOX",
+                    "CLIENTS"
                 );
                 for e in v["edges"].as_array().cloned().unwrap_or_default() {
                     println!(
-                        "{:<12} {:<18} {:<10} {:<9} {:>7} {:>8} {:>8} {:>8}  {}",
+                        "{:<12} {:<18} {:<10} {:<18} {:<9} {:>7} {:>8} {:>8} {:>8}  {}",
                         e["name"].as_str().unwrap_or(""),
                         e["replica"].as_str().unwrap_or(""),
                         e["region"].as_str().unwrap_or(""),
+                        e["coordinator"].as_str().unwrap_or(""),
                         if e["connected"] == true {
                             "connected"
                         } else {

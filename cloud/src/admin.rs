@@ -15,10 +15,10 @@ use edge::core::{now_ms, Core};
 use edge::gateway::{channel, credential, ApiError, AppState};
 use serde::Deserialize;
 use shared::client::ErrorCode;
-use shared::wire::{Command, SyncMsg};
 use shared::ReplicaId;
 
 use crate::fleet::Fleet;
+use crate::shared_fleet::{self, FleetCommand, SharedFleet};
 
 /// Edges whose credentials an operator revoked at run time (persisted).
 #[derive(Debug, Default)]
@@ -45,7 +45,8 @@ impl Revocations {
         self.names.lock().map(|g| g.contains(name)).unwrap_or(false)
     }
 
-    fn add(&self, core: &Core, name: &str) -> Result<(), ApiError> {
+    /// Adds `name` to the persisted list.
+    pub fn add(&self, core: &Core, name: &str) -> Result<(), ApiError> {
         let bytes = {
             let mut g = self.names.lock().unwrap_or_else(|p| p.into_inner());
             g.insert(name.to_owned());
@@ -64,6 +65,25 @@ pub struct Admin {
     pub state: Arc<AppState>,
     pub fleet: Arc<Fleet>,
     pub revoked: Arc<Revocations>,
+    /// Clustered: the fleet state shared with the other coordinators.
+    pub shared: Option<Arc<SharedFleet>>,
+}
+
+impl Admin {
+    /// Sends `c` to every coordinator; alone (embedded, or NATS unreachable) acts on
+    /// this one's links. Says whether it reached the whole fleet.
+    async fn command(&self, c: FleetCommand) -> bool {
+        if let Some(shared) = &self.shared {
+            match shared.command(&c).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "fleet command not sent to the other coordinators; acting on this one's links")
+                }
+            }
+        }
+        shared_fleet::act(&self.fleet, &self.state.core, &c);
+        self.shared.is_none()
+    }
 }
 
 fn operator(admin: &Admin, headers: &HeaderMap) -> Result<String, ApiError> {
@@ -300,14 +320,15 @@ async fn drain(
 ) -> Result<Response, ApiError> {
     let who = operator(&a, &headers)?;
     let (id, name) = find_edge(&a, &key)?;
-    a.state
-        .core
-        .router
-        .send(id, SyncMsg::Command(Command::Drain));
+    let fleet_wide = a
+        .command(FleetCommand::Drain {
+            edge: id.to_string(),
+        })
+        .await;
     a.fleet
         .event(&name, "drained", &format!("by operator {who}"));
     tracing::warn!(edge = %name, operator = %who, "drain requested");
-    Ok(Json(serde_json::json!({ "drained": name })).into_response())
+    Ok(Json(serde_json::json!({ "drained": name, "fleet_wide": fleet_wide })).into_response())
 }
 
 async fn revoke(
@@ -319,10 +340,23 @@ async fn revoke(
     let (id, name) = find_edge(&a, &key)?;
     a.revoked.add(&a.state.core, &name)?;
     a.state.core.router.kill(id);
+    // Clustered: every coordinator refuses it and drops its link.
+    let fleet_wide = match &a.shared {
+        None => true,
+        Some(shared) => match shared.revoke(&name).await {
+            Ok(()) => true,
+            Err(e) => {
+                return Err(ApiError::new(
+                    ErrorCode::StorageUnavailable,
+                    format!("revoked on this coordinator only; the fleet state is unreachable ({e}): try again"),
+                ))
+            }
+        },
+    };
     a.fleet
         .event(&name, "revoked", &format!("by operator {who}"));
     tracing::warn!(edge = %name, operator = %who, "edge credentials revoked");
-    Ok(Json(serde_json::json!({ "revoked": name })).into_response())
+    Ok(Json(serde_json::json!({ "revoked": name, "fleet_wide": fleet_wide })).into_response())
 }
 
 async fn evict(
@@ -332,18 +366,15 @@ async fn evict(
 ) -> Result<Response, ApiError> {
     let who = operator(&a, &headers)?;
     let ch = channel(&name)?;
-    let edges: Vec<ReplicaId> = a
-        .state
-        .core
-        .with_node(|n| n.peers().keys().copied().collect());
-    for id in &edges {
-        a.state.core.router.send(
-            *id,
-            SyncMsg::Command(Command::Evict {
-                channel: ch.clone(),
-            }),
-        );
-    }
-    tracing::info!(channel = %ch, operator = %who, edges = edges.len(), "eviction requested");
-    Ok(Json(serde_json::json!({ "evict": ch.as_str(), "edges": edges.len() })).into_response())
+    let edges = a.fleet.list().iter().filter(|e| e.connected).count();
+    let fleet_wide = a
+        .command(FleetCommand::Evict {
+            channel: ch.to_string(),
+        })
+        .await;
+    tracing::info!(channel = %ch, operator = %who, edges, "eviction requested");
+    Ok(
+        Json(serde_json::json!({ "evict": ch.as_str(), "edges": edges, "fleet_wide": fleet_wide }))
+            .into_response(),
+    )
 }

@@ -1,16 +1,33 @@
-//! The edge registry: who is connected, since when, from where, how far behind.
+//! The edge registry: who is connected, since when, from where, how far behind; and
+//! the fleet timeline.
+//!
+//! A coordinator knows its own links first-hand (`local`). In the clustered tier it
+//! also holds what the other coordinators report through the shared fleet state
+//! (`remote`, kept by `crate::shared_fleet`), so that any coordinator shows the whole
+//! fleet: an edge linked to another coordinator is listed with that coordinator's
+//! figures, and shown disconnected once its coordinator has stopped reporting for
+//! [`REMOTE_STALE`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shared::ReplicaId;
+use tokio::sync::mpsc;
+
+/// A remote entry not refreshed for this long is shown disconnected: its coordinator
+/// reports every [`crate::shared_fleet::REPORT_EVERY`] while the link is up.
+pub const REMOTE_STALE: Duration = Duration::from_secs(10);
 
 /// What the cloud knows about one edge.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EdgeEntry {
     pub replica: String,
+    /// The coordinator (its replica id) that holds, or last held, the edge's link.
+    #[serde(default)]
+    pub coordinator: String,
     pub name: String,
     pub region: String,
     pub software: String,
@@ -30,9 +47,12 @@ pub struct EdgeEntry {
 }
 
 /// Something that happened to the fleet.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FleetEvent {
     pub time_ms: u64,
+    /// The coordinator that saw it.
+    #[serde(default)]
+    pub coordinator: String,
     pub edge: String,
     /// `joined`, `left`, `restored`, `healed`, `refused`, `drained`, `revoked`.
     pub kind: String,
@@ -43,15 +63,41 @@ pub struct FleetEvent {
 const MAX_EVENTS: usize = 2000;
 
 /// Every edge that has connected since the cloud started, and the fleet timeline.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fleet {
+    /// This coordinator's replica id.
+    me: String,
     edges: Mutex<BTreeMap<ReplicaId, EdgeEntry>>,
+    /// What other coordinators report, with when it arrived here.
+    remote: Mutex<HashMap<ReplicaId, (EdgeEntry, Instant)>>,
     events: Mutex<VecDeque<FleetEvent>>,
     /// When each edge last left, to report how long it was away.
     left_at: Mutex<HashMap<ReplicaId, u64>>,
+    /// Clustered: this coordinator's events also go to the shared timeline.
+    publish: OnceLock<mpsc::UnboundedSender<FleetEvent>>,
 }
 
 impl Fleet {
+    pub fn new(me: String) -> Self {
+        Self {
+            me,
+            edges: Mutex::default(),
+            remote: Mutex::default(),
+            events: Mutex::default(),
+            left_at: Mutex::default(),
+            publish: OnceLock::new(),
+        }
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Clustered: from now on every event is also sent to `tx` (the shared timeline).
+    pub fn publish_events_to(&self, tx: mpsc::UnboundedSender<FleetEvent>) {
+        let _ = self.publish.set(tx);
+    }
+
     pub fn connected(
         &self,
         id: ReplicaId,
@@ -85,6 +131,7 @@ impl Fleet {
             id,
             EdgeEntry {
                 replica: id.to_string(),
+                coordinator: self.me.clone(),
                 name: name.into(),
                 region: region.into(),
                 software: software.into(),
@@ -142,18 +189,30 @@ impl Fleet {
             .set(g.values().filter(|e| e.connected).count() as f64);
     }
 
-    /// Records a timeline event.
+    /// Records a timeline event (and, clustered, sends it to the shared timeline).
     pub fn event(&self, edge: &str, kind: &str, detail: &str) {
+        let ev = FleetEvent {
+            time_ms: edge::core::now_ms(),
+            coordinator: self.me.clone(),
+            edge: edge.into(),
+            kind: kind.into(),
+            detail: detail.into(),
+        };
+        if let Some(tx) = self.publish.get() {
+            let _ = tx.send(ev.clone());
+        }
+        self.insert_event(ev);
+    }
+
+    /// Adds an event another coordinator (or an earlier run of this one) recorded,
+    /// in time order.
+    pub fn insert_event(&self, ev: FleetEvent) {
         let mut g = self.events.lock().unwrap_or_else(|p| p.into_inner());
         if g.len() >= MAX_EVENTS {
             g.pop_front();
         }
-        g.push_back(FleetEvent {
-            time_ms: edge::core::now_ms(),
-            edge: edge.into(),
-            kind: kind.into(),
-            detail: detail.into(),
-        });
+        let at = g.partition_point(|e| e.time_ms <= ev.time_ms);
+        g.insert(at, ev);
     }
 
     pub fn events_since(&self, since_ms: u64) -> Vec<FleetEvent> {
@@ -168,18 +227,63 @@ impl Fleet {
             .unwrap_or_default()
     }
 
-    /// Replica id -> edge name, for every edge seen.
-    pub fn names(&self) -> HashMap<ReplicaId, String> {
+    /// What another coordinator reported about an edge.
+    pub fn remote_report(&self, id: ReplicaId, entry: EdgeEntry) {
+        if entry.coordinator == self.me {
+            return;
+        }
+        if let Ok(mut g) = self.remote.lock() {
+            g.insert(id, (entry, Instant::now()));
+        }
+    }
+
+    /// This coordinator's own entries (what it reports to the others).
+    pub fn local(&self) -> Vec<(ReplicaId, EdgeEntry)> {
         self.edges
             .lock()
-            .map(|g| g.iter().map(|(id, e)| (*id, e.name.clone())).collect())
+            .map(|g| g.iter().map(|(id, e)| (*id, e.clone())).collect())
             .unwrap_or_default()
     }
 
-    pub fn list(&self) -> Vec<EdgeEntry> {
+    /// Replica id -> edge name, for every edge seen here or reported by another
+    /// coordinator.
+    pub fn names(&self) -> HashMap<ReplicaId, String> {
+        self.list_by_id()
+            .into_iter()
+            .map(|(id, e)| (id, e.name))
+            .collect()
+    }
+
+    /// Whether this coordinator holds a live link of the edge.
+    pub fn linked_here(&self, id: ReplicaId) -> bool {
         self.edges
             .lock()
-            .map(|g| g.values().cloned().collect())
-            .unwrap_or_default()
+            .map(|g| g.get(&id).is_some_and(|e| e.connected))
+            .unwrap_or(false)
+    }
+
+    /// Every edge of the fleet: this coordinator's links, and the others' reports (a
+    /// report not refreshed within [`REMOTE_STALE`] shows the edge disconnected).
+    pub fn list(&self) -> Vec<EdgeEntry> {
+        self.list_by_id().into_values().collect()
+    }
+
+    fn list_by_id(&self) -> BTreeMap<ReplicaId, EdgeEntry> {
+        let mut out = self.edges.lock().map(|g| g.clone()).unwrap_or_default();
+        let remote = self.remote.lock().map(|g| g.clone()).unwrap_or_default();
+        for (id, (mut r, at)) in remote {
+            if r.connected && at.elapsed() > REMOTE_STALE {
+                r.connected = false;
+            }
+            match out.get(&id) {
+                Some(l) if l.connected => {}
+                // Both down: the later link wins.
+                Some(l) if !r.connected && l.connected_since >= r.connected_since => {}
+                _ => {
+                    out.insert(id, r);
+                }
+            }
+        }
+        out
     }
 }

@@ -108,6 +108,11 @@ impl JetStreamLog {
         }))
     }
 
+    /// The JetStream context (the fleet state shares the connection).
+    pub fn context(&self) -> jetstream::Context {
+        self.js.clone()
+    }
+
     fn set_error(&self, e: Option<String>) {
         if let Ok(mut g) = self.last_error.lock() {
             *g = e;

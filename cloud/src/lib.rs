@@ -8,6 +8,7 @@ pub mod accept;
 pub mod admin;
 pub mod fleet;
 pub mod jetstream;
+pub mod shared_fleet;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,15 +86,25 @@ pub async fn start(
         None => None,
     };
     let shared_log = log.clone().map(|l| l as Arc<dyn edge::core::SharedLog>);
+    let js_cfg = cfg.jetstream.clone();
     let running = edge::build_with_log(cfg, Role::Cloud, shared_log, shutdown.clone())?;
-    if let Some(log) = log {
+    let fleet = Arc::new(fleet::Fleet::new(running.core.id.to_string()));
+    let revoked = Arc::new(admin::Revocations::load(&running.core));
+    let mut shared_fleet = None;
+    if let (Some(log), Some(js_cfg)) = (log, js_cfg) {
+        let sf = shared_fleet::SharedFleet::new(log.context(), js_cfg);
+        sf.spawn(
+            fleet.clone(),
+            revoked.clone(),
+            running.core.clone(),
+            shutdown.clone(),
+        );
+        shared_fleet = Some(sf);
         running
             .core
             .tasks
             .spawn(jetstream::tail(log, running.core.clone(), shutdown.clone()));
     }
-    let fleet = Arc::new(fleet::Fleet::default());
-    let revoked = Arc::new(admin::Revocations::load(&running.core));
     running.core.tasks.spawn(accept::accept_loop(
         endpoint,
         running.core.clone(),
@@ -106,6 +117,7 @@ pub async fn start(
         state: running.state.clone(),
         fleet: fleet.clone(),
         revoked,
+        shared: shared_fleet,
     };
     Ok(Started {
         quic_addr,

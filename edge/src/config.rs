@@ -327,6 +327,12 @@ pub struct JetStreamConfig {
     pub token: Option<String>,
     /// How long a publish waits for the stream's ack before it is sent again.
     pub ack_timeout_ms: u64,
+    /// The fleet's operator state, shared by every coordinator: a KV bucket with the
+    /// edge registry and revocations, a stream with the timeline, and core NATS
+    /// subjects `<fleet_prefix>.…` for commands (drain, evict) and the timeline.
+    pub fleet_bucket: String,
+    pub timeline_stream: String,
+    pub fleet_prefix: String,
 }
 
 impl Default for JetStreamConfig {
@@ -340,6 +346,9 @@ impl Default for JetStreamConfig {
             password: None,
             token: None,
             ack_timeout_ms: 5_000,
+            fleet_bucket: "OUTPOST_FLEET".into(),
+            timeline_stream: "OUTPOST_TIMELINE".into(),
+            fleet_prefix: "outpost.fleet".into(),
         }
     }
 }
@@ -674,6 +683,32 @@ impl EdgeConfig {
             }
             if js.ack_timeout_ms == 0 {
                 bad("jetstream.ack_timeout_ms", "must be positive");
+            }
+            for (key, name) in [
+                ("jetstream.fleet_bucket", &js.fleet_bucket),
+                ("jetstream.timeline_stream", &js.timeline_stream),
+            ] {
+                if !token_ok(name) {
+                    bad(key, "letters, digits, '_' and '-' only");
+                }
+            }
+            if !js.fleet_prefix.split('.').all(token_ok) {
+                bad(
+                    "jetstream.fleet_prefix",
+                    "dot-separated tokens of letters, digits, '_' and '-'",
+                );
+            }
+            let nested = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}."));
+            if nested(&js.fleet_prefix, &js.subject_prefix)
+                || nested(&js.subject_prefix, &js.fleet_prefix)
+            {
+                bad(
+                    "jetstream.fleet_prefix",
+                    "must not overlap subject_prefix (the op stream would capture it)",
+                );
+            }
+            if js.timeline_stream == js.stream {
+                bad("jetstream.timeline_stream", "must differ from stream");
             }
         }
         if self.region.is_empty() || self.region.len() > 64 {
@@ -1052,6 +1087,9 @@ send_buffer_bytes = 262144
 # replicas = 3                           # an ack means a majority of them stored the op
 # ack_timeout_ms = 5000
 # user = "..."; password = "..." or token = "..."
+# fleet_bucket = "OUTPOST_FLEET"         # KV: the edge registry and revocations, fleet-wide
+# timeline_stream = "OUTPOST_TIMELINE"   # the fleet timeline (last 10,000 events)
+# fleet_prefix = "outpost.fleet"         # subjects for the timeline and operator commands
 "#;
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use edge::auth::Action;
-use outpost_tests::fleet::{connected, TOKEN_A, TOKEN_B};
+use outpost_tests::fleet::{connected, OPERATOR_KEY, TOKEN_A, TOKEN_B};
 use outpost_tests::nats::NatsCluster;
 use outpost_tests::{eventually, free_udp_port, metric, publish, token, Cloud, Edge, Ws, API_KEY};
 use serde_json::{json, Value};
@@ -47,7 +47,11 @@ fn coordinator(dir: &Path, name: &str, nats: &NatsCluster, first: Option<&Cloud>
         &cdir,
         free_udp_port()?,
         &[("edge-a", TOKEN_A), ("edge-b", TOKEN_B)],
-        &nats.jetstream_toml(3),
+        &format!(
+            "{}\n[auth]\noperator_keys = [{{ name = \"ops\", sha256 = \"{}\" }}]\n",
+            nats.jetstream_toml(3),
+            edge::auth::api_key_hash(OPERATOR_KEY)
+        ),
     )
 }
 
@@ -268,5 +272,166 @@ async fn scenario(
     if stored != 120 {
         bail!("the stream holds {stored} messages, not 120");
     }
+    Ok(())
+}
+
+/// `GET` an operator endpoint of coordinator `c`.
+async fn admin_get(http: &reqwest::Client, c: &Cloud, path: &str) -> Result<Value> {
+    Ok(http
+        .get(c.url(path))
+        .bearer_auth(OPERATOR_KEY)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// `(connected, coordinator)` of the edge named `name` in `c`'s fleet view.
+async fn edge_view(
+    http: &reqwest::Client,
+    c: &Cloud,
+    name: &str,
+) -> Result<Option<(bool, String)>> {
+    let v = admin_get(http, c, "/v1/admin/edges").await?;
+    Ok(v["edges"].as_array().into_iter().flatten().find_map(|e| {
+        (e["name"] == name).then(|| {
+            (
+                e["connected"].as_bool().unwrap_or(false),
+                e["coordinator"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+    }))
+}
+
+/// Whether `c`'s timeline has an event `kind` about edge `name`.
+async fn has_event(http: &reqwest::Client, c: &Cloud, name: &str, kind: &str) -> Result<bool> {
+    let v = admin_get(http, c, "/v1/admin/timeline").await?;
+    Ok(v["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| e["edge"] == name && e["kind"] == kind))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_and_act_on_the_whole_fleet_from_any_coordinator() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let nats = NatsCluster::start(dir.path(), 3).await?;
+    let c1 = coordinator(dir.path(), "c1", &nats, None)?;
+    let mut c2 = coordinator(dir.path(), "c2", &nats, Some(&c1))?;
+    let a = Edge::start(&dir.path().join("a"), &uplink(&[&c1, &c2], TOKEN_A))?;
+    let b = Edge::start(&dir.path().join("b"), &uplink(&[&c2, &c1], TOKEN_B))?;
+    let r = fleet_scenario(&c1, &mut c2, &a).await;
+    r.map_err(|e| {
+        let tail = |s: String| {
+            let l: Vec<&str> = s.lines().collect();
+            l[l.len().saturating_sub(40)..].join("\n")
+        };
+        e.context(format!(
+            "--- c1\n{}\n--- c2\n{}\n--- edge A\n{}\n--- edge B\n{}\n{}",
+            tail(c1.log()),
+            tail(c2.log()),
+            tail(a.log()),
+            tail(b.log()),
+            nats.logs()
+        ))
+    })
+}
+
+async fn fleet_scenario(c1: &Cloud, c2: &mut Cloud, a: &Edge) -> Result<()> {
+    let http = &reqwest::Client::new();
+    connected(http, c1, 1.0).await?;
+    connected(http, c2, 1.0).await?;
+    let within = Duration::from_secs(20);
+
+    // 1. Each coordinator lists both edges as connected, each with its own
+    // coordinator, and has the other's "joined" event in its timeline.
+    for (c, who) in [(c1, "c1"), (&*c2, "c2")] {
+        eventually(
+            within,
+            &format!("{who} to list both edges"),
+            || async move {
+                let (ea, eb) = (
+                    edge_view(http, c, "edge-a").await?,
+                    edge_view(http, c, "edge-b").await?,
+                );
+                Ok(match (ea, eb) {
+                    (Some((true, ca)), Some((true, cb))) if !ca.is_empty() && ca != cb => Some(()),
+                    _ => None,
+                })
+            },
+        )
+        .await?;
+        eventually(within, &format!("{who}'s timeline"), || async move {
+            Ok((has_event(http, c, "edge-a", "joined").await?
+                && has_event(http, c, "edge-b", "joined").await?)
+                .then_some(()))
+        })
+        .await?;
+    }
+
+    // 2. Drain edge A (linked to c1) through c2: edge A hears it.
+    let r: Value = http
+        .post(c2.url("/v1/admin/edges/edge-a/drain"))
+        .bearer_auth(OPERATOR_KEY)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    if r["fleet_wide"] != true {
+        bail!("drain through c2: {r}");
+    }
+    let ready = a.url("/readyz");
+    eventually(within, "edge A to be drained", || async {
+        let s = http.get(&ready).send().await?.status();
+        Ok((s == 503).then_some(()))
+    })
+    .await?;
+
+    // 3. Revoke edge B (linked to c2) through c1: c2 drops it, neither takes it back.
+    let r: Value = http
+        .post(c1.url("/v1/admin/edges/edge-b/revoke"))
+        .bearer_auth(OPERATOR_KEY)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    if r["fleet_wide"] != true {
+        bail!("revoke through c1: {r}");
+    }
+    eventually(within, "edge B refused by both coordinators", || async {
+        let m1 = metric(
+            http,
+            &c1.url("/metrics"),
+            "outpost_edge_auth_failures_total",
+        )
+        .await?;
+        let m2 = metric(
+            http,
+            &c2.url("/metrics"),
+            "outpost_edge_auth_failures_total",
+        )
+        .await?;
+        let down = matches!(edge_view(http, c1, "edge-b").await?, Some((false, _)));
+        Ok((m1 >= 1.0 && m2 >= 1.0 && down).then_some(()))
+    })
+    .await?;
+    let m = metric(http, &c2.url("/metrics"), "outpost_edges_connected").await?;
+    if m != 0.0 {
+        bail!("c2 still holds {m} edge links after edge B's revocation");
+    }
+
+    // 4. The timeline outlives a coordinator's restart: c2 reads it back from the
+    // stream, with c1's revocation in it.
+    c2.restart()?;
+    eventually(within, "c2's timeline after its restart", || async {
+        Ok((has_event(http, c2, "edge-b", "revoked").await?
+            && has_event(http, c2, "edge-a", "joined").await?)
+            .then_some(()))
+    })
+    .await?;
     Ok(())
 }
