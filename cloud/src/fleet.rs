@@ -35,6 +35,10 @@ pub struct EdgeEntry {
     pub connected: bool,
     /// Unix milliseconds.
     pub connected_since: u64,
+    /// When its link ended (Unix milliseconds), while it is disconnected. The other
+    /// figures are then the last ones its link reported.
+    #[serde(default)]
+    pub disconnected_since: Option<u64>,
     pub last_seen: u64,
     pub rtt_ms: Option<u64>,
     /// Ops the cloud has that the edge lacks (channels it subscribes to).
@@ -75,6 +79,8 @@ pub struct Fleet {
     left_at: Mutex<HashMap<ReplicaId, u64>>,
     /// Clustered: this coordinator's events also go to the shared timeline.
     publish: OnceLock<mpsc::UnboundedSender<FleetEvent>>,
+    /// Events recorded since the timeline was last saved (embedded cloud).
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 impl Fleet {
@@ -86,6 +92,7 @@ impl Fleet {
             events: Mutex::default(),
             left_at: Mutex::default(),
             publish: OnceLock::new(),
+            dirty: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -138,6 +145,7 @@ impl Fleet {
                 remote,
                 connected: true,
                 connected_since: now,
+                disconnected_since: None,
                 last_seen: now,
                 rtt_ms: None,
                 lag_ops: 0,
@@ -181,6 +189,7 @@ impl Fleet {
             return;
         }
         e.connected = false;
+        e.disconnected_since = Some(edge::core::now_ms());
         self.event(&e.name, "left", reason);
         if let Ok(mut m) = self.left_at.lock() {
             m.insert(id, edge::core::now_ms());
@@ -213,6 +222,34 @@ impl Fleet {
         }
         let at = g.partition_point(|e| e.time_ms <= ev.time_ms);
         g.insert(at, ev);
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The timeline as JSON if it changed since the last call (for saving it).
+    pub fn timeline_if_changed(&self) -> Option<Vec<u8>> {
+        if !self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return None;
+        }
+        let g = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::to_vec(&*g).ok()
+    }
+
+    /// Restores a saved timeline (before any event is recorded).
+    pub fn restore_timeline(&self, json: &[u8]) {
+        match serde_json::from_slice::<VecDeque<FleetEvent>>(json) {
+            Ok(saved) => {
+                let mut g = self.events.lock().unwrap_or_else(|p| p.into_inner());
+                let mine = std::mem::take(&mut *g);
+                *g = saved;
+                g.extend(mine);
+                while g.len() > MAX_EVENTS {
+                    g.pop_front();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the saved fleet timeline does not parse; starting a new one")
+            }
+        }
     }
 
     pub fn events_since(&self, since_ms: u64) -> Vec<FleetEvent> {
@@ -285,5 +322,45 @@ impl Fleet {
             }
         }
         out
+    }
+}
+
+/// The storage key of the saved timeline.
+const TIMELINE_KEY: &str = "fleet_timeline";
+
+/// The embedded cloud's timeline on disk: restored at start, saved at most once a
+/// second while it changes, and at shutdown.
+pub async fn keep_timeline(
+    fleet: std::sync::Arc<Fleet>,
+    core: std::sync::Arc<edge::core::Core>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    if let Some(saved) = core
+        .storage()
+        .ok()
+        .and_then(|s| s.meta(TIMELINE_KEY).ok().flatten())
+    {
+        fleet.restore_timeline(&saved);
+    }
+    let save = || {
+        if let Some(json) = fleet.timeline_if_changed() {
+            let r = core
+                .storage()
+                .map_err(|e| e.to_string())
+                .and_then(|s| s.set_meta(TIMELINE_KEY, &json).map_err(|e| e.to_string()));
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not save the fleet timeline");
+            }
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                save();
+                return;
+            }
+            _ = tick.tick() => save(),
+        }
     }
 }

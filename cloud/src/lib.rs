@@ -104,6 +104,14 @@ pub async fn start(
             .core
             .tasks
             .spawn(jetstream::tail(log, running.core.clone(), shutdown.clone()));
+    } else {
+        // One process: the timeline is kept in its own storage, so that it (and the
+        // outage it recorded) outlives a restart.
+        running.core.tasks.spawn(fleet::keep_timeline(
+            fleet.clone(),
+            running.core.clone(),
+            shutdown.clone(),
+        ));
     }
     running.core.tasks.spawn(accept::accept_loop(
         endpoint,

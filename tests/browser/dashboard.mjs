@@ -34,6 +34,8 @@ try {
   process.kill(Number(pid), "SIGKILL");
   await page.waitForSelector(`tr[data-edge="edge-b"] .badge.disconnected`, { timeout: 20000 });
   await page.waitForSelector(`#timeline .kind.left`, { timeout: 5000 });
+  const since = await page.textContent(`tr[data-edge="edge-b"] td.since`);
+  if (!since.includes("disconnected")) throw new Error(`edge-b's row says "${since}" after its link ended`);
   const shot2 = `${outDir}/dashboard-edge-down.png`;
   await page.screenshot({ path: shot2, fullPage: true });
   // Non-blank: a real render of tables and text is far larger than an empty page.

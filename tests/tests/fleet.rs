@@ -598,6 +598,17 @@ async fn operators_see_the_fleet_read_the_reconciliation_report_and_drain_and_re
     for kind in ["drained", "revoked", "left", "refused"] {
         ensure!(ok && out.contains(kind), "timeline lacks {kind}: {out}");
     }
+    // The timeline outlives a crash of the cloud (saved within a second of a change).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    f.cloud.restart()?;
+    let cloud = f.cloud.url("");
+    let (ok, out, _) = outpost(&cloud, &["timeline"])?;
+    for kind in ["drained", "revoked", "left"] {
+        ensure!(
+            ok && out.contains(kind),
+            "timeline after a restart lacks {kind}: {out}"
+        );
+    }
     // A wrong operator key gets a clear error.
     let out = std::process::Command::new(outpost_tests::bin("outpost")?)
         .args(["edges", "--url", &cloud, "--operator-key", "opk_wrong"])
