@@ -69,12 +69,17 @@ enum Cmd {
     Revoke { edge: String },
     /// Drop a channel from every edge's cache.
     Evict { channel: String },
-    /// Follow a channel live (server-sent events); resumes after disconnects.
+    /// Follow a channel (server-sent events): its history, then live; resumes after
+    /// disconnects. One readable line per op (time, dot, what it did); `--json` for
+    /// the raw op messages.
     Tail {
         channel: String,
-        /// Resume token to start after.
+        /// Resume token to start after (default: the retained history first).
         #[arg(long)]
         since: Option<String>,
+        /// Skip the history: only ops that arrive from now on.
+        #[arg(long, conflicts_with = "since")]
+        live: bool,
         /// Stop after this many ops.
         #[arg(long)]
         count: Option<u64>,
@@ -91,19 +96,7 @@ enum Cmd {
         key: Option<String>,
     },
     /// Mint an HS256 client token.
-    Gentoken {
-        #[arg(long, env = "OUTPOST_AUTH__HS256_SECRET", hide_env_values = true)]
-        secret: String,
-        #[arg(long, default_value = "dev-user")]
-        sub: String,
-        #[arg(long, default_value = "*")]
-        channels: String,
-        /// Comma-separated: subscribe,publish,state,presence.
-        #[arg(long, default_value = "subscribe,publish,state,presence")]
-        actions: String,
-        #[arg(long, default_value_t = 86_400)]
-        ttl: u64,
-    },
+    Gentoken(edge::startup::GentokenArgs),
     /// Test and benchmark tool: writes synthetic history straight into a stopped
     /// node's data dir — events (and one state key per channel) of a made-up origin,
     /// as if replicated from elsewhere. Read it back through the client API.
@@ -161,6 +154,12 @@ async fn get(http: &reqwest::Client, cli: &Cli, path: &str) -> Result<Value> {
                 cli.url
             )
         })?;
+    if r.status() == reqwest::StatusCode::NOT_FOUND && path.starts_with("/v1/admin") {
+        bail!(
+            "{} has no operator API: it is an edge. Fleet commands go to the cloud (or any coordinator): --url http://<cloud>:<port>",
+            cli.url
+        );
+    }
     answer(r).await
 }
 
@@ -225,10 +224,14 @@ async fn tail(
     cli: &Cli,
     channel: &str,
     mut since: Option<String>,
+    live: bool,
     count: Option<u64>,
 ) -> Result<()> {
     let token = client_token(cli)?;
     let mut seen = 0u64;
+    // `--live`: the replay before the first `subscribed` is skipped (its token is
+    // where live ops start; later reconnects resume from the last op shown).
+    let mut skipping = live;
     loop {
         let mut req = http
             .get(format!("{}/v1/channels/{channel}/events", cli.url))
@@ -259,15 +262,28 @@ async fn tail(
                 let (mut event, mut id, mut data) = ("message", None, String::new());
                 for line in block.lines() {
                     if let Some(v) = line.strip_prefix("event:") {
-                        event = if v.trim() == "op" { "op" } else { "other" };
+                        event = match v.trim() {
+                            "op" => "op",
+                            "subscribed" => "subscribed",
+                            _ => "other",
+                        };
                     } else if let Some(v) = line.strip_prefix("id:") {
                         id = Some(v.trim().to_owned());
                     } else if let Some(v) = line.strip_prefix("data:") {
                         data.push_str(v.trim_start());
                     }
                 }
-                if event == "op" {
-                    println!("{data}");
+                if event == "subscribed" && skipping {
+                    skipping = false;
+                    since = id.or(since.take());
+                    continue;
+                }
+                if event == "op" && !skipping {
+                    if cli.json {
+                        println!("{data}");
+                    } else {
+                        println!("{}", op_line(&data));
+                    }
                     since = id.or(since.take());
                     seen += 1;
                     if count.is_some_and(|c| seen >= c) {
@@ -282,6 +298,33 @@ async fn tail(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// One op as a readable line: local time, dot, and what it did.
+fn op_line(json: &str) -> String {
+    let Ok(v) = serde_json::from_str::<Value>(json) else {
+        return json.to_owned();
+    };
+    let wall_ms: u64 = v["hlc"]
+        .as_str()
+        .and_then(|h| h.split('.').next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0);
+    let secs = wall_ms / 1000;
+    let time = format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        wall_ms % 1000
+    );
+    let what = match v["op"].as_str() {
+        Some("event") => format!("{} {}", v["event"].as_str().unwrap_or(""), v["data"]),
+        Some("set") => format!("set {} = {}", v["key"].as_str().unwrap_or(""), v["value"]),
+        Some("delete") => format!("delete {}", v["key"].as_str().unwrap_or("")),
+        _ => v.to_string(),
+    };
+    format!("{time}Z  {}  {what}", v["dot"].as_str().unwrap_or(""))
 }
 
 fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
@@ -523,8 +566,20 @@ fn import(data_dir: &std::path::Path, input: &std::path::Path) -> Result<()> {
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // What went wrong and why, without a backtrace: these are user errors
+            // (a wrong URL, key, channel or file) far more often than bugs.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
     let http = reqwest::Client::new();
     match &cli.cmd {
         Cmd::Status => {
@@ -558,7 +613,11 @@ async fn main() -> Result<()> {
                     "OUTBOX",
                     "CLIENTS"
                 );
-                for e in v["edges"].as_array().cloned().unwrap_or_default() {
+                let edges = v["edges"].as_array().cloned().unwrap_or_default();
+                if edges.is_empty() {
+                    println!("no edge has connected yet");
+                }
+                for e in edges {
                     println!(
                         "{:<12} {:<18} {:<10} {:<18} {:<9} {:>7} {:>8} {:>8} {:>8}  {}",
                         e["name"].as_str().unwrap_or(""),
@@ -591,7 +650,11 @@ async fn main() -> Result<()> {
                     "{:<32} {:>8} {:>10} {:>6} {:>9}  EDGES",
                     "CHANNEL", "OPS", "BYTES", "KEYS", "OPS/S 1m"
                 );
-                for c in v["channels"].as_array().cloned().unwrap_or_default() {
+                let channels = v["channels"].as_array().cloned().unwrap_or_default();
+                if channels.is_empty() {
+                    println!("no channels held in memory here");
+                }
+                for c in channels {
                     println!(
                         "{:<32} {:>8} {:>10} {:>6} {:>9.2}  {}",
                         c["channel"].as_str().unwrap_or(""),
@@ -617,7 +680,11 @@ async fn main() -> Result<()> {
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                for e in v["events"].as_array().cloned().unwrap_or_default() {
+                let events = v["events"].as_array().cloned().unwrap_or_default();
+                if events.is_empty() {
+                    println!("no fleet events in the last {last_secs} s");
+                }
+                for e in events {
                     println!(
                         "{:>9}  {:<12} {:<9} {}",
                         ago(e["time_ms"].as_u64().unwrap_or(0)),
@@ -638,7 +705,11 @@ async fn main() -> Result<()> {
             if cli.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                for c in v["conflicts"].as_array().cloned().unwrap_or_default() {
+                let conflicts = v["conflicts"].as_array().cloned().unwrap_or_default();
+                if conflicts.is_empty() {
+                    println!("none: no concurrent writes recorded in the last {last_secs} s");
+                }
+                for c in conflicts {
                     let who = |w: &Value| {
                         format!(
                             "{} ({} at {}{})",
@@ -704,8 +775,9 @@ async fn main() -> Result<()> {
         Cmd::Tail {
             channel,
             since,
+            live,
             count,
-        } => tail(&http, &cli, channel, since.clone(), *count).await?,
+        } => tail(&http, &cli, channel, since.clone(), *live, *count).await?,
         Cmd::Publish {
             channel,
             event,
@@ -725,18 +797,7 @@ async fn main() -> Result<()> {
             .await?;
             println!("{}", v["dot"].as_str().unwrap_or_default());
         }
-        Cmd::Gentoken {
-            secret,
-            sub,
-            channels,
-            actions,
-            ttl,
-        } => {
-            let actions = edge::startup::parse_actions(actions).map_err(anyhow::Error::msg)?;
-            let t = edge::startup::mint_token(secret, sub, channels, actions, *ttl)
-                .map_err(anyhow::Error::msg)?;
-            println!("{t}");
-        }
+        Cmd::Gentoken(args) => println!("{}", args.mint().map_err(anyhow::Error::msg)?),
         Cmd::Export { data_dir, out } => export(data_dir, out)?,
         Cmd::BulkLoad {
             data_dir,

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edge::auth::{api_key_hash, Action};
 use edge::config::{EdgeConfig, DEFAULT_TOML};
-use edge::startup::{dev_secret, init_tracing, mint_token, parse_actions, wait_for_signal};
+use edge::startup::{dev_secret, init_tracing, mint_token, wait_for_signal, GentokenArgs};
 use figment::providers::Serialized;
 use figment::Figment;
 use serde::Serialize;
@@ -56,22 +56,7 @@ enum Cmd {
     /// start) and exit.
     Checkconfig { file: PathBuf },
     /// Mint an HS256 client token.
-    Gentoken {
-        /// The HS256 secret (as in `auth.hs256_secret`).
-        #[arg(long, env = "OUTPOST_AUTH__HS256_SECRET")]
-        secret: String,
-        #[arg(long, default_value = "dev-user")]
-        sub: String,
-        /// Channel pattern the token grants rights on.
-        #[arg(long, default_value = "*")]
-        channels: String,
-        /// Comma-separated actions: subscribe,publish,state,presence.
-        #[arg(long, default_value = "subscribe,publish,state,presence")]
-        actions: String,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 86_400)]
-        ttl: u64,
-    },
+    Gentoken(GentokenArgs),
     /// Print the SHA-256 of an API key, for `auth.api_keys[].sha256`.
     HashKey { key: String },
 }
@@ -90,17 +75,8 @@ fn main() -> anyhow::Result<()> {
             println!("{}: ok", file.display());
             return Ok(());
         }
-        Some(Cmd::Gentoken {
-            secret,
-            sub,
-            channels,
-            actions,
-            ttl,
-        }) => {
-            let actions = parse_actions(&actions).map_err(anyhow::Error::msg)?;
-            let t =
-                mint_token(&secret, &sub, &channels, actions, ttl).map_err(anyhow::Error::msg)?;
-            println!("{t}");
+        Some(Cmd::Gentoken(args)) => {
+            println!("{}", args.mint().map_err(anyhow::Error::msg)?);
             return Ok(());
         }
         Some(Cmd::HashKey { key }) => {
@@ -117,8 +93,14 @@ fn main() -> anyhow::Result<()> {
     let dev_token = if cfg.dev {
         let secret = dev_secret(&mut cfg)?;
         Some(
-            mint_token(&secret, "dev-user", "*", Action::ALL.to_vec(), 86_400)
-                .map_err(anyhow::Error::msg)?,
+            mint_token(
+                &secret,
+                "dev-user",
+                &["*".to_owned()],
+                Action::ALL.to_vec(),
+                86_400,
+            )
+            .map_err(anyhow::Error::msg)?,
         )
     } else {
         None

@@ -71,11 +71,12 @@ pub fn parse_actions(s: &str) -> Result<Vec<Action>, String> {
         .collect()
 }
 
-/// Mints an HS256 client token with one right, valid for `ttl` seconds.
+/// Mints an HS256 client token granting `actions` on each of `channels`, valid for
+/// `ttl` seconds.
 pub fn mint_token(
     secret: &str,
     sub: &str,
-    channels: &str,
+    channels: &[String],
     actions: Vec<Action>,
     ttl: u64,
 ) -> Result<String, String> {
@@ -87,10 +88,45 @@ pub fn mint_token(
             nbf: None,
             aud: None,
             iss: None,
-            rights: vec![Right {
-                channels: channels.into(),
-                actions,
-            }],
+            rights: channels
+                .iter()
+                .map(|c| Right {
+                    channels: c.clone(),
+                    actions: actions.clone(),
+                })
+                .collect(),
         },
     )
+}
+
+/// `gentoken`, the same in `outpost-edge` and `outpost`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GentokenArgs {
+    /// The HS256 secret the servers verify with (`auth.hs256_secret`; a dev server
+    /// keeps its own in `<data_dir>/dev-jwt-secret`).
+    #[arg(long, env = "OUTPOST_AUTH__HS256_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// Who the token is for: the `sub` claim, shown in presence and stamped on logs.
+    #[arg(long, default_value = "dev-user")]
+    pub sub: String,
+    /// Channel patterns the token grants rights on: `*` (every channel), an exact
+    /// name, or a prefix ending in `*` (`project:42*`). Repeat the flag or separate
+    /// with commas: `--channels project:42,project:42/*`.
+    #[arg(long, default_value = "*", value_delimiter = ',', num_args = 1..)]
+    pub channels: Vec<String>,
+    /// What the token may do on those channels, comma-separated: subscribe (also
+    /// history, state and presence reads), publish, state (write keys), presence.
+    #[arg(long, default_value = "subscribe,publish,state,presence")]
+    pub actions: String,
+    /// Lifetime in seconds (the `exp` claim).
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl: u64,
+}
+
+impl GentokenArgs {
+    /// The token, or why not.
+    pub fn mint(&self) -> Result<String, String> {
+        let actions = parse_actions(&self.actions)?;
+        mint_token(&self.secret, &self.sub, &self.channels, actions, self.ttl)
+    }
 }

@@ -785,3 +785,103 @@ async fn cold_eviction(f: &mut Fleet) -> Result<()> {
     );
     Ok(())
 }
+
+/// The `outpost` CLI as a new user meets it: fleet commands pointed at an edge, empty
+/// reports, readable `tail` lines and `--live`, tokens for several channel patterns,
+/// errors without backtraces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_says_what_is_wrong_and_prints_readable_lines() -> Result<()> {
+    let mut f = fleet()?;
+    with_logs(&mut f, |f| Box::pin(cli_first_hour(f))).await
+}
+
+async fn cli_first_hour(f: &mut Fleet) -> Result<()> {
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let (cloud, edge) = (f.cloud.url(""), f.a.url(""));
+
+    // A fleet command sent to an edge says where the operator API is.
+    let (ok, _, err) = outpost(&edge, &["edges"])?;
+    ensure!(!ok && err.contains("it is an edge"), "{err}");
+    ensure!(
+        !err.contains("stack backtrace") && !err.contains(" at "),
+        "{err}"
+    );
+    // Empty reports say so.
+    let (ok, out, _) = outpost(&cloud, &["conflicts"])?;
+    ensure!(ok && out.starts_with("none"), "{out}");
+
+    // Readable lines: time, dot, event and data.
+    let (ok, _, err) = outpost(
+        &edge,
+        &["publish", "project:cli", "job.started", r#"{"job":1}"#],
+    )?;
+    ensure!(ok, "{err}");
+    let (ok, out, err) = outpost(&edge, &["tail", "project:cli", "--count", "1"])?;
+    ensure!(ok, "{err}");
+    let line = out.lines().next().unwrap_or_default();
+    ensure!(
+        line.contains("Z  ") && line.contains("job.started {\"job\":1}") && !line.starts_with('{'),
+        "not a readable line: {line}"
+    );
+    // `--live` skips the history: only the op published after it started.
+    let bin = outpost_tests::bin("outpost")?;
+    let live = std::process::Command::new(&bin)
+        .args(["tail", "project:cli", "--live", "--count", "1"])
+        .env("OUTPOST_URL", &edge)
+        .env("OUTPOST_TOKEN", admin_token())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ok, _, err) = outpost(&edge, &["publish", "project:cli", "job.finished", "2"])?;
+    ensure!(ok, "{err}");
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || live.wait_with_output()),
+    )
+    .await???;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.lines().count() == 1 && out.contains("job.finished") && !out.contains("job.started"),
+        "tail --live printed: {out}"
+    );
+
+    // One token for two channel patterns (repeated flag and commas both work).
+    let mint = std::process::Command::new(&bin)
+        .args([
+            "gentoken",
+            "--secret",
+            outpost_tests::SECRET,
+            "--sub",
+            "svc",
+        ])
+        .args([
+            "--channels",
+            "project:x1",
+            "--channels",
+            "project:y*,project:z1",
+        ])
+        .args(["--actions", "publish"])
+        .output()?;
+    ensure!(
+        mint.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mint.stderr)
+    );
+    let tok = String::from_utf8_lossy(&mint.stdout).trim().to_owned();
+    for (ch, want) in [
+        ("project:x1", 200),
+        ("project:y7", 200),
+        ("project:z1", 200),
+        ("project:w", 403),
+    ] {
+        let r = http
+            .post(f.a.url(&format!("/v1/channels/{ch}/events")))
+            .bearer_auth(&tok)
+            .json(&json!({"event": "e"}))
+            .send()
+            .await?;
+        ensure!(r.status() == want, "{ch}: {} (wanted {want})", r.status());
+    }
+    Ok(())
+}
