@@ -289,7 +289,7 @@ class SseTransport {
             reply(m);
           } catch {}
         };
-        for (const t of ['op', 'subscribed', 'ephemeral', 'presence']) es.addEventListener(t, fwd);
+        for (const t of ['op', 'subscribed', 'ephemeral', 'presence', 'uplink']) es.addEventListener(t, fwd);
         // EventSource reconnects by itself with Last-Event-ID; a dead endpoint shows
         // as an error while not open: fail over instead of retrying here forever.
         es.onerror = () => {
@@ -380,7 +380,10 @@ export class Outpost extends Emitter {
     this.endpointIndex = 0;
     this.attempt = 0;
     this.closed = false;
-    this.status = { state: 'connecting', online: false, endpoint: null, transport: null, queued: 0, client: null, replica: null, attempt: 0, error: null };
+    // uplink: whether the endpoint syncs with the rest of the fleet — 'connected',
+    // 'disconnected' (an edge without its cloud: writes are kept and sync later, "local
+    // only"), 'none' (the endpoint is the cloud), or null (not known yet).
+    this.status = { state: 'connecting', online: false, endpoint: null, transport: null, queued: 0, client: null, replica: null, uplink: null, attempt: 0, error: null };
     this._run();
   }
 
@@ -488,7 +491,7 @@ export class Outpost extends Emitter {
       this.emit('disconnect', info);
       onDrop(info);
     };
-    this._setStatus({ state: 'online', online: true, endpoint, transport: t.name, client: hello.client ?? null, replica: hello.replica ?? null, error: null });
+    this._setStatus({ state: 'online', online: true, endpoint, transport: t.name, client: hello.client ?? null, replica: hello.replica ?? null, uplink: hello.uplink ?? null, error: null });
     this.pingTimer = setInterval(() => this._request({ type: 'ping' }, { retry: false }).catch(() => {}), this.opts.pingInterval);
     // Resubscribe every channel from its token, then resend what was not acknowledged.
     const subs = [...this.channels.values()].filter((c) => c.subscribed);
@@ -576,6 +579,10 @@ export class Outpost extends Emitter {
       if (m.type !== 'subscribed') return;
     }
     if (m.type === 'error') return this.emit('error', new OutpostError(m.code, m.message));
+    if (m.type === 'uplink') {
+      if (m.state !== this.status.uplink) this._setStatus({ uplink: m.state });
+      return;
+    }
     const ch = m.channel && this.channels.get(m.channel);
     if (ch) ch._onMessage(m);
   }

@@ -180,7 +180,10 @@ pub async fn run(
             }
         });
         let core = running.core.clone();
-        let status = running.state.uplink.clone();
+        let status = link::uplink::Reporting {
+            status: running.state.uplink.clone(),
+            state: running.state.uplink_state.clone(),
+        };
         let stop = shutdown.clone();
         running.core.tasks.spawn(async move {
             if let Err(e) = link::uplink::run(core, data_dir, up, region, status, stop).await {

@@ -252,6 +252,21 @@ pub struct SiblingView {
     pub value: Option<Payload>,
 }
 
+/// Whether the endpoint a client talks to is syncing with the rest of the fleet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UplinkState {
+    /// This endpoint is the cloud (or a coordinator): there is nothing upstream.
+    #[default]
+    #[serde(rename = "none")]
+    NoUplink,
+    /// An edge linked to the cloud: writes here reach other regions.
+    Connected,
+    /// An edge without its cloud link: writes are accepted and acknowledged here and
+    /// cross to other regions when the link returns ("local only").
+    Disconnected,
+}
+
 /// Messages from the server.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -263,6 +278,13 @@ pub enum ServerMsg {
         id: Option<u64>,
         client: String,
         replica: String,
+        /// Whether this endpoint syncs with the fleet now; changes arrive as `uplink`.
+        #[serde(default)]
+        uplink: UplinkState,
+    },
+    /// The endpoint's link to the cloud came up or went down.
+    Uplink {
+        state: UplinkState,
     },
     Subscribed {
         id: Option<u64>,

@@ -7,10 +7,11 @@
 //   4. with WebSocket blocked the SDK falls back to SSE+REST and still works;
 //   5. job events published by scripts/demo-jobs show in the activity panel;
 //   6. screenshots under docs/, checked not to be blank;
-//   7. edge A is killed while a page edits: it fails over and no edit is lost.
+//   7. edge A is killed while a page edits: it fails over and no edit is lost;
+//   8. the cloud is killed: page B says "local only — changes will sync" and edits on.
 // Prints one JSON line with "ok":true and the figures.
 //
-//   node flowboard.mjs '<json: {cloud, a, b, token, pidA, docs, demoJobs}>'
+//   node flowboard.mjs '<json: {cloud, a, b, token, pidA, pidCloud, docs, demoJobs}>'
 import { chromium } from 'playwright-core';
 import { execFileSync } from 'node:child_process';
 
@@ -201,6 +202,17 @@ try {
   const res = await fetch(`${cfg.cloud}/v1/channels/${encodeURIComponent(board)}/state?token=${cfg.token}`);
   const keys = (await res.json()).keys.map((k) => k.key).filter((k) => k.startsWith('node:k'));
   if (keys.length !== N) throw new Error(`the cloud has ${keys.length} of ${N} edits`);
+
+  // 8. Kill the cloud: page B's edge keeps serving, and the page says so.
+  step('cloud killed: local only');
+  await waitFor(pb, () => document.getElementById('sync')?.textContent === 'online', null, 'page B online before');
+  const cloudKilledAt = Date.now();
+  process.kill(Number(cfg.pidCloud), 'SIGKILL');
+  await waitFor(pb, () => document.getElementById('sync')?.textContent.startsWith('local only'), null, 'page B says local only', 20000);
+  figures.local_only_shown_ms = Date.now() - cloudKilledAt;
+  // Edits still work there (acknowledged by edge B).
+  await pb.evaluate(() => window.flowboard.addNode('offline', 900, 60, 'made while the cloud was down'));
+  await pb.screenshot({ path: `${cfg.docs}/demo-local-only.png` });
   console.log(JSON.stringify({ ok: true, ...figures }));
 } catch (e) {
   console.log(JSON.stringify({ ok: false, error: String(e.stack || e), ...figures }));

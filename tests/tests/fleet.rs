@@ -6,11 +6,12 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use futures_util::StreamExt;
 use outpost_tests::fleet::{
     browser_ready, connected, fleet, fleet_with, with_logs, Fleet, OPERATOR_KEY, TOKEN_A,
 };
-use outpost_tests::{admin_token, eventually, metric, publish, Edge, Ws};
+use outpost_tests::{admin_token, eventually, metric, publish, Edge, Sse, Ws};
 use serde_json::{json, Value};
 
 async fn history(http: &reqwest::Client, base: String, channel: &str) -> Result<Vec<Value>> {
@@ -883,5 +884,73 @@ async fn cli_first_hour(f: &mut Fleet) -> Result<()> {
             .await?;
         ensure!(r.status() == want, "{ch}: {} (wanted {want})", r.status());
     }
+    Ok(())
+}
+
+/// Clients see whether their endpoint syncs with the fleet: `connected.uplink`, then
+/// an `uplink` message on each change (WebSocket) or event (SSE), as the cloud goes
+/// away and comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_see_when_their_edge_is_local_only() -> Result<()> {
+    let mut f = fleet()?;
+    with_logs(&mut f, |f| Box::pin(local_only(f))).await
+}
+
+/// The next `uplink` event on `sse`, which must say `want` (earlier ones may not).
+async fn sse_uplink(sse: &mut Sse, want: &str) -> Result<()> {
+    loop {
+        let e = sse.next().await?;
+        if e.event == "uplink" {
+            let v: Value = serde_json::from_str(&e.data)?;
+            if v["state"] == want {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The next `uplink` message on `ws`, which must say `want`.
+async fn ws_uplink(ws: &mut outpost_tests::WsStream, want: &str) -> Result<()> {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(15), ws.next())
+            .await
+            .context("no uplink message within 15 s")?
+            .context("socket closed")??;
+        let v: Value = serde_json::from_str(m.to_text()?)?;
+        if v["type"] == "uplink" {
+            ensure!(v["state"] == want, "{v}");
+            return Ok(());
+        }
+    }
+}
+
+async fn local_only(f: &mut Fleet) -> Result<()> {
+    let http = reqwest::Client::new();
+    connected(&http, &f.cloud, 2.0).await?;
+    let t = admin_token();
+    let hello = |url: String| async move {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let m = ws.next().await.context("no hello")??;
+        let v: Value = serde_json::from_str(m.to_text()?)?;
+        anyhow::Ok((ws, v))
+    };
+    let (mut ws, v) = hello(format!("{}?token={t}", f.a.ws_url())).await?;
+    ensure!(
+        v["type"] == "connected" && v["uplink"] == "connected",
+        "{v}"
+    );
+    let (_, v) = hello(format!("ws://{}/v1/ws?token={t}", f.cloud.addr)).await?;
+    ensure!(v["uplink"] == "none", "the cloud's hello: {v}");
+    let mut sse = match Sse::open(&http, &f.b, &t, "project:u", None).await? {
+        Ok(s) => s,
+        Err(e) => bail!("SSE: {e:?}"),
+    };
+    sse_uplink(&mut sse, "connected").await?;
+    f.cloud.kill9();
+    ws_uplink(&mut ws, "disconnected").await?;
+    sse_uplink(&mut sse, "disconnected").await?;
+    f.cloud.restart()?;
+    ws_uplink(&mut ws, "connected").await?;
+    sse_uplink(&mut sse, "connected").await?;
     Ok(())
 }

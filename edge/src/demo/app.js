@@ -79,9 +79,12 @@ function renderPeople() {
   for (const m of board.members.values()) add(m.data?.name || m.client, m.data?.color || '#888', links.has(m.client) ? 'p2p' : m.via === 'server' ? 'same edge' : 'via cloud');
 }
 function renderBadge(s) {
-  $('badge').className = s.online ? 'online' : '';
   const host = s.endpoint ? new URL(s.endpoint).host : '-';
-  $('badge-text').innerHTML = `<b>${s.online ? 'online' : s.state}</b> ${host} · ${s.transport || '-'} · queued <b id="queued">${s.queued}</b>`;
+  // Online to an edge that lost its cloud: edits are kept and sync when it returns.
+  const local = s.online && s.uplink === 'disconnected';
+  $('badge').className = local ? 'local' : s.online ? 'online' : '';
+  const what = local ? 'local only — changes will sync' : s.online ? 'online' : s.state;
+  $('badge-text').innerHTML = `<b id="sync">${what}</b> ${host} · ${s.transport || '-'} · queued <b id="queued">${s.queued}</b>`;
   $('conn').textContent = `client ${s.client || '-'} · replica ${s.replica || '-'} · p2p links ${board.peerLinks().length}${s.error ? ' · ' + s.error : ''}`;
 }
 function renderCursors() {

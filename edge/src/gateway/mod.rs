@@ -36,6 +36,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The edge's link to the cloud, when it has one.
     pub uplink: Arc<Mutex<crate::link::uplink::UplinkStatus>>,
+    /// Whether it is up, for clients (`connected.uplink` and `uplink` messages).
+    pub uplink_state: Arc<tokio::sync::watch::Sender<shared::client::UplinkState>>,
     /// Permits for WebRTC peer connections (`webrtc.max_peers`).
     pub rtc_peers: Arc<tokio::sync::Semaphore>,
     next_conn: AtomicU64,
@@ -54,7 +56,13 @@ impl AppState {
         cfg: Arc<EdgeConfig>,
         shutdown: CancellationToken,
     ) -> Self {
+        let uplink = if cfg.uplink.is_some() {
+            shared::client::UplinkState::Disconnected
+        } else {
+            shared::client::UplinkState::NoUplink
+        };
         Self {
+            uplink_state: Arc::new(tokio::sync::watch::Sender::new(uplink)),
             conns: Arc::new(ConnLimiter::new(
                 cfg.limits.max_connections,
                 cfg.limits.max_connections_per_ip,

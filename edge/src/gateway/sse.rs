@@ -14,7 +14,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
-use shared::client::{self, ServerMsg};
+use shared::client::{self, ServerMsg, UplinkState};
 use shared::ChannelName;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +40,7 @@ impl Drop for SubGuard {
 struct Live {
     replay: VecDeque<Event>,
     rx: SendQueueRx,
+    uplink: tokio::sync::watch::Receiver<UplinkState>,
     kill: CancellationToken,
     shutdown: CancellationToken,
     draining: CancellationToken,
@@ -52,6 +53,13 @@ fn event(p: &Push) -> Event {
         Some(t) => e.id(&**t),
         None => e,
     }
+}
+
+/// An `uplink` event: the same JSON as the WebSocket's `uplink` message.
+fn uplink_event(state: UplinkState) -> Event {
+    Event::default()
+        .event("uplink")
+        .data(serde_json::to_string(&ServerMsg::Uplink { state }).unwrap_or_default())
 }
 
 pub async fn stream(
@@ -96,9 +104,13 @@ pub async fn stream(
             .id(&replay.token)
             .data(serde_json::to_string(&subscribed).unwrap_or_default()),
     );
+    // Whether this endpoint syncs with the fleet now, then each change.
+    let mut uplink = state.uplink_state.subscribe();
+    events.push_back(uplink_event(*uplink.borrow_and_update()));
     let live = Live {
         replay: events,
         rx,
+        uplink,
         kill: conn.kill.clone(),
         shutdown: state.shutdown.clone(),
         draining: state.core.draining.clone(),
@@ -119,6 +131,10 @@ pub async fn stream(
             _ = live.shutdown.cancelled() => None,
             _ = live.draining.cancelled() => None,
             p = live.rx.recv() => Some((Ok(event(&p)), live)),
+            Ok(()) = live.uplink.changed() => {
+                let now = *live.uplink.borrow_and_update();
+                Some((Ok(uplink_event(now)), live))
+            }
         }
     });
     let beat = Duration::from_secs(state.cfg.sse_heartbeat_secs);

@@ -18,9 +18,10 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::task::AtomicWaker;
 use futures_util::{Future, FutureExt, Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
-use shared::client::{self, dot_string, ClientMsg, CloseCode, ErrorCode, ServerMsg};
+use shared::client::{self, dot_string, ClientMsg, CloseCode, ErrorCode, ServerMsg, UplinkState};
 use shared::replica::{LocalOutcome, LocalWrite};
 use shared::{ChannelName, Ephemeral};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -210,6 +211,23 @@ enum Event {
     Kill,
     Idle,
     Expired,
+    /// The endpoint's cloud link came up or went down.
+    Uplink(UplinkState),
+}
+
+/// Resolves when the uplink state changes, handing the receiver back to wait again.
+type UplinkWatch =
+    Pin<Box<dyn Future<Output = (UplinkState, watch::Receiver<UplinkState>)> + Send>>;
+
+fn watch_uplink(mut rx: watch::Receiver<UplinkState>) -> UplinkWatch {
+    Box::pin(async move {
+        if rx.changed().await.is_err() {
+            // The sender is gone (shutdown): nothing will change any more.
+            std::future::pending::<()>().await;
+        }
+        let state = *rx.borrow_and_update();
+        (state, rx)
+    })
 }
 
 /// Polls a group of futures only after one of them woke the task (or after
@@ -335,6 +353,9 @@ pub(crate) async fn serve<T, E>(
     let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(last_read + idle));
     let mut exp = conn.principal.as_ref().and_then(|p| p.expires_at);
     let mut expiry = std::pin::pin!(sleep_until_expiry(exp));
+    // Uplink changes, told to the client once it is connected (the `connected` reply
+    // carries the state at that moment).
+    let mut uplink = watch_uplink(state.uplink_state.subscribe());
     let gate = WakeGate::new();
     let read_gate = WakeGate::new();
     loop {
@@ -342,6 +363,10 @@ pub(crate) async fn serve<T, E>(
             gate.poll(cx, |cx| {
                 if let Poll::Ready(reason) = stop.as_mut().poll(cx) {
                     return Poll::Ready(Event::Stop(reason));
+                }
+                if let Poll::Ready((now, rx)) = uplink.as_mut().poll(cx) {
+                    uplink = watch_uplink(rx);
+                    return Poll::Ready(Event::Uplink(now));
                 }
                 if kill.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Kill);
@@ -384,6 +409,12 @@ pub(crate) async fn serve<T, E>(
                     let _ = io.send(text(&ServerMsg::error(None, ErrorCode::TokenExpired, "token expired"))).await;
                     close(&mut io, CloseCode::Unauthorized, "token expired: reconnect with a fresh token").await;
                     break;
+                }
+                Event::Uplink(now) => {
+                    gate.rearm();
+                    if conn.handle.is_some() && io.send(text(&ServerMsg::Uplink { state: now })).await.is_err() {
+                        break;
+                    }
                 }
             },
             // Up to fanout::BATCH queued messages go out in one write.
@@ -463,6 +494,7 @@ impl Conn {
         self.principal = Some(p);
         ServerMsg::Connected {
             id,
+            uplink: *self.state.uplink_state.borrow(),
             client: self
                 .handle
                 .as_ref()

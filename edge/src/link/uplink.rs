@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use shared::client::UplinkState;
 use shared::wire::{Frame, PeerRole};
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +22,14 @@ pub struct UplinkStatus {
     pub cloud: Option<String>,
     pub attempts: u64,
     pub last_error: Option<String>,
+}
+
+/// Where the uplink reports how it is doing: the operator's view (`status`) and the
+/// clients' (`state`: `connected.uplink` and `uplink` messages).
+#[derive(Debug, Clone)]
+pub struct Reporting {
+    pub status: Arc<std::sync::Mutex<UplinkStatus>>,
+    pub state: Arc<tokio::sync::watch::Sender<UplinkState>>,
 }
 
 /// The first address of `ep` (`host:port`) of the socket's family.
@@ -39,9 +48,10 @@ pub async fn run(
     data_dir: std::path::PathBuf,
     cfg: UplinkConfig,
     region: String,
-    status: Arc<std::sync::Mutex<UplinkStatus>>,
+    reporting: Reporting,
     shutdown: CancellationToken,
 ) -> Result<(), LinkError> {
+    let Reporting { status, state } = reporting;
     let client = tls::client_config(&cfg).map_err(|e| LinkError::Setup(e.to_string()))?;
     // An IPv6 literal first: an IPv6 socket; otherwise IPv4 (host names must resolve
     // to IPv4 addresses then).
@@ -84,6 +94,7 @@ pub async fn run(
                     failures = 0;
                     tracing::info!(%addr, %cloud, "uplink connected");
                     metrics::gauge!("outpost_uplink_connected").set(1.0);
+                    state.send_replace(UplinkState::Connected);
                     if let Ok(mut s) = status.lock() {
                         s.connected_to = Some(addr);
                         s.cloud = Some(cloud.to_string());
@@ -99,6 +110,7 @@ pub async fn run(
                     )
                     .await;
                     metrics::gauge!("outpost_uplink_connected").set(0.0);
+                    state.send_replace(UplinkState::Disconnected);
                     metrics::counter!("outpost_uplink_disconnects_total").increment(1);
                     tracing::warn!(%addr, reason = %why, "uplink lost");
                     if let Ok(mut s) = status.lock() {
