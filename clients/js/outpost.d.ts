@@ -12,6 +12,10 @@ export interface Status {
   /** This connection's id (others address peer-to-peer signals to it). */
   client: string | null;
   replica: string | null;
+  /** Whether the endpoint syncs with the fleet: 'disconnected' means an edge without
+   * its cloud ("local only": writes are kept and sync when the link returns); 'none'
+   * means the endpoint is the cloud; null until known. */
+  uplink: 'connected' | 'disconnected' | 'none' | null;
   attempt: number;
   error: string | null;
 }
@@ -73,7 +77,9 @@ export interface Member {
   subject?: string;
   data: unknown;
   seen: number;
-  via: 'server' | 'heartbeat';
+  via: 'server' | 'heartbeat' | 'self';
+  /** This client itself (in `members` of presence events, first, once joined). */
+  self?: boolean;
 }
 
 type Off = () => void;
@@ -121,7 +127,9 @@ export declare class Channel {
   on(event: 'op', fn: (m: OpMessage) => void): Off;
   on(event: 'state', fn: (e: StateEntry & { key: string }) => void): Off;
   on(event: 'ephemeral', fn: (m: { event: string; data: unknown; from: string; via: 'edge' | 'p2p' }) => void): Off;
-  on(event: 'presence', fn: (m: { action: 'join' | 'update' | 'leave'; client: string; data?: unknown; members: Member[] }) => void): Off;
+  on(event: 'presence', fn: (m: { action: 'join' | 'update' | 'leave'; client: string; data?: unknown; self?: boolean; members: Member[] }) => void): Off;
+  /** Everyone present: yourself first once joined (`self: true`), then the others. */
+  everyone(): Member[];
   on(event: 'peer', fn: (m: { client: string; open: boolean }) => void): Off;
   on(event: 'subscribed' | 'online', fn: (m: unknown) => void): Off;
 }

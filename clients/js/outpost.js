@@ -442,6 +442,11 @@ export class Outpost extends Emitter {
           try {
             t = new T(endpoint, await this._token(), this.env, this.opts);
             const hello = await withTimeout(t.open(), this.opts.connectTimeout, `${name} to ${endpoint}`);
+            // close() while this connection was opening: do not bring it online.
+            if (this.closed) {
+              t.close();
+              return;
+            }
             this.endpointIndex = (this.endpointIndex + i) % endpoints.length;
             await this._online(t, hello, endpoint);
             lastError = null;
@@ -650,7 +655,7 @@ export class Channel extends Emitter {
 
   _online() {
     this.emit('online');
-    this._startPresence();
+    if (!this.client.closed) this._startPresence();
   }
 
   _offline() {
@@ -838,11 +843,21 @@ export class Channel extends Emitter {
   }
 
   /** Joins presence with `data` (name, colour...): on this server's member list and,
-   * across edges, by an ephemeral heartbeat every few seconds. */
+   * across edges, by an ephemeral heartbeat every few seconds. Fires a `presence`
+   * event for yourself at once, so a member alone sees themselves. */
   async join(data) {
+    const first = !this.presenceData;
     this.presenceData = data;
     if (this.client.status.online) await this._joinServer().catch(() => {});
     this._startPresence();
+    this.emit('presence', { action: first ? 'join' : 'update', client: this._self(), data, self: true, members: this.everyone() });
+  }
+
+  /** Everyone present: yourself first (marked `self: true`) once you joined, then the
+   * other members. (`members`, the Map, holds the others only.) */
+  everyone() {
+    const me = this.presenceData ? [{ client: this._self(), subject: null, data: this.presenceData, seen: Date.now(), via: 'self', self: true }] : [];
+    return [...me, ...this.members.values()];
   }
 
   async _joinServer() {
@@ -887,7 +902,7 @@ export class Channel extends Emitter {
     if (id === this._self()) return;
     const isNew = !this.members.has(id);
     this.members.set(id, { client: id, subject, data, seen: Date.now(), via });
-    this.emit('presence', { action: isNew ? 'join' : 'update', client: id, data, members: [...this.members.values()] });
+    this.emit('presence', { action: isNew ? 'join' : 'update', client: id, data, members: this.everyone() });
     if (isNew) this._maybeConnectPeer(id);
   }
 
@@ -895,7 +910,7 @@ export class Channel extends Emitter {
     if (!this.members.delete(id)) return;
     this.peers.get(id)?.close();
     this.peers.delete(id);
-    this.emit('presence', { action: 'leave', client: id, members: [...this.members.values()] });
+    this.emit('presence', { action: 'leave', client: id, members: this.everyone() });
   }
 
   _maybeConnectPeer(id) {

@@ -264,3 +264,45 @@ test('a write another client superseded is not written again after failover', as
   assert.equal(net.ops.get('project:v').length, 1);
   c.close();
 });
+
+test('someone alone who joins presence sees themselves, marked', async () => {
+  const net = new FakeNet();
+  const c = client(net);
+  const ch = c.channel('project:p');
+  const events = [];
+  ch.on('presence', (e) => events.push(e));
+  await ch.subscribe();
+  await ch.join({ name: 'Ada' });
+  assert.equal(events.length, 1);
+  assert.equal(events[0].action, 'join');
+  assert.equal(events[0].self, true);
+  assert.deepEqual(events[0].members.map((m) => [m.data.name, !!m.self]), [['Ada', true]]);
+  assert.equal(ch.members.size, 0, 'the Map holds the others only');
+  c.close();
+});
+
+test('status.uplink follows the server: connected, then local only', async () => {
+  const net = new FakeNet();
+  const Base = net.transport();
+  const c = client(net, {
+    env: {
+      transports: {
+        websocket: class extends Base {
+          async open() {
+            const hello = await super.open();
+            return { ...hello, uplink: 'connected' };
+          }
+        },
+      },
+      random: () => 0.5,
+    },
+  });
+  const seen = [];
+  c.onStatus((s) => seen.push(s.uplink));
+  await c.channel('project:u').subscribe();
+  await until(() => c.status.uplink === 'connected', 'uplink from the hello');
+  net.conns[0].onMessage({ type: 'uplink', state: 'disconnected' });
+  assert.equal(c.status.uplink, 'disconnected');
+  assert.ok(seen.includes('connected') && seen.at(-1) === 'disconnected', seen.join());
+  c.close();
+});
