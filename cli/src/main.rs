@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use edge::config::{EdgeConfig, DEFAULT_TOML};
+use edge::config::EdgeConfig;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -813,7 +813,11 @@ async fn run(cli: Cli) -> Result<()> {
             prefix,
         )?,
         Cmd::Import { data_dir, input } => import(data_dir, input)?,
-        Cmd::Genconfig => print!("{DEFAULT_TOML}"),
+        Cmd::Genconfig => print!(
+            "{}",
+            edge::config::generated_toml()
+                .map_err(|e| anyhow::anyhow!("no randomness for the secret: {e}"))?
+        ),
         Cmd::Checkconfig { file } => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read {}", file.display()))?;

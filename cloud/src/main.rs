@@ -53,8 +53,11 @@ enum Cmd {
     Checkconfig { file: PathBuf },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    edge::startup::exit_code(run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Some(Cmd::Checkconfig { file }) => {
             // As the server reads it: the file, then the OUTPOST_* environment.
@@ -62,6 +65,9 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             if cfg.hub.is_none() {
                 anyhow::bail!("{}: hub: the cloud needs a [hub] section", file.display());
+            }
+            for var in edge::config::ignored_env() {
+                eprintln!("warning: {var} is not a configuration key: ignored");
             }
             println!("{}: ok", file.display());
             return Ok(());

@@ -158,6 +158,13 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let running = start(cfg, shutdown)?;
+    serve(&running, listener).await
+}
+
+/// The first half of [`run`]: opens storage (which fails if another process holds the
+/// data dir) and starts the uplink and background tasks; [`serve`] is the second.
+pub fn start(cfg: EdgeConfig, shutdown: CancellationToken) -> Result<Running, RunError> {
     let uplink = cfg.uplink.clone();
     let region = cfg.region.clone();
     let data_dir = cfg.data_dir.clone();
@@ -191,5 +198,5 @@ pub async fn run(
             }
         });
     }
-    serve(&running, listener).await
+    Ok(running)
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edge::auth::{api_key_hash, Action};
-use edge::config::{EdgeConfig, DEFAULT_TOML};
+use edge::config::EdgeConfig;
 use edge::startup::{dev_secret, init_tracing, mint_token, wait_for_signal, GentokenArgs};
 use figment::providers::Serialized;
 use figment::Figment;
@@ -61,17 +61,27 @@ enum Cmd {
     HashKey { key: String },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    edge::startup::exit_code(run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Some(Cmd::Genconfig) => {
-            print!("{DEFAULT_TOML}");
+            print!(
+                "{}",
+                edge::config::generated_toml()
+                    .map_err(|e| anyhow::anyhow!("no randomness for the secret: {e}"))?
+            );
             return Ok(());
         }
         Some(Cmd::Checkconfig { file }) => {
             // As the server reads it: the file, then the OUTPOST_* environment.
             EdgeConfig::load(Some(&file), figment::Figment::new())
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            for var in edge::config::ignored_env() {
+                eprintln!("warning: {var} is not a configuration key: ignored");
+            }
             println!("{}: ok", file.display());
             return Ok(());
         }
@@ -116,19 +126,22 @@ fn main() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        // Storage first (it fails if another process holds the data dir): "listening"
+        // means this edge is about to serve.
+        let running = edge::start(cfg, shutdown.clone())?;
         println!("outpost-edge listening on http://{addr}");
         if let Some(t) = &dev_token {
             println!("dev token (all rights, 24 h): {t}");
             println!("try: curl -s -X POST http://{addr}/v1/channels/project:1/events -H 'Authorization: Bearer {t}' -H 'content-type: application/json' -d '{{\"event\":\"ingest.job.created\",\"data\":{{\"job\":1}}}}'");
         }
-        let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown requested");
             stop.cancel();
         });
-        edge::run(cfg, listener, shutdown).await?;
+        edge::serve(&running, listener).await?;
         anyhow::Ok(())
     })
 }

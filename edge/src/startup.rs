@@ -23,6 +23,18 @@ pub fn init_tracing(cfg: &EdgeConfig) {
     }
 }
 
+/// A binary's exit: an error is one `error: …` line on stderr (with its causes, `{:#}`)
+/// and status 1 — what went wrong, never a backtrace: most are the user's to fix.
+pub fn exit_code<E: std::fmt::Display>(r: Result<(), E>) -> std::process::ExitCode {
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn wait_for_signal() {
     #[cfg(unix)]
