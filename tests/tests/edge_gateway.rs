@@ -741,16 +741,9 @@ fn checkconfig_names_the_broken_key() -> Result<()> {
     let good = dir.path().join("good.toml");
     let out = std::process::Command::new(&bin).arg("genconfig").output()?;
     std::fs::write(&good, &out.stdout)?;
-    std::fs::write(
-        dir.path().join("with-auth.toml"),
-        format!("{}\n", String::from_utf8_lossy(&out.stdout)).replace(
-            "# hs256_secret = \"at least 32 characters of secret\"",
-            "hs256_secret = \"0123456789abcdef0123456789abcdef\"",
-        ),
-    )?;
     let ok = std::process::Command::new(&bin)
         .arg("checkconfig")
-        .arg(dir.path().join("with-auth.toml"))
+        .arg(&good)
         .output()?;
     ensure!(
         ok.status.success(),
