@@ -127,6 +127,9 @@ export declare class Channel {
   on(event: 'op', fn: (m: OpMessage) => void): Off;
   on(event: 'state', fn: (e: StateEntry & { key: string }) => void): Off;
   on(event: 'ephemeral', fn: (m: { event: string; data: unknown; from: string; via: 'edge' | 'p2p' }) => void): Off;
+  /** The server re-synced the channel from a snapshot: the ops between the old token
+   * and `token` will not arrive one by one; the SDK re-reads state (`loadState`). */
+  on(event: 'truncated', fn: (m: { token: string }) => void): Off;
   on(event: 'presence', fn: (m: { action: 'join' | 'update' | 'leave'; client: string; data?: unknown; self?: boolean; members: Member[] }) => void): Off;
   /** Everyone present: yourself first once joined (`self: true`), then the others. */
   everyone(): Member[];

@@ -679,6 +679,13 @@ export class Channel extends Emitter {
       }
       case 'subscribed':
         if (m.token) this.token = m.token;
+        // Unasked (no id) and truncated: the server re-synced the channel from a
+        // snapshot and the ops between our token and it no longer exist one by one —
+        // re-read state (as after a resume from compacted history).
+        if (m.id == null && m.truncated) {
+          this.emit('truncated', m);
+          this.loadState().catch(() => {});
+        }
         return;
       case 'ephemeral':
         return this._onEphemeral(m.event, m.data, m.from, 'edge');

@@ -266,6 +266,46 @@ impl Fanout {
             .merge(vv);
     }
 
+    /// A snapshot was installed: what it covers (`vv`, the ops that exist here only as
+    /// state) counts as delivered. A subscriber whose position does not cover it will
+    /// never get those ops one by one, so it is told — a `subscribed` without an `id`,
+    /// `truncated: true`, its new token — and re-reads state, as after a resume from
+    /// compacted history. Ops the snapshot did not cover still arrive as usual.
+    pub fn installed(&self, channel: &ChannelName, vv: &VersionVector) {
+        let mut g = self.lock();
+        let ch = g.entry(channel.clone()).or_default();
+        let before = ch.delivered.clone();
+        ch.delivered.merge(vv);
+        let mut dead = Vec::new();
+        for (id, sub) in ch.subs.iter_mut() {
+            let mut pos = sub.ahead.clone().unwrap_or_else(|| before.clone());
+            if pos.dominates(vv) {
+                continue;
+            }
+            pos.merge(vv);
+            let notice = Arc::new(Push {
+                json: json(&ServerMsg::Subscribed {
+                    id: None,
+                    channel: channel.to_string(),
+                    token: token::encode(&pos),
+                    replayed: 0,
+                    truncated: true,
+                }),
+                token: None,
+                event: "subscribed",
+            });
+            sub.ahead = (pos != ch.delivered).then_some(pos);
+            if !sub.conn.push(notice) {
+                dead.push(*id);
+            }
+        }
+        for id in dead {
+            if ch.subs.remove(&id).is_some() {
+                metrics::gauge!("outpost_subscriptions").decrement(1.0);
+            }
+        }
+    }
+
     /// What has been delivered (is durable) on a channel.
     pub fn delivered(&self, channel: &ChannelName) -> VersionVector {
         self.lock()
@@ -663,5 +703,28 @@ mod tests {
         let second = event(2);
         fanout.deliver(&channel, &second);
         assert!(rx.recv().now_or_never().is_some(), "a new op is delivered");
+
+        // A snapshot jumps the channel past ops 3 and 4, which this subscriber will
+        // never get one by one: it is told so (truncated, its new token), once.
+        let (third, fourth) = (event(3), event(4));
+        let mut jump = VersionVector::new();
+        jump.raise(fourth.dot.origin, fourth.dot.seq);
+        fanout.installed(&channel, &jump);
+        let notice = rx.recv().now_or_never().expect("a truncation notice");
+        let v: serde_json::Value =
+            serde_json::from_str(&notice.json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(v["type"], "subscribed");
+        assert_eq!(v["truncated"], true);
+        assert!(v["id"].is_null());
+        assert_eq!(v["token"], token::encode(&jump).as_str());
+        // The ops it covers are not delivered afterwards; the next one is.
+        fanout.deliver(&channel, &third);
+        assert!(rx.recv().now_or_never().is_none(), "a covered op delivered");
+        fanout.installed(&channel, &jump);
+        assert!(rx.recv().now_or_never().is_none(), "told twice");
+        let fifth = event(5);
+        fanout.deliver(&channel, &fifth);
+        let p = rx.recv().now_or_never().expect("the next op");
+        assert!(p.json.contains("\"op\""));
     }
 }

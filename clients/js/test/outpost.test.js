@@ -306,3 +306,17 @@ test('status.uplink follows the server: connected, then local only', async () =>
   assert.ok(seen.includes('connected') && seen.at(-1) === 'disconnected', seen.join());
   c.close();
 });
+
+test('an unasked truncated subscribed moves the token and asks to re-read state', async () => {
+  const net = new FakeNet();
+  const c = client(net);
+  const ch = c.channel('project:t');
+  let told = null;
+  ch.on('truncated', (m) => (told = m));
+  await ch.subscribe();
+  await until(() => c.status.online, 'online');
+  net.conns[0].onMessage({ type: 'subscribed', channel: 'project:t', token: '42', replayed: 0, truncated: true });
+  assert.equal(ch.token, '42');
+  assert.equal(told?.token, '42');
+  c.close();
+});

@@ -857,8 +857,8 @@ impl Core {
             Output::SnapshotInstalled { channel, vv, .. } => {
                 tracing::info!(%channel, "snapshot installed");
                 // What the snapshot covers is durable here now: history reads and
-                // tokens may include it.
-                self.fanout.seed_delivered(&channel, &vv);
+                // tokens may include it; live subscribers behind it re-read state.
+                self.fanout.installed(&channel, &vv);
             }
             Output::Acked { .. } => {}
             Output::Rtt { peer, rtt_ms } => {
