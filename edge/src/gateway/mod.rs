@@ -1,10 +1,13 @@
 //! The client gateway (axum): WebSocket, SSE and REST over one listener, with auth,
 //! limits, health and metrics. The cloud serves the same gateway.
 
+mod conn;
 pub mod paths;
+mod protocol;
 pub mod rest;
 pub mod rtc;
 pub mod sse;
+pub mod views;
 pub mod ws;
 
 use std::collections::HashMap;
@@ -100,6 +103,43 @@ impl AppState {
             },
             rx,
         )
+    }
+
+    /// A client's durable write, as every transport takes it in: counted by kind and
+    /// transport (`outpost_ops_in_total`), then applied. Returns its outcome and the
+    /// generation whose flush makes it durable (ack after `core.wait_durable`).
+    pub(crate) fn take_write(
+        &self,
+        ch: &ChannelName,
+        w: shared::replica::LocalWrite,
+        via: &'static str,
+    ) -> Result<(shared::replica::LocalOutcome, u64), ApiError> {
+        let kind = match &w {
+            shared::replica::LocalWrite::Event { .. } => "event",
+            shared::replica::LocalWrite::Set { .. } => "set",
+            shared::replica::LocalWrite::Delete { .. } => "delete",
+        };
+        metrics::counter!("outpost_ops_in_total", "kind" => kind, "via" => via).increment(1);
+        Ok(self.core.apply(ch, w)?)
+    }
+
+    /// A client's ephemeral publish, as every transport takes it in: fanned out to the
+    /// channel's subscribers now (and to other edges), never stored.
+    pub(crate) fn publish_ephemeral(
+        &self,
+        ch: &ChannelName,
+        event: String,
+        data: shared::Payload,
+        from: Option<String>,
+    ) {
+        self.core.ephemeral(
+            ch,
+            shared::Ephemeral {
+                kind: event,
+                data,
+                from,
+            },
+        );
     }
 
     /// Verifies the request's credential.

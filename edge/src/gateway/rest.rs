@@ -11,10 +11,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use shared::client::{self, dot_string, ErrorCode, Member, ServerMsg, SiblingView};
-use shared::replica::{LocalOutcome, LocalWrite};
-use shared::{token, ChannelName, Payload, Register, VersionVector};
+use shared::client::{self, ErrorCode, ServerMsg};
+use shared::replica::LocalWrite;
+use shared::{token, ChannelName, Payload};
 
+use super::views::{ack_json, members, since, state_view, HistoryQuery};
 use super::{channel, credential, now_secs, ApiError, AppState};
 use crate::auth::{Action, Principal};
 
@@ -54,13 +55,17 @@ fn body_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))
 }
 
-/// Decodes an optional resume token or context.
-pub fn since(token: Option<&str>) -> Result<VersionVector, ApiError> {
-    match token.filter(|t| !t.is_empty()) {
-        None => Ok(VersionVector::new()),
-        Some(t) => token::decode(t)
-            .map_err(|e| ApiError::new(ErrorCode::BadResumeToken, format!("resume token: {e}"))),
-    }
+/// A durable write over REST: taken in as every transport does, answered once it is
+/// durable.
+async fn durable(
+    state: &AppState,
+    ch: &ChannelName,
+    w: LocalWrite,
+) -> Result<shared::replica::LocalOutcome, ApiError> {
+    state.core.preload(ch).await;
+    let (out, gen) = state.take_write(ch, w, "rest")?;
+    state.core.wait_durable(gen).await?;
+    Ok(out)
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,51 +92,20 @@ pub async fn publish(
     let p = authorize(&state, &headers, q.token.as_deref(), &ch, Action::Publish)?;
     let b: PublishBody = body_json(&state, body)?;
     if b.ephemeral {
-        state.core.ephemeral(
-            &ch,
-            shared::Ephemeral {
-                kind: b.event,
-                data: b.data,
-                from: Some(p.subject),
-            },
-        );
+        state.publish_ephemeral(&ch, b.event, b.data, Some(p.subject));
         return Ok(Json(ServerMsg::Ack {
             id: None,
             dot: None,
         })
         .into_response());
     }
-    metrics::counter!("outpost_ops_in_total", "kind" => "event", "via" => "rest").increment(1);
-    let out = state
-        .core
-        .write(
-            &ch,
-            LocalWrite::Event {
-                kind: b.event,
-                data: b.data,
-                idempotency_key: b.key,
-            },
-        )
-        .await?;
+    let w = LocalWrite::Event {
+        kind: b.event,
+        data: b.data,
+        idempotency_key: b.key,
+    };
+    let out = durable(&state, &ch, w).await?;
     Ok(Json(ack_json(&out)).into_response())
-}
-
-fn ack_json(out: &LocalOutcome) -> serde_json::Value {
-    match out {
-        LocalOutcome::Applied(a) => {
-            serde_json::json!({"type": "ack", "dot": dot_string(a.op.dot), "duplicate": false})
-        }
-        LocalOutcome::Duplicate(d) => {
-            serde_json::json!({"type": "ack", "dot": dot_string(*d), "duplicate": true})
-        }
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct HistoryQuery {
-    pub token: Option<String>,
-    pub since: Option<String>,
-    pub limit: Option<usize>,
 }
 
 /// `GET /v1/channels/{channel}/events`: SSE when the client accepts
@@ -184,39 +158,6 @@ pub async fn history(
         "truncated": truncated,
     }))
     .into_response())
-}
-
-/// Renders a register for a client.
-pub fn state_view(
-    id: Option<u64>,
-    ch: &ChannelName,
-    key: &str,
-    reg: Option<&Register>,
-    siblings: bool,
-) -> ServerMsg {
-    let winner = reg.and_then(Register::winner);
-    ServerMsg::State {
-        id,
-        channel: ch.to_string(),
-        key: key.to_owned(),
-        value: winner.and_then(|w| w.value.clone()),
-        deleted: winner.is_none_or(|w| w.value.is_none()),
-        conflict: reg.is_some_and(|r| r.siblings().len() > 1),
-        context: token::encode(&reg.map(|r| r.context().clone()).unwrap_or_default()),
-        siblings: siblings.then(|| {
-            reg.map(|r| {
-                r.siblings()
-                    .iter()
-                    .map(|s| SiblingView {
-                        dot: dot_string(s.dot),
-                        hlc: format!("{:?}", s.hlc),
-                        value: s.value.clone(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-        }),
-    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -281,18 +222,12 @@ pub async fn state_put(
     authorize(&state, &headers, q.token.as_deref(), &ch, Action::State)?;
     let b: PutBody = body_json(&state, body)?;
     let context = since(b.context.as_deref())?;
-    metrics::counter!("outpost_ops_in_total", "kind" => "set", "via" => "rest").increment(1);
-    let out = state
-        .core
-        .write(
-            &ch,
-            LocalWrite::Set {
-                key: key.clone(),
-                value: b.value,
-                context,
-            },
-        )
-        .await?;
+    let w = LocalWrite::Set {
+        key: key.clone(),
+        value: b.value,
+        context,
+    };
+    let out = durable(&state, &ch, w).await?;
     state.core.preload(&ch).await;
     let reg = state.core.state_get(&ch, &key);
     Ok(Json(serde_json::json!({
@@ -312,11 +247,7 @@ pub async fn state_delete(
     let ch = channel(&name)?;
     authorize(&state, &headers, q.token.as_deref(), &ch, Action::State)?;
     let context = since(q.context.as_deref())?;
-    metrics::counter!("outpost_ops_in_total", "kind" => "delete", "via" => "rest").increment(1);
-    let out = state
-        .core
-        .write(&ch, LocalWrite::Delete { key, context })
-        .await?;
+    let out = durable(&state, &ch, LocalWrite::Delete { key, context }).await?;
     Ok(Json(ack_json(&out)).into_response())
 }
 
@@ -335,20 +266,6 @@ pub async fn presence(
         members: members(&state, &ch),
     })
     .into_response())
-}
-
-pub fn members(state: &AppState, ch: &ChannelName) -> Vec<Member> {
-    state
-        .core
-        .fanout
-        .members(ch)
-        .into_iter()
-        .map(|(client, subject, data)| Member {
-            client,
-            subject,
-            data,
-        })
-        .collect()
 }
 
 pub async fn healthz() -> &'static str {

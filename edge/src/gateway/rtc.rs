@@ -50,7 +50,8 @@ use webrtc::peer_connection::{
     RTCSessionDescription, SettingEngineBuilder,
 };
 
-use super::ws::{serve, WsQuery};
+use super::conn::serve;
+use super::ws::WsQuery;
 use super::{credential, ApiError, AppState, ConnGuard};
 
 /// The reliable, ordered channel that speaks the client protocol.
@@ -286,7 +287,7 @@ type EphemeralSlot = Arc<Mutex<Option<Arc<dyn DataChannel>>>>;
 pub(crate) struct Gone;
 
 /// Data channels have no close frame: a closed channel owes the client nothing.
-impl super::ws::ReadError for Gone {
+impl super::conn::ReadError for Gone {
     fn close_frame(self) -> Option<(u16, String)> {
         None
     }

@@ -18,7 +18,7 @@ use shared::client::{self, ServerMsg, UplinkState};
 use shared::ChannelName;
 use tokio_util::sync::CancellationToken;
 
-use super::rest::{since, HistoryQuery};
+use super::views::{since, HistoryQuery};
 use super::{channel, credential, now_secs, ApiError, AppState, ConnGuard};
 use crate::auth::Action;
 use crate::fanout::{Push, SendQueueRx};
