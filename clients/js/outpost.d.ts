@@ -29,7 +29,11 @@ export interface OutpostOptions {
   /** Reconnect backoff in ms (full jitter; the first retry after a drop is immediate). */
   backoff?: { min: number; max: number };
   connectTimeout?: number;
+  /** How often to ping the endpoint, ms (default 5000). */
   pingInterval?: number;
+  /** A ping unanswered this long (ms, default 2000) drops the endpoint and fails over:
+   * a silently dead endpoint is noticed within pingInterval + pingTimeout. */
+  pingTimeout?: number;
   presenceInterval?: number;
   presenceTtl?: number;
   dedupWindow?: number;

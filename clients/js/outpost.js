@@ -23,7 +23,10 @@ const DEFAULTS = {
   transports: ['websocket', 'sse'],
   backoff: { min: 100, max: 5000 },
   connectTimeout: 4000,
-  pingInterval: 20000,
+  // A silently dead endpoint (power loss, a blackholed route, a frozen process) is
+  // noticed when a ping gets no answer: within pingInterval + pingTimeout (7 s).
+  pingInterval: 5000,
+  pingTimeout: 2000,
   presenceInterval: 5000,
   presenceTtl: 15000,
   dedupWindow: 10000,
@@ -331,8 +334,16 @@ class SseTransport {
         const r = await this.rest(id, 'GET', `${this.chanPath(msg.channel)}/presence`);
         return reply(r && { ...r, id });
       }
-      case 'ping':
+      case 'ping': {
+        // Liveness of the endpoint itself (the event streams may be idle).
+        try {
+          const res = await this.env.fetch(`${this.base}/healthz`);
+          if (!res.ok) throw new Error(`HTTP ${res.status}`);
+        } catch (e) {
+          return this.fail(`ping: ${e.message}`);
+        }
         return reply({ type: 'pong', id });
+      }
       default:
         return reply({ type: 'error', id, code: 'bad_state', message: `${msg.type} needs a WebSocket or WebRTC connection` });
     }
@@ -466,8 +477,9 @@ export class Outpost extends Emitter {
         const info = await this.dropped;
         if (this.closed) return;
         this.attempt = 0;
-        // Going away (draining, shutting down): start with the next endpoint.
-        if (info?.code === 4101) this.endpointIndex = (this.endpointIndex + 1) % this.opts.endpoints.length;
+        // Going away (draining, shutting down) or silently dead: start with the next
+        // endpoint.
+        if (info?.code === 4101 || info?.dead) this.endpointIndex = (this.endpointIndex + 1) % this.opts.endpoints.length;
         continue;
       }
       this.attempt += 1;
@@ -497,7 +509,15 @@ export class Outpost extends Emitter {
       onDrop(info);
     };
     this._setStatus({ state: 'online', online: true, endpoint, transport: t.name, client: hello.client ?? null, replica: hello.replica ?? null, uplink: hello.uplink ?? null, error: null });
-    this.pingTimer = setInterval(() => this._request({ type: 'ping' }, { retry: false }).catch(() => {}), this.opts.pingInterval);
+    this.pingTimer = setInterval(() => {
+      withTimeout(this._request({ type: 'ping' }, { retry: false }), this.opts.pingTimeout, 'ping').catch((e) => {
+        // No answer: the endpoint is gone without a word. Drop it and fail over.
+        if (e.code === 'timeout' && this.transport === t) {
+          t.close();
+          t.onClose({ code: 4000, dead: true, reason: `${endpoint} did not answer a ping within ${this.opts.pingTimeout} ms` });
+        }
+      });
+    }, this.opts.pingInterval);
     // Resubscribe every channel from its token, then resend what was not acknowledged.
     const subs = [...this.channels.values()].filter((c) => c.subscribed);
     await Promise.all(subs.map((c) => c._resubscribe().catch(() => {})));

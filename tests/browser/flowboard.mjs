@@ -8,10 +8,12 @@
 //   5. job events published by scripts/demo-jobs show in the activity panel;
 //   6. screenshots under docs/, checked not to be blank;
 //   7. edge A is killed while a page edits: it fails over and no edit is lost;
-//   8. the cloud is killed: page B says "local only — changes will sync" and edits on.
+//   8. the cloud is killed: page B says "local only — changes will sync" and edits on;
+//   (6b) edge B is frozen with SIGSTOP five times: a page on it leaves for edge A
+//   within 3 s each time (its ping: 400 ms interval and timeout).
 // Prints one JSON line with "ok":true and the figures.
 //
-//   node flowboard.mjs '<json: {cloud, a, b, token, pidA, pidCloud, docs, demoJobs}>'
+//   node flowboard.mjs '<json: {cloud, a, b, token, pidA, pidB, pidCloud, docs, demoJobs}>'
 import { chromium } from 'playwright-core';
 import { execFileSync } from 'node:child_process';
 
@@ -27,12 +29,12 @@ const browser = await chromium.launch({
 const board = `project:ci-${Date.now().toString(36)}/board`;
 const activity = board.split('/')[0];
 
-async function open(name, endpoints, { transports = 'websocket,sse', blockWs = false } = {}) {
+async function open(name, endpoints, { transports = 'websocket,sse', blockWs = false, ping = null } = {}) {
   const page = await browser.newPage({ viewport: { width: 1280, height: 760 } });
   page.on('console', (m) => { if (m.type() === 'error' && !m.text().includes('favicon')) console.error(`${name}:`, m.text()); });
   page.on('pageerror', (e) => console.error(`${name} pageerror:`, e.message));
   if (blockWs) await page.routeWebSocket(/\/v1\/ws/, (ws) => ws.close());
-  const hash = new URLSearchParams({ token: cfg.token, endpoints: endpoints.join(','), transports, board, activity, name });
+  const hash = new URLSearchParams({ token: cfg.token, endpoints: endpoints.join(','), transports, board, activity, name, ...(ping ? { ping } : {}) });
   await page.goto(`${endpoints[0]}/#${hash}`);
   await page.waitForFunction(() => window.flowboard?.client.status.online, null, { timeout: 20000 });
   return page;
@@ -176,6 +178,32 @@ try {
     figures[`${file}_colours`] = colours;
     if (colours < 40) throw new Error(`${file} looks blank (${colours} colours)`);
   }
+
+  // 6b. Edge B frozen (SIGSTOP: its sockets stay open, nothing answers): a page on it
+  //     notices by its ping (every 400 ms, 400 ms to answer) and delivers again from
+  //     edge A. Five runs; the page's own figure is the time from the freeze until it
+  //     is online elsewhere.
+  step('edge B frozen (SIGSTOP), five times');
+  const frozen = [];
+  for (let i = 0; i < 5; i++) {
+    const pf = await open(`fred-${i}@B`, [cfg.b, cfg.a], { ping: 400 });
+    if ((await status(pf)).endpoint !== cfg.b) throw new Error('the page did not start on edge B');
+    const t0 = Date.now();
+    process.kill(Number(cfg.pidB), 'SIGSTOP');
+    try {
+      await waitFor(pf, (a) => window.flowboard.client.status.online && window.flowboard.client.status.endpoint === a, cfg.a, `run ${i}: the page leaves frozen edge B`, 10000);
+      frozen.push(Date.now() - t0);
+    } finally {
+      process.kill(Number(cfg.pidB), 'SIGCONT');
+    }
+    // Delivering again: a write from the page is acknowledged by edge A.
+    await pf.evaluate((i) => window.flowboard.addNode(`frozen-${i}`, 60 + i * 90, 700, `after freeze ${i}`), i);
+    await pf.close();
+  }
+  frozen.sort((a, b) => a - b);
+  figures.frozen_failover_ms = frozen;
+  // Bound: ping interval + timeout (800 ms) + reconnecting, with a wide margin.
+  if (frozen[frozen.length - 1] > 3000) throw new Error(`a frozen edge took ${frozen.join(', ')} ms to leave`);
 
   // 7. Kill edge A while page A adds nodes: it fails over, and no edit is lost.
   step('edge A killed while editing');

@@ -38,6 +38,7 @@ async fn the_flowboard_works_across_edges_transports_and_an_edge_failure() -> Re
         "b": f.b.url("").trim_end_matches('/'),
         "token": tok,
         "pidA": f.a.pid().context("edge A pid")?,
+        "pidB": f.b.pid().context("edge B pid")?,
         "pidCloud": f.cloud.pid().context("cloud pid")?,
         "docs": root.join("docs"),
         "demoJobs": root.join("scripts/demo-jobs"),

@@ -40,7 +40,7 @@ class FakeNet {
   }
   /** Tokens are just the count of ops the subscriber has, as a string. */
   handle(t, msg) {
-    if (t.closed) return;
+    if (t.closed || this.silent === t.endpoint) return;
     if (msg.type === 'subscribe') {
       const ops = this.ops.get(msg.channel) || [];
       const from = msg.since ? Number(msg.since) : 0;
@@ -318,5 +318,20 @@ test('an unasked truncated subscribed moves the token and asks to re-read state'
   net.conns[0].onMessage({ type: 'subscribed', channel: 'project:t', token: '42', replayed: 0, truncated: true });
   assert.equal(ch.token, '42');
   assert.equal(told?.token, '42');
+  c.close();
+});
+
+test('an endpoint that stops answering is dropped after a ping timeout, and the client fails over', async () => {
+  const net = new FakeNet();
+  const c = client(net, { pingInterval: 40, pingTimeout: 60 });
+  const ch = c.channel('project:s');
+  await ch.subscribe();
+  await until(() => c.status.online && c.status.endpoint === 'http://a', 'online on a');
+  // Endpoint a freezes: its connection stays open, nothing is answered.
+  net.silent = 'http://a';
+  const t0 = Date.now();
+  await until(() => c.status.online && c.status.endpoint === 'http://b', 'failover to b', 3000);
+  const took = Date.now() - t0;
+  assert.ok(took < 1000, `noticed after ${took} ms (interval 40 + timeout 60)`);
   c.close();
 });

@@ -2,6 +2,7 @@
 // (ephemeral, peer-to-peer when possible), presence, job activity (events), and a
 // connection badge. Configuration comes from the URL fragment:
 //   #token=JWT&endpoints=http://a,http://b&transports=websocket,sse&board=project:demo/board&name=Ada
+//   (&ping=500: ping every 500 ms and leave an endpoint that does not answer in 500 ms)
 import { Outpost } from '/sdk/outpost.js';
 
 const params = new URLSearchParams(location.hash.slice(1));
@@ -21,7 +22,9 @@ if (!token) {
   throw new Error('no token');
 }
 
-const client = new Outpost({ endpoints, token, transports });
+// &ping=MS: ping interval and timeout (how soon a silently dead endpoint is left).
+const ping = Number(params.get('ping')) || undefined;
+const client = new Outpost({ endpoints, token, transports, ...(ping ? { pingInterval: ping, pingTimeout: ping } : {}) });
 const board = client.channel(boardName);
 const activity = client.channel(activityName);
 const svgNS = 'http://www.w3.org/2000/svg';
