@@ -214,12 +214,20 @@ where
             }
             Err(e) => tracing::warn!(error = %e, "{what}: interrupted, starting again"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        if !back_off(&shutdown, &mut delay).await {
+            return;
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Waits `delay` (doubled for next time, up to 5 s); false if shutdown came first.
+async fn back_off(shutdown: &CancellationToken, delay: &mut Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => return false,
+        _ = tokio::time::sleep(*delay) => {}
+    }
+    *delay = (*delay * 2).min(Duration::from_secs(5));
+    true
 }
 
 /// Puts this coordinator's links into the registry: each live one every
@@ -368,11 +376,9 @@ async fn publish_timeline(
                     tracing::debug!(error = %e, "fleet: timeline event not stored yet, retrying")
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+            if !back_off(&shutdown, &mut delay).await {
+                return;
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 }

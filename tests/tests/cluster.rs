@@ -287,6 +287,22 @@ async fn admin_get(http: &reqwest::Client, c: &Cloud, path: &str) -> Result<Valu
         .await?)
 }
 
+/// `POST` an operator action to coordinator `c`; it must have reached the whole fleet.
+async fn admin_post(http: &reqwest::Client, c: &Cloud, path: &str) -> Result<()> {
+    let r: Value = http
+        .post(c.url(path))
+        .bearer_auth(OPERATOR_KEY)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    if r["fleet_wide"] != true {
+        bail!("{path}: {r}");
+    }
+    Ok(())
+}
+
 /// `(connected, coordinator)` of the edge named `name` in `c`'s fleet view.
 async fn edge_view(
     http: &reqwest::Client,
@@ -372,17 +388,7 @@ async fn fleet_scenario(c1: &Cloud, c2: &mut Cloud, a: &Edge) -> Result<()> {
     }
 
     // 2. Drain edge A (linked to c1) through c2: edge A hears it.
-    let r: Value = http
-        .post(c2.url("/v1/admin/edges/edge-a/drain"))
-        .bearer_auth(OPERATOR_KEY)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    if r["fleet_wide"] != true {
-        bail!("drain through c2: {r}");
-    }
+    admin_post(http, c2, "/v1/admin/edges/edge-a/drain").await?;
     let ready = a.url("/readyz");
     eventually(within, "edge A to be drained", || async {
         let s = http.get(&ready).send().await?.status();
@@ -391,17 +397,7 @@ async fn fleet_scenario(c1: &Cloud, c2: &mut Cloud, a: &Edge) -> Result<()> {
     .await?;
 
     // 3. Revoke edge B (linked to c2) through c1: c2 drops it, neither takes it back.
-    let r: Value = http
-        .post(c1.url("/v1/admin/edges/edge-b/revoke"))
-        .bearer_auth(OPERATOR_KEY)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    if r["fleet_wide"] != true {
-        bail!("revoke through c1: {r}");
-    }
+    admin_post(http, c1, "/v1/admin/edges/edge-b/revoke").await?;
     eventually(within, "edge B refused by both coordinators", || async {
         let m1 = metric(
             http,
