@@ -82,6 +82,11 @@ impl<T> CommitQueue<T> {
         self.waiting.retain(|(g, _)| *g > upto);
     }
 
+    /// Whether any held output matches `f`.
+    pub fn holds(&self, f: impl Fn(&T) -> bool) -> bool {
+        self.waiting.iter().any(|(_, o)| f(o))
+    }
+
     /// Drops everything held (the node is rebuilt from storage).
     pub fn clear(&mut self) {
         self.waiting.clear();

@@ -25,7 +25,7 @@
 //!
 //! `SCHEDULES=n` runs n schedules (default 20); `SEED=n` replays schedule n alone (the
 //! faults and actions are the same, process timing is not); `SEED_BASE=n` starts the
-//! sweep elsewhere; `CLUSTER_SCHEDULES=n` sets the clustered count (default 10, seeds
+//! sweep elsewhere; `CLUSTER_SCHEDULES=n` sets the clustered count (default 20, seeds
 //! from 2001). Every schedule prints its seed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -152,14 +152,13 @@ async fn schedules_across_regions_with_netem_latency_and_loss() -> Result<()> {
 /// (R3, `sync_interval: always`), 2 coordinators and 2 edges, each edge listing both
 /// coordinators through fault proxies. The controller also kills coordinators and
 /// NATS servers (one at a time, and sometimes two: a quorum loss).
-/// `CLUSTER_SCHEDULES=n` (default 10 — see docs/TESTING.md for the open fault that
-/// seeds past 2010 occasionally find), seeds from 2001; `SEED=n` replays one.
+/// `CLUSTER_SCHEDULES=n` (default 20), seeds from 2001; `SEED=n` replays one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clustered_fault_schedules_lose_no_acknowledged_op() -> Result<()> {
     let _one = ONE_AT_A_TIME.lock().await;
     let seeds: Vec<u64> = match env_u64("SEED") {
         Some(s) => vec![s],
-        None => (2001..2001 + env_u64("CLUSTER_SCHEDULES").unwrap_or(10)).collect(),
+        None => (2001..2001 + env_u64("CLUSTER_SCHEDULES").unwrap_or(20)).collect(),
     };
     let mut total = Totals::default();
     let started = Instant::now();
