@@ -61,8 +61,10 @@ fn conn(id: u64) -> ConnHandle {
 #[tokio::test]
 async fn a_delivery_waiting_for_its_flush_keeps_the_channel_from_eviction() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut cfg = EdgeConfig::default();
-    cfg.data_dir = dir.path().to_path_buf();
+    let mut cfg = EdgeConfig {
+        data_dir: dir.path().to_path_buf(),
+        ..EdgeConfig::default()
+    };
     cfg.storage.durability = Durability::Fsync;
     // Flushes wait this long for company: the window in which a delivery is pending.
     cfg.storage.commit_window_ms = 400;
