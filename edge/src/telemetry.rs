@@ -299,6 +299,20 @@ pub const SERIES: &[Series] = &[
         "uplinks refused by the cloud",
     ),
     s(
+        "outpost_read_fetches_total",
+        Counter,
+        Edge,
+        &[],
+        "reads of channels without subscribers here that asked the upstream first",
+    ),
+    s(
+        "outpost_read_fetch_timeouts_total",
+        Counter,
+        Edge,
+        &[],
+        "such reads answered with what the edge holds (upstream away or slow)",
+    ),
+    s(
         "outpost_edges_connected",
         Gauge,
         Cloud,

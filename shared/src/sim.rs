@@ -27,7 +27,7 @@ use crate::op::{Op, Payload};
 use crate::replica::{LocalOutcome, LocalWrite};
 use crate::state::Register;
 use crate::store::{MemStore, Store};
-use crate::sync::{DurableChannel, Input, Node, Output, Persist, Role, SyncConfig};
+use crate::sync::{DurableChannel, FetchWait, Input, Node, Output, Persist, Role, SyncConfig};
 use crate::vv::VersionVector;
 use crate::wire::{LogRecord, SyncMsg};
 
@@ -60,6 +60,8 @@ pub struct SimConfig {
     pub coordinators: usize,
     /// Per step (clustered): the shared log becomes unavailable, or available again.
     pub log_outage_rate: f64,
+    /// Per step: a client reads a channel on an edge without subscribing (a fetch).
+    pub read_rate: f64,
     pub sync: SyncConfig,
 }
 
@@ -114,9 +116,21 @@ impl SimConfig {
             // were before coordinators existed.
             coordinators: 1,
             log_outage_rate: 0.0,
+            read_rate: 0.0,
             sync,
         }
         .with_cluster(seed)
+        .with_reads(seed)
+    }
+
+    /// Reads on edges without a subscription (fetches), drawn from their own generator
+    /// so that every other knob of a seed stays as it was.
+    fn with_reads(mut self, seed: u64) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x4ead_0000_0000_0002);
+        if rng.random_bool(0.5) {
+            self.read_rate = rng.random_range(0.01..0.1);
+        }
+        self
     }
 
     fn with_cluster(mut self, seed: u64) -> Self {
@@ -163,6 +177,10 @@ pub struct SimReport {
     pub log_outages: usize,
     pub requeued: usize,
     pub moves: usize,
+    /// Reads on edges without a subscription, and how many of their fetches failed
+    /// (no upstream, link lost, expired).
+    pub reads: usize,
+    pub fetches_failed: usize,
     pub converged_after_ms: u64,
 }
 
@@ -216,6 +234,8 @@ struct SimNode {
     from_log: BTreeSet<Dot>,
     /// A state record from the log is being installed now (not queued again).
     from_log_state: bool,
+    /// Reads waiting for a fetch round: what the upstream held when each was asked.
+    fetch_expect: BTreeMap<(ChannelName, u64), VersionVector>,
     /// Clustered coordinator (disk): the ops queued for the log and not yet stored
     /// there (written with the op, cleared once stored), and the last saved position.
     log_outbox: Vec<(ChannelName, LogRecord)>,
@@ -308,6 +328,7 @@ impl Sim {
                 log_pos: 0,
                 from_log: BTreeSet::new(),
                 from_log_state: false,
+                fetch_expect: BTreeMap::new(),
                 log_outbox: Vec::new(),
                 log_saved: 0,
             });
@@ -472,7 +493,53 @@ impl Sim {
                 }
             }
         }
+        if self.cfg.read_rate > 0.0
+            && self.rng.random_bool(self.cfg.read_rate)
+            && !self.channels.is_empty()
+        {
+            let e = self.random_edge();
+            let c = self.channels[self.rng.random_range(0..self.channels.len())].clone();
+            self.read(e, c);
+        }
         self.advance();
+    }
+
+    /// A client reads channel `c` on edge `e` without subscribing: the edge fetches
+    /// it. When it says the fetch completed, it must hold everything its upstream
+    /// held when the read was asked (checked in `execute`).
+    fn read(&mut self, e: usize, c: ChannelName) {
+        if self.nodes[e].node.is_none() {
+            return;
+        }
+        self.report.reads += 1;
+        let up = self.upstream[e];
+        let expected =
+            (self.link_live(e) && self.nodes[up].node.is_some()).then(|| self.vv_at(up, &c));
+        self.ensure(e, &c);
+        let now = self.now;
+        let Some(wait) = self.nodes[e].node.as_mut().map(|n| n.fetch(now, &c)) else {
+            return;
+        };
+        match (wait, expected) {
+            // Synced live (subscribers here): the read answers with what is here.
+            (FetchWait::Now { .. }, _) => {}
+            (FetchWait::Round(round), Some(vv)) => {
+                self.nodes[e].fetch_expect.insert((c, round), vv);
+            }
+            (FetchWait::Round(_), None) => {}
+        }
+        self.drain(e);
+    }
+
+    /// A node's vector for a channel: in memory if resident, else on its disk.
+    fn vv_at(&self, i: usize, c: &ChannelName) -> VersionVector {
+        let n = &self.nodes[i];
+        match n.node.as_ref().and_then(|node| node.channel(c)) {
+            Some(r) => r.vv().clone(),
+            None => infallible(n.store.load_channel(c))
+                .map(|d| d.vv())
+                .unwrap_or_default(),
+        }
     }
 
     /// Moves time 10 ms: restarts, network deliveries, timers.
@@ -613,6 +680,7 @@ impl Sim {
         n.barrier = false;
         n.from_log.clear();
         n.from_log_state = false;
+        n.fetch_expect.clear();
         // Its edges move to another live coordinator, if there is one.
         for e in orphans {
             let live: Vec<usize> = (0..self.coords)
@@ -702,15 +770,17 @@ impl Sim {
         // The checks read every replica's channels: make them all resident (nothing is
         // unloaded after this).
         self.cfg.unload_rate = 0.0;
+        // Crashed nodes first: a node restarted after the loads below would hold only
+        // the channels its restart loads.
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].node.is_none() {
+                self.restart(i);
+            }
+        }
         for i in 0..self.nodes.len() {
             let stored = infallible(self.nodes[i].store.channel_names());
             for c in stored {
                 self.ensure(i, &c);
-            }
-        }
-        for i in 0..self.nodes.len() {
-            if self.nodes[i].node.is_none() {
-                self.restart(i);
             }
         }
         for e in self.edges() {
@@ -897,6 +967,33 @@ impl Sim {
                         .entry(channel)
                         .or_default()
                         .merge(&vv);
+                }
+                Output::Fetched {
+                    channel,
+                    upto,
+                    fresh,
+                } => {
+                    let n = &mut self.nodes[i];
+                    let done: Vec<(ChannelName, u64)> = n
+                        .fetch_expect
+                        .keys()
+                        .filter(|(c, r)| *c == channel && *r <= upto)
+                        .cloned()
+                        .collect();
+                    let expected: Vec<VersionVector> = done
+                        .iter()
+                        .filter_map(|k| n.fetch_expect.remove(k))
+                        .collect();
+                    if !fresh {
+                        self.report.fetches_failed += 1;
+                    } else {
+                        let have = self.vv_at(i, &channel);
+                        for e in expected.iter().filter(|e| !have.dominates(e)) {
+                            self.violations.push(format!(
+                                "node {i}: a read of {channel} completed with {have:?}, behind what its upstream held when the read was asked ({e:?})"
+                            ));
+                        }
+                    }
                 }
                 Output::Conflict { .. } => self.report.conflicts += 1,
                 Output::Warn { reason, .. } => {

@@ -50,6 +50,9 @@ pub const DEFAULT_BATCH_BYTES: usize = batch_bytes_for(crate::wire::DEFAULT_MAX_
 /// takes one anyway (see `on_rebase`).
 const MAX_REBASE_REFUSALS: u32 = 20;
 
+/// A fetch ([`Input::Fetch`]) not completed within this long is reported as failed.
+const FETCH_EXPIRY_MS: u64 = 10_000;
+
 /// A snapshot transfer that grows past this is dropped (and asked for again).
 const MAX_TRANSFER_BYTES: usize = 1 << 30;
 
@@ -253,6 +256,14 @@ pub enum Output {
     },
     /// The cloud's operator asked this edge to do something.
     Command(crate::wire::Command),
+    /// Fetch rounds ([`Node::fetch`]) of a channel up to `upto` are over: `fresh` if
+    /// the channel now holds everything the upstream held when the round was asked;
+    /// false if the upstream could not answer (link lost, no answer in time).
+    Fetched {
+        channel: ChannelName,
+        upto: u64,
+        fresh: bool,
+    },
     /// Something a peer sent was refused; the shell logs it (and may close the link).
     Warn {
         peer: Option<ReplicaId>,
@@ -303,6 +314,26 @@ impl Chan {
     }
 }
 
+/// What a read on an edge must wait for ([`Node::fetch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchWait {
+    /// Answer now: `fresh` if the channel is synced (live, or this is the cloud).
+    Now { fresh: bool },
+    /// Wait for [`Output::Fetched`] of this channel with `upto` at or past this round.
+    Round(u64),
+}
+
+/// A fetch under way (edge).
+#[derive(Debug)]
+struct Fetching {
+    asked_ms: u64,
+    id: u64,
+    /// The upstream's vector in its [`SyncMsg::FetchReply`], once here.
+    target: Option<VersionVector>,
+    /// The round for readers that came after this one was sent.
+    next: Option<u64>,
+}
+
 /// What the cloud knows of a connected edge.
 #[derive(Debug, Default, Clone)]
 pub struct PeerInfo {
@@ -343,6 +374,9 @@ pub struct Node {
     /// Channels still to be compared with a new upstream, with what was acked there
     /// when the link came up.
     reconfirm: BTreeMap<ChannelName, u64>,
+    /// Edge: reads waiting for a fetch ([`SyncMsg::Fetch`]).
+    fetching: BTreeMap<ChannelName, Fetching>,
+    next_fetch: u64,
 }
 
 /// The parts of a snapshot transfer received so far.
@@ -378,6 +412,11 @@ impl Node {
             next_xfer: now_ms << 16,
             confirmed_upstream: None,
             reconfirm: BTreeMap::new(),
+            fetching: BTreeMap::new(),
+            // Round ids stay unique across restarts: a coordinator may hold the answer
+            // to a round of this node's previous life (a log outage) and send it on
+            // the next link, where it must not complete a new round with the same id.
+            next_fetch: now_ms.saturating_mul(1_000).max(1),
         }
     }
 
@@ -467,6 +506,7 @@ impl Node {
             || unsent
             || c.replica.pending_len() > 0
             || c.rebase
+            || self.fetching.contains_key(name)
             || self.reconfirm.contains_key(name)
             || self.incoming.keys().any(|(_, ch)| ch == name);
         !busy
@@ -757,6 +797,7 @@ impl Node {
                 .get(channel)
                 .is_some_and(|c| !c.interest && c.outbox(self.me) == 0)
             && !self.reconfirm.contains_key(channel)
+            && !self.fetching.contains_key(channel)
     }
 
     /// Forgets a channel that [`Node::can_evict`] allows (cache eviction). Returns
@@ -801,6 +842,7 @@ impl Node {
             Input::LinkDown(peer) => {
                 self.peers.remove(&peer);
                 self.incoming.retain(|(p, _), _| *p != peer);
+                self.fetch_failed(|_| true);
             }
             Input::Msg(peer, msg) => {
                 if !self.peers.contains_key(&peer) {
@@ -817,6 +859,104 @@ impl Node {
             }
             Input::Interest(channel, on) => self.interest(now_ms, channel, on),
             Input::Logged(channel, record) => self.on_logged(now_ms, channel, record),
+        }
+        if !self.fetching.is_empty() {
+            self.check_fetched(now_ms);
+        }
+    }
+
+    /// Edge: a client reads `channel` here without subscribing. Says whether the read
+    /// may answer now, or which fetch round it must wait for ([`Output::Fetched`]
+    /// with `upto` at or past it): a round's answer reflects everything the upstream
+    /// held when that round's [`SyncMsg::Fetch`] was sent, so readers that arrive
+    /// while a round is under way wait for the next one (sent when the first is
+    /// answered: one request in flight per channel, however many readers).
+    pub fn fetch(&mut self, now_ms: u64, channel: &ChannelName) -> FetchWait {
+        let up = self.upstream();
+        let live = self.channels.get(channel).is_some_and(|c| c.interest);
+        let Some(up) = up.filter(|_| self.role == Role::Edge && !live) else {
+            // The cloud holds everything; a channel with subscribers is synced live;
+            // without an upstream there is nobody to ask.
+            return FetchWait::Now {
+                fresh: self.role == Role::Cloud || (live && up.is_some()),
+            };
+        };
+        if let Some(f) = self.fetching.get_mut(channel) {
+            let next = *f.next.get_or_insert(self.next_fetch);
+            if next == self.next_fetch {
+                self.next_fetch += 1;
+            }
+            return FetchWait::Round(next);
+        }
+        let id = self.next_fetch;
+        self.next_fetch += 1;
+        self.send_fetch(now_ms, up, channel, id);
+        FetchWait::Round(id)
+    }
+
+    fn send_fetch(&mut self, now_ms: u64, up: ReplicaId, channel: &ChannelName, id: u64) {
+        let c = self.chan(channel);
+        let msg = SyncMsg::Fetch {
+            channel: channel.clone(),
+            vv: c.replica.vv().clone(),
+            id,
+            full: c.rebase,
+        };
+        self.fetching.insert(
+            channel.clone(),
+            Fetching {
+                asked_ms: now_ms,
+                id,
+                target: None,
+                next: None,
+            },
+        );
+        self.send(up, msg);
+    }
+
+    /// Rounds whose channel now holds everything the upstream's answer reported; the
+    /// next round of each goes out.
+    fn check_fetched(&mut self, now_ms: u64) {
+        let done: Vec<(ChannelName, u64, Option<u64>)> = self
+            .fetching
+            .iter()
+            .filter(|(name, f)| {
+                f.target.as_ref().is_some_and(|t| {
+                    self.channels
+                        .get(*name)
+                        .is_some_and(|c| c.replica.vv().dominates(t))
+                })
+            })
+            .map(|(name, f)| (name.clone(), f.id, f.next))
+            .collect();
+        for (channel, upto, next) in done {
+            self.fetching.remove(&channel);
+            self.out.push_back(Output::Fetched {
+                channel: channel.clone(),
+                upto,
+                fresh: true,
+            });
+            if let (Some(next), Some(up)) = (next, self.upstream()) {
+                self.send_fetch(now_ms, up, &channel, next);
+            }
+        }
+    }
+
+    /// Ends the fetches `which` selects without an answer (their next rounds too).
+    fn fetch_failed(&mut self, which: impl Fn(&Fetching) -> bool) {
+        let failed: Vec<(ChannelName, u64)> = self
+            .fetching
+            .iter()
+            .filter(|(_, f)| which(f))
+            .map(|(n, f)| (n.clone(), f.next.unwrap_or(f.id)))
+            .collect();
+        for (channel, upto) in failed {
+            self.fetching.remove(&channel);
+            self.out.push_back(Output::Fetched {
+                channel,
+                upto,
+                fresh: false,
+            });
         }
     }
 
@@ -866,6 +1006,8 @@ impl Node {
         }
         self.peers.insert(peer, PeerInfo::default());
         if self.role == Role::Edge {
+            // A new upstream: answers to fetches sent to the old one will not come.
+            self.fetch_failed(|_| true);
             let me = self.me;
             // A new upstream compares every channel: it may lack ops this edge holds
             // (its own acked ones included, if it was restored from a backup).
@@ -893,6 +1035,42 @@ impl Node {
     }
 
     /// Edge: asks the upstream for what this node lacks and tells it what it has.
+    /// Answers a peer's vector for a channel with what it lacks: the ops after it, or
+    /// for a `full` request (the peer evicted the channel and opened it again) the
+    /// state, floor and retained log first.
+    fn send_lacking(
+        &mut self,
+        peer: ReplicaId,
+        channel: &ChannelName,
+        vv: &VersionVector,
+        full: bool,
+    ) {
+        if !full {
+            self.send_missing(peer, channel, vv);
+            return;
+        }
+        let r = &self.chan(channel).replica;
+        let snapshot = r.snapshot();
+        // The retained log rides along (in parts when large) unless it is huge; then
+        // the peer's history starts at the snapshot.
+        let log_bytes: usize = r.log().map(Op::approx_bytes).sum();
+        let base = if log_bytes <= MAX_REBASE_LOG_BYTES {
+            RebaseBase {
+                floor: r.floor().clone(),
+                log: r.log().cloned().collect(),
+            }
+        } else {
+            RebaseBase {
+                floor: snapshot.vv.clone(),
+                log: Vec::new(),
+            }
+        };
+        let mut after = vv.clone();
+        after.merge(&snapshot.vv);
+        self.send_snapshot(peer, channel, snapshot, Some(base));
+        self.send_missing(peer, channel, &after);
+    }
+
     fn sync_up(&mut self, now_ms: u64, up: ReplicaId, name: &ChannelName) {
         let c = self.chan(name);
         c.last_sync_ms = now_ms;
@@ -955,30 +1133,7 @@ impl Node {
                         self.reconfirmed(peer, &channel, &vv, at_link_up);
                     }
                 }
-                if full {
-                    let r = &self.chan(&channel).replica;
-                    let snapshot = r.snapshot();
-                    // The retained log rides along (in parts when large) unless it is
-                    // huge; then the peer's history starts at the snapshot.
-                    let log_bytes: usize = r.log().map(Op::approx_bytes).sum();
-                    let base = if log_bytes <= MAX_REBASE_LOG_BYTES {
-                        RebaseBase {
-                            floor: r.floor().clone(),
-                            log: r.log().cloned().collect(),
-                        }
-                    } else {
-                        RebaseBase {
-                            floor: snapshot.vv.clone(),
-                            log: Vec::new(),
-                        }
-                    };
-                    let mut after = vv.clone();
-                    after.merge(&snapshot.vv);
-                    self.send_snapshot(peer, &channel, snapshot, Some(base));
-                    self.send_missing(peer, &channel, &after);
-                } else {
-                    self.send_missing(peer, &channel, &vv);
-                }
+                self.send_lacking(peer, &channel, &vv, full);
                 if reply {
                     let mine = self.chan(&channel).replica.vv().clone();
                     self.send(
@@ -991,6 +1146,35 @@ impl Node {
                             full: false,
                         },
                     );
+                }
+            }
+            SyncMsg::Fetch {
+                channel,
+                vv,
+                id,
+                full,
+            } => {
+                if self.role != Role::Cloud {
+                    self.warn(Some(peer), "a fetch reached an edge".into());
+                    return;
+                }
+                if let Some(info) = self.peers.get_mut(&peer) {
+                    info.vvs.insert(channel.clone(), vv.clone());
+                }
+                self.send_lacking(peer, &channel, &vv, full);
+                let mine = self.chan(&channel).replica.vv().clone();
+                self.send(
+                    peer,
+                    SyncMsg::FetchReply {
+                        channel,
+                        vv: mine,
+                        id,
+                    },
+                );
+            }
+            SyncMsg::FetchReply { channel, vv, id } => {
+                if let Some(f) = self.fetching.get_mut(&channel).filter(|f| f.id == id) {
+                    f.target = Some(vv);
                 }
             }
             SyncMsg::Ops { channel, ops } => self.on_ops(now_ms, peer, channel, ops),
@@ -1464,6 +1648,9 @@ impl Node {
 
     fn tick(&mut self, now_ms: u64) {
         let me = self.me;
+        // A fetch the upstream never completed (its ops lost with a link that stayed
+        // up, say): readers are told after FETCH_EXPIRY_MS; anti-entropy repairs later.
+        self.fetch_failed(|f| now_ms.saturating_sub(f.asked_ms) >= FETCH_EXPIRY_MS);
         let heartbeat = now_ms.saturating_sub(self.last_heartbeat) >= self.config.heartbeat_ms;
         if heartbeat {
             self.last_heartbeat = now_ms;

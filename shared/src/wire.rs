@@ -123,6 +123,24 @@ pub enum SyncMsg {
         vv: VersionVector,
         rebase: Option<RebaseBase>,
     },
+    /// Edge → upstream: a client reads this channel here without subscribing. "This
+    /// is my vector; send me what I lack, then [`SyncMsg::FetchReply`] with `id`."
+    /// (`full` as in [`SyncMsg::Sync`].) Added after the first release: coordinators
+    /// must be upgraded before edges (docs/OPERATIONS.md, "Upgrades").
+    Fetch {
+        channel: ChannelName,
+        vv: VersionVector,
+        id: u64,
+        full: bool,
+    },
+    /// Upstream → edge: the answer to [`SyncMsg::Fetch`] `id`, sent after what the
+    /// edge lacked: the upstream's vector then. Once the edge holds it all, the read
+    /// reflects everything the upstream had when it answered.
+    FetchReply {
+        channel: ChannelName,
+        vv: VersionVector,
+        id: u64,
+    },
 }
 
 /// What a [`SyncMsg::Rebase`] carries besides the snapshot.
@@ -182,7 +200,9 @@ impl SyncMsg {
             | SyncMsg::Rebase { channel, .. }
             | SyncMsg::Unsubscribe { channel }
             | SyncMsg::SnapshotPart { channel, .. }
-            | SyncMsg::SnapshotEnd { channel, .. } => Some(channel),
+            | SyncMsg::SnapshotEnd { channel, .. }
+            | SyncMsg::Fetch { channel, .. }
+            | SyncMsg::FetchReply { channel, .. } => Some(channel),
             SyncMsg::Ephemeral { .. }
             | SyncMsg::Command(_)
             | SyncMsg::Heartbeat { .. }

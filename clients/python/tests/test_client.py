@@ -294,6 +294,11 @@ async def test_compacted_history_is_reported_not_skipped_silently(fleet: Fleet):
     async with AsyncClient([fleet["cloud"].url], api_key=API_KEY) as c:
         for i in range(20):
             await c.publish(channel, "e", i)
+        # Compaction runs after the writes, not with them: wait until it did.
+        deadline = time.monotonic() + 20
+        while not (await c.history(channel)).truncated:
+            assert time.monotonic() < deadline, "the cloud never compacted the channel"
+            await asyncio.sleep(0.1)
         sub = await c.subscribe(channel)
         ops: List[Op] = []
         while not isinstance(item := await sub.get(timeout=5), Truncated):
@@ -305,3 +310,25 @@ async def test_compacted_history_is_reported_not_skipped_silently(fleet: Fleet):
         assert sub.token == item.token
         page = await c.history(channel)
         assert page.truncated and [o.data for o in page.ops] == [o.data for o in ops]
+
+
+async def test_reads_on_an_edge_that_does_not_follow_the_channel_are_not_stale(fleet: Fleet, channel: str):
+    """Nobody on edge b subscribes to the channel, so b is not synced with it live: a
+    read there asks the cloud for what b lacks before answering (no polling here)."""
+    async with AsyncClient([fleet["a"].url], api_key=API_KEY) as a, AsyncClient([fleet["b"].url], api_key=API_KEY) as b:
+        # b holds the channel already (it wrote to it): the old answer was b's own copy.
+        await b.set(channel, "owner", "grace")
+        for round_ in range(3):
+            await a.set(channel, "title", f"v{round_}")
+            await a.publish(channel, "job.updated", {"round": round_})
+            got = await b.get(channel, "title")  # WebSocket
+            assert got.value == f"v{round_}", f"round {round_}: edge b answered {got}"
+            keys = await b.state(channel)  # REST
+            assert keys["title"].value == f"v{round_}" and keys["owner"].value == "grace"
+            page = await b.history(channel)  # REST
+            assert [o.data for o in page.ops if o.kind == "event"] == [{"round": r} for r in range(round_ + 1)]
+        # A channel b has never held: the same.
+        fresh_channel = channel + "-new"
+        await a.set(fresh_channel, "k", 1)
+        assert (await b.get(fresh_channel, "k")).value == 1
+    assert fleet["b"].metric("outpost_read_fetches_total") > 0

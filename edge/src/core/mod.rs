@@ -8,6 +8,7 @@
 //!
 //! Residency (which channels are in memory) is in [`residency`].
 
+mod fetch;
 mod residency;
 mod shared_log;
 
@@ -143,6 +144,8 @@ pub struct Core {
     /// Ops received from each peer (for the fleet timeline).
     pub ops_in: Mutex<HashMap<ReplicaId, u64>>,
     evict_requests: Mutex<Vec<ChannelName>>,
+    /// Reads waiting for the upstream (see `fetch.rs`).
+    fetch_waiters: Mutex<fetch::FetchWaiters>,
     sync_config: SyncConfig,
     /// Resident channels' byte budget and idle time (`[storage]`).
     residency: (u64, Duration),
@@ -247,6 +250,7 @@ impl Core {
             draining: CancellationToken::new(),
             ops_in: Mutex::new(HashMap::new()),
             evict_requests: Mutex::new(Vec::new()),
+            fetch_waiters: Mutex::new(HashMap::new()),
             sync_config: sync_cfg,
             residency: (
                 cfg.storage.resident_bytes,
@@ -819,6 +823,7 @@ impl Core {
         match Self::restore_node(&storage, self.id, role, cfg, &self.fanout, resident) {
             Ok(node) => {
                 g.node = node;
+                self.fetches_abandoned();
                 tracing::warn!("node rebuilt from storage after a storage failure");
             }
             Err(e) => tracing::error!(error = %e, "cannot reload storage"),
@@ -871,6 +876,11 @@ impl Core {
                 self.fanout.installed(&channel, &vv);
             }
             Output::Acked { .. } => {}
+            Output::Fetched {
+                channel,
+                upto,
+                fresh,
+            } => self.fetched(&channel, upto, fresh),
             Output::Rtt { peer, rtt_ms } => {
                 metrics::gauge!("outpost_link_rtt_ms", "peer" => peer.to_string())
                     .set(rtt_ms as f64);

@@ -273,8 +273,20 @@ impl Conn {
                 let (ch, _) = self
                     .authorize(&channel, Action::Subscribe)
                     .map_err(|e| (id, e))?;
-                let reg = self.state.core.state_get(&ch, &key);
-                Ok(vec![state_view(id, &ch, &key, reg.as_ref(), siblings)])
+                if self.subs.contains(&ch) {
+                    // Synced live through this very subscription: answer now.
+                    let reg = self.state.core.state_get(&ch, &key);
+                    return Ok(vec![state_view(id, &ch, &key, reg.as_ref(), siblings)]);
+                }
+                // Not subscribed here: the edge asks its upstream first (in order
+                // with this connection's acks; replies are matched by id anyway).
+                let core = self.state.core.clone();
+                self.acks.push_back(Box::pin(async move {
+                    core.fetch(&ch).await;
+                    let reg = core.state_get(&ch, &key);
+                    state_view(id, &ch, &key, reg.as_ref(), siblings)
+                }));
+                Ok(Vec::new())
             }
             ClientMsg::Presence { id, channel, data } => {
                 let (ch, _) = self

@@ -139,7 +139,7 @@ pub async fn history(
     authorize(&state, &headers, q.token.as_deref(), &ch, Action::Subscribe)?;
     let mut vv = since(q.since.as_deref())?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    state.core.preload(&ch).await;
+    state.core.fetch(&ch).await;
     let (ops, truncated) = state.core.history(&ch, &vv, limit + 1);
     let more = ops.len() > limit;
     let msgs: Vec<ServerMsg> = ops
@@ -177,7 +177,7 @@ pub async fn state_all(
 ) -> Result<Response, ApiError> {
     let ch = channel(&name)?;
     authorize(&state, &headers, q.token.as_deref(), &ch, Action::Subscribe)?;
-    state.core.preload(&ch).await;
+    state.core.fetch(&ch).await;
     let keys: Vec<ServerMsg> = state
         .core
         .state_all(&ch)
@@ -197,7 +197,7 @@ pub async fn state_get(
 ) -> Result<Response, ApiError> {
     let ch = channel(&name)?;
     authorize(&state, &headers, q.token.as_deref(), &ch, Action::Subscribe)?;
-    state.core.preload(&ch).await;
+    state.core.fetch(&ch).await;
     let reg = state.core.state_get(&ch, &key);
     Ok(Json(state_view(None, &ch, &key, reg.as_ref(), q.siblings)).into_response())
 }

@@ -191,6 +191,8 @@ fn msg_name(m: &SyncMsg) -> &'static str {
         SyncMsg::Command(_) => "command",
         SyncMsg::SnapshotPart { .. } => "snapshot-part",
         SyncMsg::SnapshotEnd { .. } => "snapshot-end",
+        SyncMsg::Fetch { .. } => "fetch",
+        SyncMsg::FetchReply { .. } => "fetch-reply",
     }
 }
 
