@@ -894,6 +894,14 @@ impl Node {
         FetchWait::Round(id)
     }
 
+    /// Whether a read of `channel` here would wait for a fetch round (an edge with an
+    /// upstream, and no subscribers here keeping the channel synced live).
+    pub fn needs_fetch(&self, channel: &ChannelName) -> bool {
+        self.role == Role::Edge
+            && self.upstream().is_some()
+            && !self.channels.get(channel).is_some_and(|c| c.interest)
+    }
+
     fn send_fetch(&mut self, now_ms: u64, up: ReplicaId, channel: &ChannelName, id: u64) {
         let c = self.chan(channel);
         let msg = SyncMsg::Fetch {

@@ -428,10 +428,15 @@ async fn idle_channels_are_evicted_and_fetched_again_by_the_next_subscriber() ->
             == 10
     );
     // The next subscriber makes the edge fetch the channel from the cloud.
+    // (It catches up before answering, so the ops come as the replay, before
+    // `subscribed`, as PROTOCOL.md says.)
     let mut ws = Ws::connect(&f.a, &t).await?;
-    ws.subscribe("project:cache", None).await?;
-    for i in 0..10 {
-        let op = ws.recv_until(|m| m["type"] == "op").await?;
+    let (mut ops, subscribed) = ws.subscribe("project:cache", None).await?;
+    ensure!(subscribed["replayed"] == 10, "{subscribed}");
+    while ops.len() < 10 {
+        ops.push(ws.recv_until(|m| m["type"] == "op").await?);
+    }
+    for (i, op) in ops.iter().enumerate() {
         ensure!(op["data"]["n"] == i, "{op}");
     }
     // The cloud exports per-edge link figures.

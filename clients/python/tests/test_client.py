@@ -332,3 +332,35 @@ async def test_reads_on_an_edge_that_does_not_follow_the_channel_are_not_stale(f
         await a.set(fresh_channel, "k", 1)
         assert (await b.get(fresh_channel, "k")).value == 1
     assert fleet["b"].metric("outpost_read_fetches_total") > 0
+
+
+async def test_resuming_on_an_edge_that_does_not_hold_the_channel_replays_before_subscribed(fleet: Fleet, channel: str):
+    """PROTOCOL.md: replayed ops come before `subscribed`. Edge b has never held the
+    channel: it catches up with the cloud before answering (raw WebSocket frames)."""
+    import json
+
+    import websockets
+
+    async with AsyncClient([fleet["a"].url], api_key=API_KEY) as a:
+        for i in range(10):
+            await a.publish(channel, "e", i)
+        sub = await a.subscribe(channel)
+        await take_ops(sub, 4)
+        saved = sub.token
+    url = fleet["b"].url.replace("http://", "ws://") + "/v1/ws"
+    async with websockets.connect(url, additional_headers={"X-Api-Key": API_KEY}) as ws:
+        assert json.loads(await ws.recv())["type"] == "connected"
+        await ws.send(json.dumps({"type": "subscribe", "id": 1, "channel": channel, "since": saved}))
+        seen = []
+        while True:
+            m = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if m["type"] == "op":
+                seen.append(m["data"])
+            elif m["type"] == "subscribed":
+                break
+        assert m["id"] == 1 and m["replayed"] == 6, m
+        assert seen == list(range(4, 10)), "missed ops must be replayed before `subscribed`"
+    # The SDK reports the same.
+    async with AsyncClient([fleet["b"].url], api_key=API_KEY) as b:
+        sub = await b.subscribe(channel + "-x")  # never written: nothing to replay
+        assert sub.replayed == 0

@@ -58,6 +58,11 @@ impl Core {
         }
     }
 
+    /// Whether a read (or a first subscriber) of `channel` here waits for a fetch.
+    pub fn needs_fetch(&self, channel: &ChannelName) -> bool {
+        self.lock().node.needs_fetch(channel)
+    }
+
     /// Fetch rounds of `channel` up to `upto` are over: their readers go on.
     pub(super) fn fetched(&self, channel: &ChannelName, upto: u64, fresh: bool) {
         let mut w = self.waiters();

@@ -28,7 +28,21 @@ use crate::fanout::{ConnHandle, SendQueueRx};
 const MAX_PENDING_ACKS: usize = 256;
 
 /// A request's reply that waits (for durability, or for the acks before it).
-pub(super) type Ack = Pin<Box<dyn Future<Output = ServerMsg> + Send>>;
+pub(super) type Ack = Pin<Box<dyn Future<Output = Later> + Send>>;
+
+/// What a waiting request comes to.
+pub(super) enum Later {
+    /// A reply to write.
+    Reply(ServerMsg),
+    /// A subscription whose channel the edge first brought up to date with the cloud
+    /// (`Conn::finish_subscribe` registers it now, replay first, as for any other).
+    Subscribe {
+        id: Option<u64>,
+        channel: shared::ChannelName,
+        since: shared::VersionVector,
+        attempt: u64,
+    },
+}
 async fn close<K: Sink<Message> + Unpin>(sink: &mut K, code: CloseCode, reason: &str) {
     close_with(sink, code as u16, reason).await;
 }
@@ -77,7 +91,7 @@ fn queue_ready(q: &mut Option<SendQueueRx>) -> impl Future<Output = ()> + '_ {
     })
 }
 
-async fn next_ack(acks: &mut FuturesOrdered<Ack>) -> ServerMsg {
+async fn next_ack(acks: &mut FuturesOrdered<Ack>) -> Later {
     if acks.is_empty() {
         return std::future::pending().await;
     }
@@ -354,10 +368,13 @@ pub(crate) async fn serve<T, E>(
             }
             // Every ack that is ready goes out in one write.
             ack = next_ack(&mut conn.acks) => {
-                if io.feed(text(&ack)).await.is_err() { break; }
                 let mut failed = false;
-                while let Some(Some(ack)) = conn.acks.next().now_or_never() {
-                    if io.feed(text(&ack)).await.is_err() { failed = true; break; }
+                let mut ack = Some(ack);
+                while let Some(later) = ack.take().or_else(|| conn.acks.next().now_or_never().flatten()) {
+                    for r in conn.finish(later) {
+                        if io.feed(text(&r)).await.is_err() { failed = true; break; }
+                    }
+                    if failed { break; }
                 }
                 if failed || io.flush().await.is_err() { break; }
             }

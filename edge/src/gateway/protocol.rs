@@ -3,7 +3,7 @@
 //! `signal`, `ping` — authorization, limits, and the replies. The connection task
 //! (`super::conn`) feeds it text and writes what it returns.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +13,7 @@ use shared::client::{self, dot_string, ClientMsg, ErrorCode, ServerMsg};
 use shared::replica::{LocalOutcome, LocalWrite};
 use shared::ChannelName;
 
-use super::conn::Ack;
+use super::conn::{Ack, Later};
 use super::views::{members, since, state_view};
 use super::{channel, now_secs, ApiError, AppState, ConnGuard};
 use crate::auth::{Action, Principal};
@@ -26,6 +26,10 @@ pub(super) struct Conn {
     pub(super) handle: Option<ConnHandle>,
     pub(super) queue: Option<SendQueueRx>,
     subs: HashSet<ChannelName>,
+    /// Subscriptions waiting for the edge to fetch their channel: the attempt number
+    /// each waits as (an unsubscribe or a new subscribe meanwhile supersedes it).
+    pending_subs: HashMap<ChannelName, u64>,
+    attempts: u64,
     pub(super) acks: FuturesOrdered<Ack>,
     tokens: f64,
     refilled: Instant,
@@ -53,6 +57,8 @@ impl Conn {
             handle: None,
             queue: None,
             subs: HashSet::new(),
+            pending_subs: HashMap::new(),
+            attempts: 0,
             acks: FuturesOrdered::new(),
             tokens: burst,
             refilled: Instant::now(),
@@ -169,13 +175,13 @@ impl Conn {
         };
         let core = self.state.core.clone();
         self.acks.push_back(Box::pin(async move {
-            match core.wait_durable(gen).await {
+            Later::Reply(match core.wait_durable(gen).await {
                 Ok(()) => ServerMsg::Ack {
                     id,
                     dot: Some(dot_string(dot)),
                 },
                 Err(e) => ServerMsg::error(id, e.code(), e.to_string()),
-            }
+            })
         }));
         Ok(())
     }
@@ -199,6 +205,7 @@ impl Conn {
                 .map_err(|e| (id, e)),
             ClientMsg::Unsubscribe { id, channel } => {
                 let ch = self::channel(&channel).map_err(|e| (id, e))?;
+                self.pending_subs.remove(&ch);
                 if self.subs.remove(&ch) {
                     if let Some(h) = &self.handle {
                         self.state.core.unsubscribe(&ch, h.id);
@@ -284,7 +291,7 @@ impl Conn {
                 self.acks.push_back(Box::pin(async move {
                     core.fetch(&ch).await;
                     let reg = core.state_get(&ch, &key);
-                    state_view(id, &ch, &key, reg.as_ref(), siblings)
+                    Later::Reply(state_view(id, &ch, &key, reg.as_ref(), siblings))
                 }));
                 Ok(Vec::new())
             }
@@ -420,7 +427,66 @@ impl Conn {
         if self.subs.contains(&ch) {
             self.state.core.unsubscribe(&ch, h.id);
         }
-        let replay = self.state.core.subscribe(&ch, &h, &since);
+        self.pending_subs.remove(&ch);
+        if self.state.core.needs_fetch(&ch) {
+            // The edge is not synced with this channel live (nobody here subscribes to
+            // it): bring it up to what the cloud holds first, so that what this
+            // subscriber missed is replayed before `subscribed`, as documented.
+            self.attempts += 1;
+            let attempt = self.attempts;
+            self.subs.insert(ch.clone());
+            self.pending_subs.insert(ch.clone(), attempt);
+            let core = self.state.core.clone();
+            self.acks.push_back(Box::pin(async move {
+                core.fetch(&ch).await;
+                Later::Subscribe {
+                    id,
+                    channel: ch,
+                    since,
+                    attempt,
+                }
+            }));
+            return Ok(Vec::new());
+        }
+        Ok(self.register(&ch, &h, &since, id))
+    }
+
+    /// A waiting request's turn: its reply, or a subscription that can register now.
+    pub(super) fn finish(&mut self, later: Later) -> Vec<ServerMsg> {
+        match later {
+            Later::Reply(m) => vec![m],
+            Later::Subscribe {
+                id,
+                channel,
+                since,
+                attempt,
+            } => {
+                if self.pending_subs.get(&channel) != Some(&attempt) {
+                    // Unsubscribed (or subscribed again) while the channel was fetched.
+                    return vec![ServerMsg::error(
+                        id,
+                        ErrorCode::BadState,
+                        "the subscription was replaced before it completed",
+                    )];
+                }
+                self.pending_subs.remove(&channel);
+                match self.handle.clone() {
+                    Some(h) => self.register(&channel, &h, &since, id),
+                    None => Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// Registers a subscription: the replayed ops, then `subscribed`.
+    fn register(
+        &mut self,
+        ch: &ChannelName,
+        h: &ConnHandle,
+        since: &shared::VersionVector,
+        id: Option<u64>,
+    ) -> Vec<ServerMsg> {
+        let replay = self.state.core.subscribe(ch, h, since);
         self.subs.insert(ch.clone());
         let mut out: Vec<ServerMsg> = replay
             .ops
@@ -434,6 +500,6 @@ impl Conn {
             replayed: replay.ops.len(),
             truncated: replay.truncated,
         });
-        Ok(out)
+        out
     }
 }

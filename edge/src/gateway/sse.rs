@@ -79,7 +79,8 @@ pub async fn stream(
     let since = since(last_id.as_deref().or(q.since.as_deref()))?;
     let slot = state.conns.try_acquire(addr.ip())?;
     let (conn, rx) = state.new_conn(&p.subject);
-    state.core.preload(&ch).await;
+    // Not synced live here yet: catch up with the cloud first, so the replay is whole.
+    state.core.fetch(&ch).await;
     let replay = state.core.subscribe(&ch, &conn, &since);
     let mut events: VecDeque<Event> = replay
         .ops
