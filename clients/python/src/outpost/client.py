@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import json
 import logging
@@ -313,14 +314,15 @@ class AsyncClient:
                     raise Closed("client closed")
                 if self.status.state == "offline" and self._refused is not None:
                     raise self._refused
-                waiter = asyncio.ensure_future(self._online.wait())
-                changed = asyncio.get_running_loop().create_future()
-                remove = self.on_status(lambda s: changed.done() or changed.set_result(None), now=False)
+                changed = asyncio.Event()
+                remove = self.on_status(lambda _: changed.set(), now=False)
+                waiters = {asyncio.ensure_future(self._online.wait()), asyncio.ensure_future(changed.wait())}
                 try:
-                    await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     remove()
-                    waiter.cancel()
+                    for w in waiters:
+                        w.cancel()
 
         try:
             await asyncio.wait_for(until(), timeout)
@@ -500,12 +502,13 @@ class AsyncClient:
     async def _credential(self) -> Dict[str, str]:
         if self._api_key is not None:
             return {"X-Api-Key": self._api_key}
-        t = self._token
-        if callable(t):
-            t = t()
-            if inspect.isawaitable(t):
-                t = await t
-        return {"Authorization": f"Bearer {t}"}
+        source = self._token
+        if callable(source):
+            made = source()
+            token = await made if inspect.isawaitable(made) else made
+        else:
+            token = source or ""
+        return {"Authorization": f"Bearer {token}"}
 
     async def _run(self) -> None:
         attempt = 0
@@ -767,7 +770,7 @@ class AsyncClient:
                     self._next_id += 1
                     reply: "asyncio.Future[Dict[str, Any]]" = asyncio.get_running_loop().create_future()
                     self._pending[mid] = reply
-                    reply.add_done_callback(lambda r, w=w: self._acked(w, r))
+                    reply.add_done_callback(functools.partial(self._acked, w))
                     try:
                         await self._send({**w.msg, "id": mid})
                     except _Dropped:
@@ -824,7 +827,8 @@ class AsyncClient:
                 except (ValueError, KeyError, TypeError, AttributeError):
                     raise OutpostError(f"HTTP {r.status_code}: {r.text[:200]}", status=r.status_code) from None
                 raise error_for(code, message, r.status_code)
-            return r.json()
+            body: Dict[str, Any] = r.json()
+            return body
         raise Unavailable(f"no endpoint answered: {last}")
 
     def _set_status(self, **changes: Any) -> None:
