@@ -58,6 +58,21 @@ fn conn(id: u64) -> ConnHandle {
     }
 }
 
+/// Waits (up to 30 s: a loaded machine's fsync can be slow) until the fan-out counts
+/// `seq` of `origin` as delivered.
+async fn delivered(core: &Core, channel: &ChannelName, origin: ReplicaId, seq: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while core.fanout.delivered(channel).get(origin) < seq {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {seq} delivered after 30 s",
+            core.fanout.delivered(channel).get(origin)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(core.fanout.delivered(channel).get(origin), seq);
+}
+
 #[tokio::test]
 async fn a_delivery_waiting_for_its_flush_keeps_the_channel_from_eviction() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -78,9 +93,10 @@ async fn a_delivery_waiting_for_its_flush_keeps_the_channel_from_eviction() {
     let (cloud, origin) = (rid(2), rid(7));
     let ops = ops_from_elsewhere(origin, &channel, 76);
     core.handle(Input::LinkUp(cloud));
-    // The edge holds the channel (a subscriber came and went) ...
-    core.handle(Input::Interest(channel.clone(), true));
-    core.handle(Input::Interest(channel.clone(), false));
+    // The edge holds the channel (a subscriber came and went: the channel counts as
+    // used now, so the residency sweep leaves it in memory) ...
+    core.subscribe(&channel, &conn(9), &VersionVector::new());
+    core.unsubscribe(&channel, 9);
     let ops_msg = |ops: &[Op]| {
         Input::Msg(
             cloud,
@@ -92,16 +108,14 @@ async fn a_delivery_waiting_for_its_flush_keeps_the_channel_from_eviction() {
     };
     // ... and has the first 30 ops delivered,
     core.handle(ops_msg(&ops[..30]));
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(core.fanout.delivered(&channel).get(origin), 30);
+    delivered(&core, &channel, origin, 30).await;
     // then receives 46 more: stored, their deliveries wait for the flush.
     core.handle(ops_msg(&ops[30..]));
     assert!(
         !core.evict_channel(&channel),
         "evicted while deliveries of its ops wait for a flush"
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(core.fanout.delivered(&channel).get(origin), 76);
+    delivered(&core, &channel, origin, 76).await;
     // Once they ran, the channel may go, and the fan-out forgets it with them.
     assert!(core.evict_channel(&channel), "not evicted once idle");
     assert_eq!(core.fanout.delivered(&channel), VersionVector::new());

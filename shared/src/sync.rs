@@ -50,7 +50,8 @@ pub const DEFAULT_BATCH_BYTES: usize = batch_bytes_for(crate::wire::DEFAULT_MAX_
 /// takes one anyway (see `on_rebase`).
 const MAX_REBASE_REFUSALS: u32 = 20;
 
-/// A fetch ([`Input::Fetch`]) not completed within this long is reported as failed.
+/// A fetch round ([`Node::fetch`]) not completed within this long is reported as
+/// failed (its readers answer with what the edge holds).
 const FETCH_EXPIRY_MS: u64 = 10_000;
 
 /// A snapshot transfer that grows past this is dropped (and asked for again).
@@ -872,14 +873,15 @@ impl Node {
     /// while a round is under way wait for the next one (sent when the first is
     /// answered: one request in flight per channel, however many readers).
     pub fn fetch(&mut self, now_ms: u64, channel: &ChannelName) -> FetchWait {
-        let up = self.upstream();
-        let live = self.channels.get(channel).is_some_and(|c| c.interest);
-        let Some(up) = up.filter(|_| self.role == Role::Edge && !live) else {
-            // The cloud holds everything; a channel with subscribers is synced live;
-            // without an upstream there is nobody to ask.
-            return FetchWait::Now {
-                fresh: self.role == Role::Cloud || (live && up.is_some()),
-            };
+        let up = match self.upstream() {
+            Some(up) if self.needs_fetch(channel) => up,
+            // The cloud holds everything; a channel with subscribers here is synced
+            // live; without an upstream there is nobody to ask.
+            up => {
+                return FetchWait::Now {
+                    fresh: self.role == Role::Cloud || up.is_some(),
+                }
+            }
         };
         if let Some(f) = self.fetching.get_mut(channel) {
             let next = *f.next.get_or_insert(self.next_fetch);

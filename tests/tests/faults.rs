@@ -884,6 +884,19 @@ async fn run_schedule(
                 }
                 actions.push("region-cut".to_owned());
             }
+            // Without a region: the edge freezes (SIGSTOP) — its sockets stay open and
+            // nothing answers, as after a power loss or a blackholed route — and then
+            // goes on as if nothing happened (SIGCONT).
+            9 => {
+                edges[x]
+                    .signal("STOP")
+                    .with_context(|| format!("freezing edge {name}"))?;
+                tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+                edges[x]
+                    .signal("CONT")
+                    .with_context(|| format!("thawing edge {name}"))?;
+                actions.push(format!("freeze-{name}"));
+            }
             _ => actions.push("calm".to_owned()),
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
