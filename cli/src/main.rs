@@ -460,6 +460,7 @@ fn bulk_load(
                     kind: "bulk".into(),
                     data: shared::Payload::from_value(&json!({ "c": c, "n": n, "pad": pad })),
                     idempotency_key: None,
+                    by: None,
                 }
             };
             let LocalOutcome::Applied(a) = replica.local(hlc, write)? else {

@@ -53,6 +53,8 @@ export interface OpMessage {
   op: 'event' | 'set' | 'delete';
   event?: string;
   data?: unknown;
+  /** Who published an event: the subject the endpoint authenticated (set by the server). */
+  by?: string;
   key?: string;
   value?: unknown;
 }

@@ -665,6 +665,7 @@ mod tests {
                 kind: "e".into(),
                 data: shared::op::Payload::from_value(&n),
                 idempotency_key: None,
+                by: None,
             };
             let hlc = Hlc {
                 wall_ms: n,

@@ -32,6 +32,7 @@ fn ops_from_elsewhere(origin: ReplicaId, channel: &ChannelName, n: u64) -> Vec<O
                 kind: "e".into(),
                 data: Payload::from_value(&i),
                 idempotency_key: None,
+                by: None,
             },
         )
         .expect("write");

@@ -69,6 +69,7 @@ fn sled_and_memory_stores_hold_the_same_after_the_same_actions() {
                         kind: "e".into(),
                         data: Payload::from_value(&(round, n)),
                         idempotency_key: None,
+                        by: None,
                     }
                 } else {
                     LocalWrite::Set {
@@ -113,6 +114,7 @@ fn sled_and_memory_stores_hold_the_same_after_the_same_actions() {
             kind: "again".into(),
             data: Payload::null(),
             idempotency_key: None,
+            by: None,
         },
     )
     .expect("write");

@@ -222,17 +222,29 @@ fn null_payload() -> Payload {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum OpView {
-    Event { event: String, data: Payload },
-    Set { key: String, value: Payload },
-    Delete { key: String },
+    Event {
+        event: String,
+        data: Payload,
+        /// Who published it (the authenticated subject), when the endpoint recorded it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+    },
+    Set {
+        key: String,
+        value: Payload,
+    },
+    Delete {
+        key: String,
+    },
 }
 
 impl From<&OpBody> for OpView {
     fn from(b: &OpBody) -> Self {
         match b {
-            OpBody::Event { kind, data, .. } => OpView::Event {
+            OpBody::Event { kind, data, by, .. } => OpView::Event {
                 event: kind.clone(),
                 data: data.clone(),
+                by: by.clone(),
             },
             OpBody::Set { key, value, .. } => OpView::Set {
                 key: key.clone(),

@@ -92,6 +92,7 @@ impl<'de> Deserialize<'de> for Payload {
 
 /// What an op does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "OpBodyWire", into = "OpBodyWire")]
 pub enum OpBody {
     /// An event appended to the channel's history (`ingest.job.updated`, ...).
     Event {
@@ -99,6 +100,10 @@ pub enum OpBody {
         data: Payload,
         /// A client-chosen key; a second publish with the same key returns the first dot.
         idempotency_key: Option<String>,
+        /// Who published it: the subject of the credential the endpoint that took the
+        /// write authenticated (a JWT's `sub`, an API key's name). Set by the server,
+        /// never by the client, so a service can trust who sent a command.
+        by: Option<String>,
     },
     /// Writes `value` to a state key, superseding the siblings covered by `context`.
     Set {
@@ -118,6 +123,110 @@ impl Op {
     }
 }
 
+/// How an [`OpBody`] is encoded (storage, links, the shared log). Ops from before
+/// events carried their publisher keep decoding as `Event`; an event with a publisher
+/// is the fourth variant, so that the encoding of every older op is unchanged (peers
+/// older than it cannot read such ops: upgrade coordinators before edges).
+#[derive(Clone, Serialize, Deserialize)]
+enum OpBodyWire {
+    Event {
+        kind: String,
+        data: Payload,
+        idempotency_key: Option<String>,
+    },
+    Set {
+        key: String,
+        value: Payload,
+        context: VersionVector,
+    },
+    Delete {
+        key: String,
+        context: VersionVector,
+    },
+    EventBy {
+        kind: String,
+        data: Payload,
+        idempotency_key: Option<String>,
+        by: String,
+    },
+}
+
+impl From<OpBodyWire> for OpBody {
+    fn from(w: OpBodyWire) -> Self {
+        match w {
+            OpBodyWire::Event {
+                kind,
+                data,
+                idempotency_key,
+            } => OpBody::Event {
+                kind,
+                data,
+                idempotency_key,
+                by: None,
+            },
+            OpBodyWire::EventBy {
+                kind,
+                data,
+                idempotency_key,
+                by,
+            } => OpBody::Event {
+                kind,
+                data,
+                idempotency_key,
+                by: Some(by),
+            },
+            OpBodyWire::Set {
+                key,
+                value,
+                context,
+            } => OpBody::Set {
+                key,
+                value,
+                context,
+            },
+            OpBodyWire::Delete { key, context } => OpBody::Delete { key, context },
+        }
+    }
+}
+
+impl From<OpBody> for OpBodyWire {
+    fn from(b: OpBody) -> Self {
+        match b {
+            OpBody::Event {
+                kind,
+                data,
+                idempotency_key,
+                by: None,
+            } => OpBodyWire::Event {
+                kind,
+                data,
+                idempotency_key,
+            },
+            OpBody::Event {
+                kind,
+                data,
+                idempotency_key,
+                by: Some(by),
+            } => OpBodyWire::EventBy {
+                kind,
+                data,
+                idempotency_key,
+                by,
+            },
+            OpBody::Set {
+                key,
+                value,
+                context,
+            } => OpBodyWire::Set {
+                key,
+                value,
+                context,
+            },
+            OpBody::Delete { key, context } => OpBodyWire::Delete { key, context },
+        }
+    }
+}
+
 impl OpBody {
     /// Bytes of the body's variable parts (names, payloads, contexts).
     pub fn approx_bytes(&self) -> usize {
@@ -126,7 +235,13 @@ impl OpBody {
                 kind,
                 data,
                 idempotency_key,
-            } => kind.len() + data.len() + idempotency_key.as_ref().map_or(0, String::len),
+                by,
+            } => {
+                kind.len()
+                    + data.len()
+                    + idempotency_key.as_ref().map_or(0, String::len)
+                    + by.as_ref().map_or(0, String::len)
+            }
             OpBody::Set {
                 key,
                 value,
@@ -214,5 +329,114 @@ mod tests {
         assert_eq!(dec, p);
         let bad = crate::codec::to_bytes("{nope").expect("enc");
         assert!(crate::codec::from_bytes::<Payload>(&bad).is_err());
+    }
+
+    /// The op body as it was encoded before events carried their publisher.
+    #[derive(Serialize)]
+    enum LegacyBody {
+        Event {
+            kind: String,
+            data: Payload,
+            idempotency_key: Option<String>,
+        },
+        #[allow(dead_code)]
+        Set {
+            key: String,
+            value: Payload,
+            context: VersionVector,
+        },
+        Delete {
+            key: String,
+            context: VersionVector,
+        },
+    }
+
+    #[derive(Serialize)]
+    struct LegacyOp {
+        dot: Dot,
+        hlc: Hlc,
+        deps: VersionVector,
+        body: LegacyBody,
+    }
+
+    fn op(body: OpBody) -> Op {
+        let origin = crate::ReplicaId::new(7).expect("id");
+        Op {
+            dot: Dot::new(origin, 3),
+            hlc: Hlc::new(1_000, 2),
+            deps: VersionVector::new(),
+            body,
+        }
+    }
+
+    #[test]
+    fn ops_stored_before_publishers_were_recorded_still_decode_the_same() {
+        let legacy = LegacyOp {
+            dot: Dot::new(crate::ReplicaId::new(7).expect("id"), 3),
+            hlc: Hlc::new(1_000, 2),
+            deps: VersionVector::new(),
+            body: LegacyBody::Event {
+                kind: "pause".into(),
+                data: Payload::from_value(&1),
+                idempotency_key: Some("k".into()),
+            },
+        };
+        let old_bytes = crate::codec::to_bytes(&legacy).expect("enc");
+        let decoded: Op = crate::codec::from_bytes(&old_bytes).expect("dec");
+        let unstamped = op(OpBody::Event {
+            kind: "pause".into(),
+            data: Payload::from_value(&1),
+            idempotency_key: Some("k".into()),
+            by: None,
+        });
+        assert_eq!(decoded, unstamped);
+        // And an op without a publisher encodes exactly as before (older peers read it).
+        assert_eq!(crate::codec::to_bytes(&unstamped).expect("enc"), old_bytes);
+        let legacy_delete = LegacyOp {
+            body: LegacyBody::Delete {
+                key: "k".into(),
+                context: VersionVector::new(),
+            },
+            ..legacy
+        };
+        let delete = op(OpBody::Delete {
+            key: "k".into(),
+            context: VersionVector::new(),
+        });
+        assert_eq!(
+            crate::codec::to_bytes(&delete).expect("enc"),
+            crate::codec::to_bytes(&legacy_delete).expect("enc")
+        );
+    }
+
+    #[test]
+    fn an_events_publisher_round_trips() {
+        let stamped = op(OpBody::Event {
+            kind: "pause".into(),
+            data: Payload::from_value(&"now"),
+            idempotency_key: None,
+            by: Some("user-7".into()),
+        });
+        let bytes = crate::codec::to_bytes(&stamped).expect("enc");
+        assert_eq!(
+            crate::codec::from_bytes::<Op>(&bytes).expect("dec"),
+            stamped
+        );
+        let view = crate::client::OpView::from(&stamped.body);
+        let json = serde_json::to_value(&view).expect("json");
+        assert_eq!(json["by"], "user-7");
+        let unstamped = crate::client::OpView::from(
+            &op(OpBody::Event {
+                kind: "e".into(),
+                data: Payload::from_value(&1),
+                idempotency_key: None,
+                by: None,
+            })
+            .body,
+        );
+        assert!(serde_json::to_value(&unstamped)
+            .expect("json")
+            .get("by")
+            .is_none());
     }
 }

@@ -35,6 +35,8 @@ pub enum LocalWrite {
         kind: String,
         data: Payload,
         idempotency_key: Option<String>,
+        /// The publisher's authenticated subject (see [`OpBody::Event`]).
+        by: Option<String>,
     },
     Set {
         key: String,
@@ -312,6 +314,7 @@ impl ChannelReplica {
                 kind,
                 data,
                 idempotency_key,
+                by,
             } => {
                 if let Some(prev) = idempotency_key
                     .as_ref()
@@ -323,6 +326,7 @@ impl ChannelReplica {
                     kind,
                     data,
                     idempotency_key,
+                    by,
                 }
             }
             LocalWrite::Set {

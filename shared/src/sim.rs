@@ -820,6 +820,7 @@ impl Sim {
                 kind: "ingest.job.updated".into(),
                 data: value,
                 idempotency_key: idem,
+                by: None,
             }
         } else if roll < 0.85 {
             // Mostly writes that read first; some blind writes that stay concurrent.

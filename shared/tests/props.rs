@@ -169,6 +169,7 @@ fn run_script(
                         kind: "e".into(),
                         data: Payload::from_value(&wall),
                         idempotency_key: None,
+                        by: None,
                     },
                     1 => LocalWrite::Set {
                         key: key.clone(),
@@ -362,6 +363,7 @@ fn idempotency_key_returns_first_dot() {
         kind: "ingest.job.created".into(),
         data: Payload::null(),
         idempotency_key: Some("job-7".into()),
+        by: None,
     };
     let LocalOutcome::Applied(first) = a.local(Hlc::new(1, 0), ev()).expect("first") else {
         panic!("dup")
@@ -380,6 +382,7 @@ fn causal_buffering_holds_ops_until_deps_arrive() {
         kind: "e".into(),
         data: Payload::from_value(&n),
         idempotency_key: None,
+        by: None,
     };
     let LocalOutcome::Applied(a1) = a.local(Hlc::new(1, 0), ev(1)).expect("a1") else {
         panic!()

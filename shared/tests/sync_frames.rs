@@ -42,6 +42,7 @@ fn event(size: usize) -> LocalWrite {
         kind: "blob".into(),
         data: Payload::from_value(&"x".repeat(size)),
         idempotency_key: None,
+        by: None,
     }
 }
 

@@ -364,3 +364,24 @@ async def test_resuming_on_an_edge_that_does_not_hold_the_channel_replays_before
     async with AsyncClient([fleet["b"].url], api_key=API_KEY) as b:
         sub = await b.subscribe(channel + "-x")  # never written: nothing to replay
         assert sub.replayed == 0
+
+
+async def test_a_service_receives_a_command_with_the_senders_identity(fleet: Fleet, channel: str):
+    """A user's command carries who sent it, as the edge authenticated them — a client
+    cannot claim to be someone else (`by` is not a field it can send)."""
+    commands = channel + "/commands"
+    async with AsyncClient([fleet["b"].url], api_key=API_KEY) as service, AsyncClient([fleet["a"].url], token=token([commands], sub="ada")) as ada:
+        sub = await service.subscribe(commands)
+        await ada.publish(commands, "pause", {"reason": "lunch"})
+        (op,) = await take_ops(sub, 1)
+        assert (op.event, op.data, op.by) == ("pause", {"reason": "lunch"}, "ada")
+        # A client that tries to set it is refused (not a field of publish).
+        with pytest.raises(outpost.BadRequest):
+            await ada._request({"type": "publish", "channel": commands, "event": "stop", "data": None, "by": "grace"})
+        # REST publishes and API keys are stamped too.
+        outpost.publish(fleet["a"].url, commands, "resume", None, token=token([commands], sub="grace"))
+        await service.publish(commands, "ack", None)
+        ops = await take_ops(sub, 2)  # from two edges: either may come first
+        assert {(o.event, o.by) for o in ops} == {("resume", "grace"), ("ack", "apikey:service")}
+        page = await service.history(commands)
+        assert {o.event: o.by for o in page.ops} == {"pause": "ada", "resume": "grace", "ack": "apikey:service"}

@@ -253,6 +253,7 @@ impl Conn {
                         kind: event,
                         data,
                         idempotency_key: key,
+                        by: Some(p.subject.clone()),
                     },
                 )
                 .map_err(|e| (id, e))?;

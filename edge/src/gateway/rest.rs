@@ -103,6 +103,7 @@ pub async fn publish(
         kind: b.event,
         data: b.data,
         idempotency_key: b.key,
+        by: Some(p.subject),
     };
     let out = durable(&state, &ch, w).await?;
     Ok(Json(ack_json(&out)).into_response())

@@ -23,6 +23,10 @@ class Op:
     data: Any = None
     key: Optional[str] = None
     value: Any = None
+    #: Who published an event: the authenticated subject (a JWT's ``sub``, or
+    #: ``apikey:<name>``), recorded by the endpoint that took the write — a client
+    #: cannot set it. ``None`` for state writes and events stored before it existed.
+    by: Optional[str] = None
 
     @classmethod
     def from_json(cls, m: Dict[str, Any]) -> "Op":
@@ -36,6 +40,7 @@ class Op:
             data=m.get("data"),
             key=m.get("key"),
             value=m.get("value"),
+            by=m.get("by"),
         )
 
 
