@@ -454,6 +454,7 @@ fn bulk_load(
                     key: "k".into(),
                     value: shared::Payload::from_value(&json!({ "n": n })),
                     context: shared::VersionVector::new(),
+                    by: None,
                 }
             } else {
                 LocalWrite::Event {

@@ -440,6 +440,7 @@ mod tests {
                 key: format!("k{i}"),
                 value: value.clone(),
                 context: Default::default(),
+                by: None,
             };
             r.local(
                 Hlc {

@@ -76,6 +76,7 @@ fn sled_and_memory_stores_hold_the_same_after_the_same_actions() {
                         key: format!("k{n}"),
                         value: Payload::from_value(&round),
                         context: VersionVector::new(),
+                        by: None,
                     }
                 };
                 node.local(now, c, write).expect("write");

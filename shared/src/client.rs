@@ -232,9 +232,14 @@ pub enum OpView {
     Set {
         key: String,
         value: Payload,
+        /// Who wrote it (the authenticated subject), when the endpoint recorded it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     Delete {
         key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
 }
 
@@ -246,11 +251,15 @@ impl From<&OpBody> for OpView {
                 data: data.clone(),
                 by: by.clone(),
             },
-            OpBody::Set { key, value, .. } => OpView::Set {
+            OpBody::Set { key, value, by, .. } => OpView::Set {
                 key: key.clone(),
                 value: value.clone(),
+                by: by.clone(),
             },
-            OpBody::Delete { key, .. } => OpView::Delete { key: key.clone() },
+            OpBody::Delete { key, by, .. } => OpView::Delete {
+                key: key.clone(),
+                by: by.clone(),
+            },
         }
     }
 }
@@ -475,6 +484,7 @@ mod tests {
             view: OpView::Set {
                 key: "k".into(),
                 value: Payload::from_json("1").expect("json"),
+                by: Some("user-7".into()),
             },
         };
         let s = serde_json::to_string(&op).expect("ser");

@@ -110,9 +110,16 @@ pub enum OpBody {
         key: String,
         value: Payload,
         context: VersionVector,
+        /// Who wrote it (as for [`OpBody::Event`]).
+        by: Option<String>,
     },
     /// Deletes a state key (a tombstone), superseding the siblings covered by `context`.
-    Delete { key: String, context: VersionVector },
+    Delete {
+        key: String,
+        context: VersionVector,
+        /// Who deleted it (as for [`OpBody::Event`]).
+        by: Option<String>,
+    },
 }
 
 impl Op {
@@ -149,6 +156,17 @@ enum OpBodyWire {
         idempotency_key: Option<String>,
         by: String,
     },
+    SetBy {
+        key: String,
+        value: Payload,
+        context: VersionVector,
+        by: String,
+    },
+    DeleteBy {
+        key: String,
+        context: VersionVector,
+        by: String,
+    },
 }
 
 impl From<OpBodyWire> for OpBody {
@@ -183,8 +201,29 @@ impl From<OpBodyWire> for OpBody {
                 key,
                 value,
                 context,
+                by: None,
             },
-            OpBodyWire::Delete { key, context } => OpBody::Delete { key, context },
+            OpBodyWire::SetBy {
+                key,
+                value,
+                context,
+                by,
+            } => OpBody::Set {
+                key,
+                value,
+                context,
+                by: Some(by),
+            },
+            OpBodyWire::Delete { key, context } => OpBody::Delete {
+                key,
+                context,
+                by: None,
+            },
+            OpBodyWire::DeleteBy { key, context, by } => OpBody::Delete {
+                key,
+                context,
+                by: Some(by),
+            },
         }
     }
 }
@@ -217,12 +256,33 @@ impl From<OpBody> for OpBodyWire {
                 key,
                 value,
                 context,
+                by: None,
             } => OpBodyWire::Set {
                 key,
                 value,
                 context,
             },
-            OpBody::Delete { key, context } => OpBodyWire::Delete { key, context },
+            OpBody::Set {
+                key,
+                value,
+                context,
+                by: Some(by),
+            } => OpBodyWire::SetBy {
+                key,
+                value,
+                context,
+                by,
+            },
+            OpBody::Delete {
+                key,
+                context,
+                by: None,
+            } => OpBodyWire::Delete { key, context },
+            OpBody::Delete {
+                key,
+                context,
+                by: Some(by),
+            } => OpBodyWire::DeleteBy { key, context, by },
         }
     }
 }
@@ -246,8 +306,11 @@ impl OpBody {
                 key,
                 value,
                 context,
-            } => key.len() + value.len() + 16 * context.len(),
-            OpBody::Delete { key, context } => key.len() + 16 * context.len(),
+                by,
+            } => key.len() + value.len() + 16 * context.len() + by.as_ref().map_or(0, String::len),
+            OpBody::Delete { key, context, by } => {
+                key.len() + 16 * context.len() + by.as_ref().map_or(0, String::len)
+            }
         }
     }
 
@@ -402,6 +465,7 @@ mod tests {
         let delete = op(OpBody::Delete {
             key: "k".into(),
             context: VersionVector::new(),
+            by: None,
         });
         assert_eq!(
             crate::codec::to_bytes(&delete).expect("enc"),
@@ -422,6 +486,23 @@ mod tests {
             crate::codec::from_bytes::<Op>(&bytes).expect("dec"),
             stamped
         );
+        for body in [
+            OpBody::Set {
+                key: "k".into(),
+                value: Payload::from_value(&1),
+                context: VersionVector::new(),
+                by: Some("apikey:svc".into()),
+            },
+            OpBody::Delete {
+                key: "k".into(),
+                context: VersionVector::new(),
+                by: Some("user-7".into()),
+            },
+        ] {
+            let o = op(body);
+            let bytes = crate::codec::to_bytes(&o).expect("enc");
+            assert_eq!(crate::codec::from_bytes::<Op>(&bytes).expect("dec"), o);
+        }
         let view = crate::client::OpView::from(&stamped.body);
         let json = serde_json::to_value(&view).expect("json");
         assert_eq!(json["by"], "user-7");

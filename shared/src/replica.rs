@@ -42,10 +42,14 @@ pub enum LocalWrite {
         key: String,
         value: Payload,
         context: VersionVector,
+        /// The writer's authenticated subject (see [`OpBody::Event`]).
+        by: Option<String>,
     },
     Delete {
         key: String,
         context: VersionVector,
+        /// The writer's authenticated subject (see [`OpBody::Event`]).
+        by: Option<String>,
     },
 }
 
@@ -230,8 +234,9 @@ impl ChannelReplica {
                 key,
                 value,
                 context,
+                ..
             } => (key, Some(value.clone()), context),
-            OpBody::Delete { key, context } => (key, None, context),
+            OpBody::Delete { key, context, .. } => (key, None, context),
             OpBody::Event { .. } => return,
         };
         self.state.entry(key.clone()).or_default().apply(
@@ -333,17 +338,23 @@ impl ChannelReplica {
                 key,
                 value,
                 mut context,
+                by,
             } => {
                 absorbed = self.absorb_over_cap(&key, &mut context);
                 OpBody::Set {
                     key,
                     value,
                     context,
+                    by,
                 }
             }
-            LocalWrite::Delete { key, mut context } => {
+            LocalWrite::Delete {
+                key,
+                mut context,
+                by,
+            } => {
                 absorbed = self.absorb_over_cap(&key, &mut context);
-                OpBody::Delete { key, context }
+                OpBody::Delete { key, context, by }
             }
         };
         body.validate()?;

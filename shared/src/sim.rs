@@ -833,9 +833,14 @@ impl Sim {
                 key,
                 value,
                 context,
+                by: None,
             }
         } else {
-            LocalWrite::Delete { key, context }
+            LocalWrite::Delete {
+                key,
+                context,
+                by: None,
+            }
         };
         let now = self.now;
         let Some(node) = self.nodes[i].node.as_mut() else {

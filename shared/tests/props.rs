@@ -175,10 +175,12 @@ fn run_script(
                         key: key.clone(),
                         value: Payload::from_value(&wall),
                         context,
+                        by: None,
                     },
                     _ => LocalWrite::Delete {
                         key: key.clone(),
                         context,
+                        by: None,
                     },
                 };
                 // A coarse clock, so that writes of different replicas tie on HLC
@@ -318,6 +320,7 @@ fn concurrent_writes_keep_siblings_and_lww_winner() {
         key: "k".into(),
         value: Payload::from_value(&v),
         context: VersionVector::new(),
+        by: None,
     };
     let LocalOutcome::Applied(x) = a.local(Hlc::new(10, 0), set(1)).expect("a") else {
         panic!("dup")
@@ -345,6 +348,7 @@ fn concurrent_writes_keep_siblings_and_lww_winner() {
                 key: "k".into(),
                 value: Payload::from_value(&3u32),
                 context: ctx,
+                by: None,
             },
         )
         .expect("a")
@@ -405,6 +409,7 @@ fn causal_buffering_holds_ops_until_deps_arrive() {
         key: String::new(),
         value: Payload::null(),
         context: VersionVector::new(),
+        by: None,
     };
     assert!(c.receive(bad).is_err());
 }

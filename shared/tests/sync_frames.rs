@@ -51,6 +51,7 @@ fn set(key: &str, size: usize) -> LocalWrite {
         key: key.into(),
         value: Payload::from_value(&"y".repeat(size)),
         context: VersionVector::new(),
+        by: None,
     }
 }
 

@@ -314,13 +314,23 @@ async def test_compacted_history_is_reported_not_skipped_silently(fleet: Fleet):
 
 async def test_reads_on_an_edge_that_does_not_follow_the_channel_are_not_stale(fleet: Fleet, channel: str):
     """Nobody on edge b subscribes to the channel, so b is not synced with it live: a
-    read there asks the cloud for what b lacks before answering (no polling here)."""
-    async with AsyncClient([fleet["a"].url], api_key=API_KEY) as a, AsyncClient([fleet["b"].url], api_key=API_KEY) as b:
+    read there asks the cloud for what b lacks before answering. The guarantee: once
+    the cloud holds a write (edge a's ack says a stored it; it reaches the cloud a
+    moment later), any read on b shows it — asserted with one read, no polling on b."""
+    async with AsyncClient([fleet["a"].url], api_key=API_KEY) as a, AsyncClient([fleet["b"].url], api_key=API_KEY) as b, AsyncClient([fleet["cloud"].url], api_key=API_KEY) as cloud:
+
+        async def at_the_cloud(ch: str, key: str, value: object) -> None:
+            deadline = time.monotonic() + 20
+            while (await cloud.get(ch, key)).value != value:
+                assert time.monotonic() < deadline, f"the cloud never got {key}={value}"
+                await asyncio.sleep(0.02)
+
         # b holds the channel already (it wrote to it): the old answer was b's own copy.
         await b.set(channel, "owner", "grace")
         for round_ in range(3):
-            await a.set(channel, "title", f"v{round_}")
             await a.publish(channel, "job.updated", {"round": round_})
+            await a.set(channel, "title", f"v{round_}")
+            await at_the_cloud(channel, "title", f"v{round_}")
             got = await b.get(channel, "title")  # WebSocket
             assert got.value == f"v{round_}", f"round {round_}: edge b answered {got}"
             keys = await b.state(channel)  # REST
@@ -330,6 +340,7 @@ async def test_reads_on_an_edge_that_does_not_follow_the_channel_are_not_stale(f
         # A channel b has never held: the same.
         fresh_channel = channel + "-new"
         await a.set(fresh_channel, "k", 1)
+        await at_the_cloud(fresh_channel, "k", 1)
         assert (await b.get(fresh_channel, "k")).value == 1
     assert fleet["b"].metric("outpost_read_fetches_total") > 0
 
@@ -367,8 +378,9 @@ async def test_resuming_on_an_edge_that_does_not_hold_the_channel_replays_before
 
 
 async def test_a_service_receives_a_command_with_the_senders_identity(fleet: Fleet, channel: str):
-    """A user's command carries who sent it, as the edge authenticated them — a client
-    cannot claim to be someone else (`by` is not a field it can send)."""
+    """A user's command (and every other op) carries who wrote it, as the edge
+    authenticated them — a client cannot claim to be someone else (`by` is not a field
+    it can send)."""
     commands = channel + "/commands"
     async with AsyncClient([fleet["b"].url], api_key=API_KEY) as service, AsyncClient([fleet["a"].url], token=token([commands], sub="ada")) as ada:
         sub = await service.subscribe(commands)
@@ -385,3 +397,8 @@ async def test_a_service_receives_a_command_with_the_senders_identity(fleet: Fle
         assert {(o.event, o.by) for o in ops} == {("resume", "grace"), ("ack", "apikey:service")}
         page = await service.history(commands)
         assert {o.event: o.by for o in page.ops} == {"pause": "ada", "resume": "grace", "ack": "apikey:service"}
+        # State writes too.
+        await ada.set(commands, "mode", "quiet")
+        await ada.delete(commands, "mode")
+        ops = await take_ops(sub, 2)
+        assert [(o.kind, o.key, o.by) for o in ops] == [("set", "mode", "ada"), ("delete", "mode", "ada")]

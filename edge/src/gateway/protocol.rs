@@ -391,17 +391,19 @@ impl Conn {
         value: Option<shared::Payload>,
         context: Option<&str>,
     ) -> Result<Vec<ServerMsg>, (Option<u64>, ApiError)> {
-        let (ch, _) = self
+        let (ch, p) = self
             .authorize(channel, Action::State)
             .map_err(|e| (id, e))?;
         let context = since(context).map_err(|e| (id, e))?;
+        let by = Some(p.subject.clone());
         let write = match value {
             Some(value) => LocalWrite::Set {
                 key,
                 value,
                 context,
+                by,
             },
-            None => LocalWrite::Delete { key, context },
+            None => LocalWrite::Delete { key, context, by },
         };
         self.queue_write(id, &ch, write).map_err(|e| (id, e))?;
         Ok(Vec::new())

@@ -220,13 +220,14 @@ pub async fn state_put(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let ch = channel(&name)?;
-    authorize(&state, &headers, q.token.as_deref(), &ch, Action::State)?;
+    let p = authorize(&state, &headers, q.token.as_deref(), &ch, Action::State)?;
     let b: PutBody = body_json(&state, body)?;
     let context = since(b.context.as_deref())?;
     let w = LocalWrite::Set {
         key: key.clone(),
         value: b.value,
         context,
+        by: Some(p.subject),
     };
     let out = durable(&state, &ch, w).await?;
     state.core.preload(&ch).await;
@@ -246,9 +247,14 @@ pub async fn state_delete(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let ch = channel(&name)?;
-    authorize(&state, &headers, q.token.as_deref(), &ch, Action::State)?;
+    let p = authorize(&state, &headers, q.token.as_deref(), &ch, Action::State)?;
     let context = since(q.context.as_deref())?;
-    let out = durable(&state, &ch, LocalWrite::Delete { key, context }).await?;
+    let w = LocalWrite::Delete {
+        key,
+        context,
+        by: Some(p.subject),
+    };
+    let out = durable(&state, &ch, w).await?;
     Ok(Json(ack_json(&out)).into_response())
 }
 
