@@ -27,7 +27,9 @@ use crate::op::{Op, Payload};
 use crate::replica::{LocalOutcome, LocalWrite};
 use crate::state::Register;
 use crate::store::{MemStore, Store};
-use crate::sync::{DurableChannel, FetchWait, Input, Node, Output, Persist, Role, SyncConfig};
+use crate::sync::{
+    take_where, DurableChannel, FetchWait, Input, Node, Output, Persist, Role, SyncConfig,
+};
 use crate::vv::VersionVector;
 use crate::wire::{LogRecord, SyncMsg};
 
@@ -520,13 +522,9 @@ impl Sim {
         let Some(wait) = self.nodes[e].node.as_mut().map(|n| n.fetch(now, &c)) else {
             return;
         };
-        match (wait, expected) {
-            // Synced live (subscribers here): the read answers with what is here.
-            (FetchWait::Now { .. }, _) => {}
-            (FetchWait::Round(round), Some(vv)) => {
-                self.nodes[e].fetch_expect.insert((c, round), vv);
-            }
-            (FetchWait::Round(_), None) => {}
+        // `Now`: synced live (subscribers here), the read answers with what is here.
+        if let (FetchWait::Round(round), Some(vv)) = (wait, expected) {
+            self.nodes[e].fetch_expect.insert((c, round), vv);
         }
         self.drain(e);
     }
@@ -979,22 +977,14 @@ impl Sim {
                     upto,
                     fresh,
                 } => {
-                    let n = &mut self.nodes[i];
-                    let done: Vec<(ChannelName, u64)> = n
-                        .fetch_expect
-                        .keys()
-                        .filter(|(c, r)| *c == channel && *r <= upto)
-                        .cloned()
-                        .collect();
-                    let expected: Vec<VersionVector> = done
-                        .iter()
-                        .filter_map(|k| n.fetch_expect.remove(k))
-                        .collect();
+                    let expected = take_where(&mut self.nodes[i].fetch_expect, |(c, r), _| {
+                        *c == channel && *r <= upto
+                    });
                     if !fresh {
                         self.report.fetches_failed += 1;
                     } else {
                         let have = self.vv_at(i, &channel);
-                        for e in expected.iter().filter(|e| !have.dominates(e)) {
+                        for (_, e) in expected.iter().filter(|(_, e)| !have.dominates(e)) {
                             self.violations.push(format!(
                                 "node {i}: a read of {channel} completed with {have:?}, behind what its upstream held when the read was asked ({e:?})"
                             ));

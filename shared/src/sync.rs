@@ -315,6 +315,21 @@ impl Chan {
     }
 }
 
+/// Removes and returns the entries of `map` that `pick` selects, in key order.
+pub(crate) fn take_where<K: Ord + Clone, V>(
+    map: &mut BTreeMap<K, V>,
+    pick: impl Fn(&K, &V) -> bool,
+) -> Vec<(K, V)> {
+    let keys: Vec<K> = map
+        .iter()
+        .filter(|(k, v)| pick(k, v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    keys.into_iter()
+        .filter_map(|k| map.remove(&k).map(|v| (k, v)))
+        .collect()
+}
+
 /// What a read on an edge must wait for ([`Node::fetch`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FetchWait {
@@ -927,26 +942,21 @@ impl Node {
     /// Rounds whose channel now holds everything the upstream's answer reported; the
     /// next round of each goes out.
     fn check_fetched(&mut self, now_ms: u64) {
-        let done: Vec<(ChannelName, u64, Option<u64>)> = self
-            .fetching
-            .iter()
-            .filter(|(name, f)| {
-                f.target.as_ref().is_some_and(|t| {
-                    self.channels
-                        .get(*name)
-                        .is_some_and(|c| c.replica.vv().dominates(t))
-                })
+        let channels = &self.channels;
+        let done = take_where(&mut self.fetching, |name, f| {
+            f.target.as_ref().is_some_and(|t| {
+                channels
+                    .get(name)
+                    .is_some_and(|c| c.replica.vv().dominates(t))
             })
-            .map(|(name, f)| (name.clone(), f.id, f.next))
-            .collect();
-        for (channel, upto, next) in done {
-            self.fetching.remove(&channel);
+        });
+        for (channel, f) in done {
             self.out.push_back(Output::Fetched {
                 channel: channel.clone(),
-                upto,
+                upto: f.id,
                 fresh: true,
             });
-            if let (Some(next), Some(up)) = (next, self.upstream()) {
+            if let (Some(next), Some(up)) = (f.next, self.upstream()) {
                 self.send_fetch(now_ms, up, &channel, next);
             }
         }
@@ -954,17 +964,10 @@ impl Node {
 
     /// Ends the fetches `which` selects without an answer (their next rounds too).
     fn fetch_failed(&mut self, which: impl Fn(&Fetching) -> bool) {
-        let failed: Vec<(ChannelName, u64)> = self
-            .fetching
-            .iter()
-            .filter(|(_, f)| which(f))
-            .map(|(n, f)| (n.clone(), f.next.unwrap_or(f.id)))
-            .collect();
-        for (channel, upto) in failed {
-            self.fetching.remove(&channel);
+        for (channel, f) in take_where(&mut self.fetching, |_, f| which(f)) {
             self.out.push_back(Output::Fetched {
                 channel,
-                upto,
+                upto: f.next.unwrap_or(f.id),
                 fresh: false,
             });
         }
@@ -1044,7 +1047,6 @@ impl Node {
         }
     }
 
-    /// Edge: asks the upstream for what this node lacks and tells it what it has.
     /// Answers a peer's vector for a channel with what it lacks: the ops after it, or
     /// for a `full` request (the peer evicted the channel and opened it again) the
     /// state, floor and retained log first.
@@ -1081,6 +1083,7 @@ impl Node {
         self.send_missing(peer, channel, &after);
     }
 
+    /// Edge: asks the upstream for what this node lacks and tells it what it has.
     fn sync_up(&mut self, now_ms: u64, up: ReplicaId, name: &ChannelName) {
         let c = self.chan(name);
         c.last_sync_ms = now_ms;

@@ -4,7 +4,7 @@
 // the given directory and are checked not to be blank.
 //
 //   node dashboard.mjs <cloud url> <operator key> <pid of edge-b> <screenshot dir>
-import { chromium } from "playwright-core";
+import { launch } from "./chromium.mjs";
 import { statSync } from "node:fs";
 
 const [url, key, pid, outDir] = process.argv.slice(2);
@@ -12,12 +12,7 @@ if (!url || !key || !pid || !outDir) {
   console.error("usage: node dashboard.mjs <cloud url> <operator key> <edge pid> <screenshot dir>");
   process.exit(2);
 }
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch(["--disable-quic"]);
 try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
   page.on("console", (m) => { if (m.type() === "error") console.error("page:", m.text()); });

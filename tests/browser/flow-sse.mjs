@@ -4,14 +4,10 @@
 // whole; prints one JSON line with "ok" and what the page saw.
 //
 //   node flow-sse.mjs '<json: {page, endpoint, channel, token, expectLog, nodes, timeoutMs}>'
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const cfg = JSON.parse(process.argv[2] || '{}');
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 let result = { ok: false };
 try {
   const page = await browser.newPage();

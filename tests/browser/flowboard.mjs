@@ -14,18 +14,13 @@
 // Prints one JSON line with "ok":true and the figures.
 //
 //   node flowboard.mjs '<json: {cloud, a, b, token, pidA, pidB, pidCloud, docs, demoJobs}>'
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 import { execFileSync } from 'node:child_process';
 
 const cfg = JSON.parse(process.argv[2] || '{}');
 const figures = {};
 const step = (s) => console.error(`[flowboard] ${s}`);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync',
-         '--allow-loopback-in-peer-connection', '--disable-features=WebRtcHideLocalIpsWithMdns'],
-});
+const browser = await launch(['--allow-loopback-in-peer-connection', '--disable-features=WebRtcHideLocalIpsWithMdns']);
 const board = `project:ci-${Date.now().toString(36)}/board`;
 const activity = board.split('/')[0];
 

@@ -186,11 +186,8 @@ impl Edge {
 
     /// SIGTERM and wait for the process to exit.
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        self.signal("TERM")?;
         let mut c = self.child.take().ok_or_else(|| anyhow!("not running"))?;
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status()?;
         for _ in 0..100 {
             if let Some(s) = c.try_wait()? {
                 return Ok(s);

@@ -275,10 +275,9 @@ async fn scenario(
     Ok(())
 }
 
-/// `GET` an operator endpoint of coordinator `c`.
-async fn admin_get(http: &reqwest::Client, c: &Cloud, path: &str) -> Result<Value> {
-    Ok(http
-        .get(c.url(path))
+/// Sends an operator request (with the operator key) and returns its JSON answer.
+async fn admin(req: reqwest::RequestBuilder) -> Result<Value> {
+    Ok(req
         .bearer_auth(OPERATOR_KEY)
         .send()
         .await?
@@ -287,16 +286,14 @@ async fn admin_get(http: &reqwest::Client, c: &Cloud, path: &str) -> Result<Valu
         .await?)
 }
 
+/// `GET` an operator endpoint of coordinator `c`.
+async fn admin_get(http: &reqwest::Client, c: &Cloud, path: &str) -> Result<Value> {
+    admin(http.get(c.url(path))).await
+}
+
 /// `POST` an operator action to coordinator `c`; it must have reached the whole fleet.
 async fn admin_post(http: &reqwest::Client, c: &Cloud, path: &str) -> Result<()> {
-    let r: Value = http
-        .post(c.url(path))
-        .bearer_auth(OPERATOR_KEY)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let r = admin(http.post(c.url(path))).await?;
     if r["fleet_wide"] != true {
         bail!("{path}: {r}");
     }

@@ -144,17 +144,15 @@ class Fleet:
         self.procs: Dict[str, Proc] = {}
         quic = free_udp_port()
         links = {e: f"uplink-token-{e}-0123456789abcdef" for e in ("a", "b")}
-        cloud_dir = root / "cloud"
-        cloud_dir.mkdir()
-        cport = free_port()
-        (cloud_dir / "cloud.toml").write_text(
-            f'listen = "127.0.0.1:{cport}"\ndata_dir = "{cloud_dir}"\nregion = "cloud"\ndev = true\n'
+        cloud = self.node(
+            "cloud",
+            "outpost-cloud",
+            'region = "cloud"\ndev = true\n'
             + COMMON
             + f'[hub]\nlisten = "127.0.0.1:{quic}"\n'
-            + "".join(f'[[hub.edges]]\nname = "edge-{e}"\ntoken_sha256 = "{sha256(t)}"\n' for e, t in links.items())
+            + "".join(f'[[hub.edges]]\nname = "edge-{e}"\ntoken_sha256 = "{sha256(t)}"\n' for e, t in links.items()),
         )
-        cloud = Proc("cloud", [str(BIN / "outpost-cloud"), "--config", str(cloud_dir / "cloud.toml")], cloud_dir, cport)
-        cloud.start()
+        cloud_dir = cloud.workdir
         pin = ""
         deadline = time.monotonic() + 30
         while not pin and time.monotonic() < deadline:
@@ -167,20 +165,27 @@ class Fleet:
         cloud.wait_ready()
         self.procs["cloud"] = cloud
         for e, t in links.items():
-            d = root / f"edge-{e}"
-            d.mkdir()
-            port = free_port()
-            (d / "edge.toml").write_text(
-                f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\nregion = "region-{e}"\n'
+            p = self.node(
+                f"edge-{e}",
+                "outpost-edge",
+                f'region = "region-{e}"\n'
                 + COMMON
-                + f'[uplink]\nendpoints = ["127.0.0.1:{quic}"]\ntoken = "{t}"\npin_sha256 = "{pin}"\n'
+                + f'[uplink]\nendpoints = ["127.0.0.1:{quic}"]\ntoken = "{t}"\npin_sha256 = "{pin}"\n',
             )
-            p = Proc(f"edge-{e}", [str(BIN / "outpost-edge"), "--config", str(d / "edge.toml")], d, port)
-            p.start()
             p.wait_ready()
             self.procs[e] = p
         for e in ("a", "b"):
             self.wait_linked(e)
+
+    def node(self, name: str, binary: str, config: str) -> Proc:
+        """Starts `binary` with its own data dir and HTTP port and the rest of `config`."""
+        d = self.root / name
+        d.mkdir()
+        port = free_port()
+        (d / "node.toml").write_text(f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n' + config)
+        p = Proc(name, [str(BIN / binary), "--config", str(d / "node.toml")], d, port)
+        p.start()
+        return p
 
     def __getitem__(self, name: str) -> Proc:
         return self.procs[name]

@@ -35,7 +35,7 @@ pub(super) enum Later {
     /// A reply to write.
     Reply(ServerMsg),
     /// A subscription whose channel the edge first brought up to date with the cloud
-    /// (`Conn::finish_subscribe` registers it now, replay first, as for any other).
+    /// (`Conn::finish` registers it now, replay first, as for any other).
     Subscribe {
         id: Option<u64>,
         channel: shared::ChannelName,

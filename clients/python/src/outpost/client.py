@@ -37,7 +37,7 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from .errors import Closed, OutpostError, Timeout, Unauthorized, Unavailable, error_for
+from .errors import Closed, OutpostError, Timeout, Unauthorized, Unavailable, check_answer, error_for
 from .types import (
     Ack,
     Ephemeral,
@@ -79,6 +79,18 @@ def _http_base(endpoint: str) -> str:
 def _ws_url(endpoint: str) -> str:
     u = urlsplit(_http_base(endpoint))
     return urlunsplit(("wss" if u.scheme == "https" else "ws", u.netloc, "/v1/ws", "", ""))
+
+
+def one_credential(token: object, api_key: Optional[str]) -> None:
+    if (token is None) == (api_key is None):
+        raise ValueError("give exactly one of token= or api_key=")
+
+
+def credential_headers(token: Optional[str], api_key: Optional[str]) -> Dict[str, str]:
+    """The headers that carry a credential (never the URL)."""
+    if api_key is not None:
+        return {"X-Api-Key": api_key}
+    return {"Authorization": f"Bearer {token}"}
 
 
 def channel_path(channel: str) -> str:
@@ -130,7 +142,8 @@ class Subscription:
         self._client = client
         self._ephemeral = ephemeral
         self._presence = presence
-        self._queue: "asyncio.Queue[Item]" = asyncio.Queue(queue_size)
+        # Items, then `None` once the subscription ended (if there was room for it).
+        self._queue: "asyncio.Queue[Optional[Item]]" = asyncio.Queue(queue_size)
         self._dots = _DotWindow(dedup_window)
         # The connection generation this subscription is registered on.
         self._generation = 0
@@ -142,22 +155,11 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Item:
-        if self._queue.empty():
-            if self._ended.is_set():
-                return self._finish()
-            get = asyncio.ensure_future(self._queue.get())
-            ended = asyncio.ensure_future(self._ended.wait())
-            try:
-                await asyncio.wait({get, ended}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                ended.cancel()
-                if not get.done():
-                    get.cancel()
-            if get.cancelled() or not get.done():
-                return self._finish()
-            item = get.result()
-        else:
-            item = self._queue.get_nowait()
+        if self._queue.empty() and self._ended.is_set():
+            return self._finish()
+        item = await self._queue.get()
+        if item is None:
+            return self._finish()
         if isinstance(item, (Op, Truncated)):
             # Your position moves when you take the item, not when it arrives.
             self.token = item.token
@@ -220,6 +222,10 @@ class Subscription:
     def _end(self, error: Optional[BaseException] = None) -> None:
         self._error = error
         self._ended.set()
+        try:
+            self._queue.put_nowait(None)  # wakes a consumer waiting on an empty queue
+        except asyncio.QueueFull:
+            pass  # the consumer is behind: it finds the queue empty and ended later
 
 
 class AsyncClient:
@@ -250,8 +256,7 @@ class AsyncClient:
     ):
         if not endpoints:
             raise ValueError("endpoints: give at least one")
-        if (token is None) == (api_key is None):
-            raise ValueError("give exactly one of token= or api_key=")
+        one_credential(token, api_key)
         self.endpoints = list(endpoints)
         self._token = token
         self._api_key = api_key
@@ -314,15 +319,14 @@ class AsyncClient:
                     raise Closed("client closed")
                 if self.status.state == "offline" and self._refused is not None:
                     raise self._refused
+                # Every state change (online, offline, closed) goes through a status
+                # change; `_online` is set in the same step as the "online" status.
                 changed = asyncio.Event()
                 remove = self.on_status(lambda _: changed.set(), now=False)
-                waiters = {asyncio.ensure_future(self._online.wait()), asyncio.ensure_future(changed.wait())}
                 try:
-                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                    await changed.wait()
                 finally:
                     remove()
-                    for w in waiters:
-                        w.cancel()
 
         try:
             await asyncio.wait_for(until(), timeout)
@@ -500,15 +504,14 @@ class AsyncClient:
     # -- the connection loop --------------------------------------------------------------------
 
     async def _credential(self) -> Dict[str, str]:
-        if self._api_key is not None:
-            return {"X-Api-Key": self._api_key}
         source = self._token
+        token: Optional[str] = None
         if callable(source):
             made = source()
             token = await made if inspect.isawaitable(made) else made
         else:
-            token = source or ""
-        return {"Authorization": f"Bearer {token}"}
+            token = source
+        return credential_headers(token, self._api_key)
 
     async def _run(self) -> None:
         attempt = 0
@@ -784,13 +787,9 @@ class AsyncClient:
     def _acked(self, w: _Write, reply: "asyncio.Future[Dict[str, Any]]") -> None:
         if w.future.done():
             return
-        if reply.cancelled():
-            w.sent = False
-            return
-        exc = reply.exception()
-        if isinstance(exc, _Dropped):
-            w.sent = False  # sent again on the next connection
-            return
+        exc = None if reply.cancelled() else reply.exception()
+        if reply.cancelled() or isinstance(exc, _Dropped):
+            return  # the session marks every unacknowledged write unsent when it ends
         if exc is not None:
             w.future.set_exception(exc)
             return
@@ -820,15 +819,7 @@ class AsyncClient:
             except httpx.TransportError as e:
                 last = e
                 continue
-            if r.status_code >= 400:
-                try:
-                    err = r.json()["error"]
-                    code, message = err.get("code", "error"), err.get("message", "")
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    raise OutpostError(f"HTTP {r.status_code}: {r.text[:200]}", status=r.status_code) from None
-                raise error_for(code, message, r.status_code)
-            body: Dict[str, Any] = r.json()
-            return body
+            return check_answer(r)
         raise Unavailable(f"no endpoint answered: {last}")
 
     def _set_status(self, **changes: Any) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Type
+from typing import Any, Dict, Optional, Type
+
+import httpx
 
 
 class OutpostError(Exception):
@@ -127,3 +129,16 @@ def error_for(code: str, message: str, status: Optional[int] = None) -> OutpostE
     if cls is None:
         return OutpostError(message, code=code, status=status)
     return cls(message, status=status)
+
+
+def check_answer(r: httpx.Response) -> Dict[str, Any]:
+    """A REST answer's JSON body, or its typed error (``{"error": {code, message}}``)."""
+    if r.status_code >= 400:
+        try:
+            err = r.json()["error"]
+            code, message = err.get("code", "error"), err.get("message", "")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise OutpostError(f"HTTP {r.status_code}: {r.text[:200]}", status=r.status_code) from None
+        raise error_for(code, message, r.status_code)
+    body: Dict[str, Any] = r.json()
+    return body

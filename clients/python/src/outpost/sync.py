@@ -7,8 +7,8 @@ from typing import Any, List, Optional, Union
 
 import httpx
 
-from .client import _http_base, channel_path
-from .errors import OutpostError, Unavailable, error_for
+from .client import _http_base, channel_path, credential_headers, one_credential
+from .errors import Unavailable, check_answer
 from .types import Ack
 
 
@@ -30,9 +30,8 @@ def publish(
     ``key`` (yours, or a random one) travels to every endpoint tried, so a retry after
     a lost answer does not store the event twice on the same endpoint.
     """
-    if (token is None) == (api_key is None):
-        raise ValueError("give exactly one of token= or api_key=")
-    headers = {"X-Api-Key": api_key} if api_key is not None else {"Authorization": f"Bearer {token}"}
+    one_credential(token, api_key)
+    headers = credential_headers(token, api_key)
     body = {"event": event, "data": data, "key": key or f"py-{uuid.uuid4().hex}"}
     last: Optional[str] = None
     for endpoint in [endpoints] if isinstance(endpoints, str) else list(endpoints):
@@ -45,13 +44,6 @@ def publish(
         if r.status_code == 503:
             last = f"{endpoint}: {r.text[:200]}"
             continue
-        if r.status_code >= 400:
-            try:
-                err = r.json()["error"]
-                code, message = err.get("code", "error"), err.get("message", "")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise OutpostError(f"HTTP {r.status_code}: {r.text[:200]}", status=r.status_code) from None
-            raise error_for(code, message, r.status_code)
-        m = r.json()
+        m = check_answer(r)
         return Ack(dot=m.get("dot"), duplicate=bool(m.get("duplicate", False)))
     raise Unavailable(f"no endpoint stored the event: {last}")
