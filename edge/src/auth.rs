@@ -7,6 +7,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shared::client::ErrorCode;
+use shared::pattern::ChannelPattern;
 use shared::ChannelName;
 
 use crate::config::AuthConfig;
@@ -51,6 +52,14 @@ impl Right {
         }
     }
 
+    /// Whether every channel `pattern` can match is one this grant matches: the grant
+    /// is a prefix (or `*`) that the pattern's literal start begins with.
+    pub fn covers_pattern(&self, pattern: &ChannelPattern) -> bool {
+        self.channels
+            .strip_suffix('*')
+            .is_some_and(|prefix| pattern.prefix().starts_with(prefix))
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.channels.is_empty() {
             return Err("a right needs a channel pattern".into());
@@ -93,6 +102,31 @@ impl Principal {
     }
 
     /// Checks the right and the expiry together.
+    /// Fails unless a grant gives `action` on every channel `pattern` can match.
+    pub fn require_pattern(
+        &self,
+        pattern: &ChannelPattern,
+        action: Action,
+        now_secs: u64,
+    ) -> Result<(), AuthError> {
+        self.check_fresh(now_secs)?;
+        if self
+            .rights
+            .iter()
+            .any(|r| r.actions.contains(&action) && r.covers_pattern(pattern))
+        {
+            return Ok(());
+        }
+        Err(AuthError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "{} may not subscribe to pattern {pattern}: no grant covers every channel it matches (a grant such as \"{}*\" does)",
+                self.subject,
+                pattern.prefix()
+            ),
+        ))
+    }
+
     pub fn require(
         &self,
         channel: &ChannelName,

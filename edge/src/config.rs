@@ -112,6 +112,9 @@ pub struct LimitsConfig {
     /// Largest client message (WebSocket message or REST body), in bytes.
     pub max_message_bytes: usize,
     pub max_subscriptions_per_connection: usize,
+    /// Channels one namespace subscription may hold (those matching when it starts,
+    /// and again those created after).
+    pub max_channels_per_pattern: usize,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     /// Sustained publishes (events, state writes) per second per connection.
@@ -134,6 +137,7 @@ impl Default for LimitsConfig {
         Self {
             max_message_bytes: 64 * 1024,
             max_subscriptions_per_connection: 256,
+            max_channels_per_pattern: 10_000,
             max_connections: 18_000,
             max_connections_per_ip: 16_000,
             publish_rate_per_sec: 200,
@@ -759,6 +763,9 @@ impl EdgeConfig {
                 "must be at least 1",
             );
         }
+        if l.max_channels_per_pattern == 0 {
+            bad("limits.max_channels_per_pattern", "must be at least 1");
+        }
         if l.max_sockets == 0 {
             bad("limits.max_sockets", "must be at least 1");
         }
@@ -1058,6 +1065,7 @@ anonymous_rights = [{ channels = "*", actions = ["subscribe", "publish", "state"
 [limits]
 max_message_bytes = 65536
 max_subscriptions_per_connection = 256
+max_channels_per_pattern = 10000    # namespace subscriptions (cloud, coordinators)
 max_connections = 18000
 max_connections_per_ip = 16000
 publish_rate_per_sec = 200

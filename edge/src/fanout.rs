@@ -6,15 +6,21 @@
 //! token ahead of this replica gets its own rendering and is spared ops it already has.
 //! Queues are bounded: a subscriber whose queue is full is killed as a slow consumer
 //! (it reconnects and resumes with its token; the log has everything).
+//!
+//! A namespace subscription ([`Fanout::add_pattern`]) is one subscription per matching
+//! channel: those that exist are subscribed when it starts (`Core::subscribe_pattern`,
+//! under the core lock); a channel that first appears later is adopted at its first
+//! delivery or snapshot install, from an empty position, so nothing of it is missed.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
-use shared::client::{self, CloseCode, PresenceAction, ServerMsg};
+use shared::client::{self, CloseCode, ErrorCode, PresenceAction, ServerMsg};
+use shared::pattern::ChannelPattern;
 use shared::{token, ChannelName, Ephemeral, Op, Payload, VersionVector};
 use tokio_util::sync::CancellationToken;
 
@@ -229,10 +235,25 @@ struct Chan {
     presence: HashMap<Arc<str>, PresenceEntry>,
 }
 
+/// A connection's namespace subscription.
+#[derive(Debug)]
+struct PatternSub {
+    conn: ConnHandle,
+    pattern: ChannelPattern,
+    /// Channels it subscribed when they first appeared (unsubscribed with it).
+    adopted: HashSet<ChannelName>,
+    /// At most this many adopted channels; past it the subscriber is told once.
+    max: usize,
+    overflowed: bool,
+}
+
 /// Local subscribers of every channel.
 #[derive(Debug, Default)]
 pub struct Fanout {
     inner: Mutex<HashMap<ChannelName, Chan>>,
+    /// Lock order: `inner`, then `patterns`.
+    patterns: Mutex<Vec<PatternSub>>,
+    has_patterns: AtomicBool,
 }
 
 fn json(msg: &ServerMsg) -> Utf8Bytes {
@@ -257,6 +278,98 @@ impl Fanout {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn patterns(&self) -> MutexGuard<'_, Vec<PatternSub>> {
+        self.patterns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a namespace subscription (the caller holds the core lock and has
+    /// subscribed `conn` to every channel that exists and matches).
+    pub fn add_pattern(&self, conn: &ConnHandle, pattern: ChannelPattern, max: usize) {
+        let _order = self.lock();
+        let mut p = self.patterns();
+        p.retain(|s| !(s.conn.id == conn.id && s.pattern == pattern));
+        p.push(PatternSub {
+            conn: conn.clone(),
+            pattern,
+            adopted: HashSet::new(),
+            max,
+            overflowed: false,
+        });
+        self.has_patterns.store(true, Ordering::Relaxed);
+    }
+
+    /// Ends a connection's namespace subscriptions (`pattern`, or all of them); returns
+    /// the channels they adopted, for the caller to unsubscribe.
+    pub fn remove_patterns(&self, conn: ConnId, pattern: Option<&str>) -> Vec<ChannelName> {
+        let _order = self.lock();
+        let mut p = self.patterns();
+        let mut adopted = Vec::new();
+        p.retain_mut(|s| {
+            let gone = s.conn.id == conn && pattern.is_none_or(|t| s.pattern.as_str() == t);
+            if gone {
+                adopted.extend(s.adopted.drain());
+            }
+            !gone
+        });
+        self.has_patterns.store(!p.is_empty(), Ordering::Relaxed);
+        adopted
+    }
+
+    /// Subscribes the namespace subscriptions that match `channel` and do not hold it
+    /// yet. Called before the channel's first delivery or install after they started:
+    /// a channel that existed then was subscribed then, so this one is new and its
+    /// position is what has been delivered so far (nothing, or a snapshot's floor).
+    fn adopt(&self, ch: &mut Chan, channel: &ChannelName) {
+        if !self.has_patterns.load(Ordering::Relaxed) {
+            return;
+        }
+        for ps in self.patterns().iter_mut() {
+            if ch.subs.contains_key(&ps.conn.id) || !ps.pattern.matches(channel) {
+                continue;
+            }
+            if ps.adopted.len() >= ps.max {
+                if !ps.overflowed {
+                    ps.overflowed = true;
+                    ps.conn.push(Arc::new(Push {
+                        json: json(&ServerMsg::error(
+                            None,
+                            ErrorCode::TooManySubscriptions,
+                            format!(
+                                "pattern {} matched more than {} new channels; {channel} and later ones are not delivered: subscribe again",
+                                ps.pattern, ps.max
+                            ),
+                        )),
+                        token: None,
+                        event: "error",
+                    }));
+                }
+                continue;
+            }
+            ps.adopted.insert(channel.clone());
+            let notice = Arc::new(Push {
+                json: json(&ServerMsg::Subscribed {
+                    id: None,
+                    channel: channel.to_string(),
+                    token: token::encode(&ch.delivered),
+                    replayed: 0,
+                    truncated: false,
+                }),
+                token: None,
+                event: "subscribed",
+            });
+            if ps.conn.push(notice) {
+                ch.subs.insert(
+                    ps.conn.id,
+                    Sub {
+                        conn: ps.conn.clone(),
+                        ahead: None,
+                    },
+                );
+                metrics::gauge!("outpost_subscriptions").increment(1.0);
+            }
+        }
+    }
+
     /// Seeds what counts as delivered for a channel restored from disk.
     pub fn seed_delivered(&self, channel: &ChannelName, vv: &VersionVector) {
         self.lock()
@@ -274,6 +387,7 @@ impl Fanout {
     pub fn installed(&self, channel: &ChannelName, vv: &VersionVector) {
         let mut g = self.lock();
         let ch = g.entry(channel.clone()).or_default();
+        self.adopt(ch, channel);
         let before = ch.delivered.clone();
         ch.delivered.merge(vv);
         let mut dead = Vec::new();
@@ -391,6 +505,7 @@ impl Fanout {
             // subscribers since then replayed it from the log.
             return;
         }
+        self.adopt(ch, channel);
         ch.delivered.raise(op.dot.origin, op.dot.seq);
         if ch.subs.is_empty() {
             return;
@@ -727,5 +842,81 @@ mod tests {
         fanout.deliver(&channel, &fifth);
         let p = rx.recv().now_or_never().expect("the next op");
         assert!(p.json.contains("\"op\""));
+    }
+
+    #[test]
+    fn a_namespace_subscription_adopts_new_matching_channels_up_to_its_limit() {
+        use futures_util::FutureExt;
+        use shared::hlc::Hlc;
+        use shared::replica::{ChannelReplica, LocalOutcome, LocalWrite, ReplicaConfig};
+        let me = shared::ReplicaId::new(3).unwrap_or_else(|| panic!("id"));
+        let op = |name: &str| {
+            let channel = ChannelName::new(name).unwrap_or_else(|e| panic!("{e}"));
+            let mut r = ChannelReplica::new(channel.clone(), me, ReplicaConfig::default());
+            let write = LocalWrite::Event {
+                kind: "pause".into(),
+                data: shared::op::Payload::null(),
+                idempotency_key: None,
+                by: None,
+            };
+            match r.local(
+                Hlc {
+                    wall_ms: 1,
+                    logical: 0,
+                },
+                write,
+            ) {
+                Ok(LocalOutcome::Applied(a)) => (channel, a.op),
+                _ => panic!("not applied"),
+            }
+        };
+        let fanout = Fanout::default();
+        let (tx, mut rx) = SendQueue::new(16);
+        let conn = ConnHandle {
+            id: 7,
+            client: "c".into(),
+            subject: "svc".into(),
+            tx,
+            kill: CancellationToken::new(),
+            kill_reason: Arc::new(AtomicU8::new(0)),
+        };
+        let pattern = ChannelPattern::new("meeting:*/commands").unwrap_or_else(|e| panic!("{e}"));
+        fanout.add_pattern(&conn, pattern, 1);
+        let mut next = || {
+            rx.recv().now_or_never().map(|p| {
+                serde_json::from_str::<serde_json::Value>(&p.json).unwrap_or_else(|e| panic!("{e}"))
+            })
+        };
+        // A new matching channel: `subscribed` from nothing, then the op.
+        let (c1, o1) = op("meeting:1/commands");
+        fanout.deliver(&c1, &o1);
+        let sub = next().expect("subscribed");
+        assert_eq!(
+            (sub["type"].as_str(), sub["channel"].as_str()),
+            (Some("subscribed"), Some("meeting:1/commands"))
+        );
+        assert_eq!(sub["token"], token::encode(&VersionVector::new()).as_str());
+        assert_eq!(next().expect("the op")["type"], "op");
+        // Not matching: nothing.
+        let (c2, o2) = op("meeting:1/chat");
+        fanout.deliver(&c2, &o2);
+        assert!(next().is_none());
+        // Past the limit: told once, not delivered.
+        let (c3, o3) = op("meeting:2/commands");
+        fanout.deliver(&c3, &o3);
+        let err = next().expect("an error");
+        assert_eq!(
+            (err["type"].as_str(), err["code"].as_str()),
+            (Some("error"), Some("too_many_subscriptions"))
+        );
+        assert!(next().is_none());
+        let (c4, o4) = op("meeting:3/commands");
+        fanout.deliver(&c4, &o4);
+        assert!(next().is_none(), "told twice");
+        // Ending it hands back what it adopted; new channels are no longer adopted.
+        assert_eq!(fanout.remove_patterns(7, None), vec![c1]);
+        let (c5, o5) = op("meeting:5/commands");
+        fanout.deliver(&c5, &o5);
+        assert!(next().is_none());
     }
 }

@@ -207,6 +207,18 @@ impl Storage {
             .collect()
     }
 
+    /// The stored channel names that start with `prefix`, in order.
+    pub fn channel_names_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<ChannelName>, StorageError> {
+        self.chans
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .map(|k| channel_name(&k?))
+            .collect()
+    }
+
     /// Reads one stored channel without touching what is kept in memory: safe to call
     /// while the channel may be resident; [`Storage::install`] it under the core lock.
     pub fn read_channel(&self, name: &ChannelName) -> Result<Option<ReadChannel>, StorageError> {

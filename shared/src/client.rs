@@ -5,6 +5,7 @@
 //! numbers, because browsers cannot hold 64-bit integers exactly. Version vectors travel
 //! as resume tokens (see [`crate::token`]).
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -146,6 +147,22 @@ pub enum ClientMsg {
         #[serde(default)]
         id: Option<u64>,
         channel: String,
+    },
+    /// A namespace subscription: every channel the pattern matches, those created
+    /// later included (served by the cloud and coordinators, which hold every channel).
+    SubscribePattern {
+        #[serde(default)]
+        id: Option<u64>,
+        pattern: String,
+        /// Resume tokens per channel; a matching channel without one replays from the
+        /// start of its retained history.
+        #[serde(default)]
+        since: Option<BTreeMap<String, String>>,
+    },
+    UnsubscribePattern {
+        #[serde(default)]
+        id: Option<u64>,
+        pattern: String,
     },
     Publish {
         #[serde(default)]
@@ -320,6 +337,18 @@ pub enum ServerMsg {
     Unsubscribed {
         id: Option<u64>,
         channel: String,
+    },
+    /// A namespace subscription is live: each matching channel's replay and
+    /// `subscribed` came before this; channels created later start with a `subscribed`.
+    SubscribedPattern {
+        id: Option<u64>,
+        pattern: String,
+        /// How many channels matched when it started.
+        channels: usize,
+    },
+    UnsubscribedPattern {
+        id: Option<u64>,
+        pattern: String,
     },
     /// A durable op, carrying its dot and the subscriber's new resume token.
     Op {

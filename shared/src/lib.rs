@@ -18,6 +18,7 @@ pub mod codec;
 pub mod hlc;
 pub mod ids;
 pub mod op;
+pub mod pattern;
 pub mod replica;
 pub mod state;
 pub mod store;

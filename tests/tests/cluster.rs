@@ -171,10 +171,27 @@ async fn scenario(
     let tok = token("reader", "project:*", &[Action::Subscribe], 600);
     let mut sub = Ws::connect(b, &tok).await?;
     sub.subscribe(CHANNEL, None).await?;
+    // A service on c2 with a namespace subscription (c2 holds the channel, empty,
+    // since edge B's subscriber asked it for the channel).
+    let mut service = Ws::connect_url(&format!("ws://{}/v1/ws?token={tok}", c2.addr)).await?;
+    let started = service
+        .request(
+            json!({"type": "subscribe_pattern", "pattern": "project:*"}),
+            1,
+        )
+        .await?;
+    if started["type"] != "subscribed_pattern" || started["channels"] != 1 {
+        bail!("subscribe_pattern on a coordinator: {started}");
+    }
 
-    // 1. Edge A (on c1) -> JetStream -> c2 -> edge B, in order.
+    // 1. Edge A (on c1) -> JetStream -> c2 -> edge B, in order; and to the service on
+    // c2.
     publish_range(&http, a, 0..50, "").await?;
     expect_received(&mut sub, 0..50, "").await?;
+    let got = receive(&mut service, 50).await?;
+    if got != (0..50).collect::<Vec<_>>() {
+        bail!("the service on c2 got {got:?}");
+    }
     // Both coordinators hold them (c2 only through the shared log), and the stream
     // has them once each.
     for c in [&*c1, &*c2] {

@@ -14,11 +14,12 @@ mod shared_log;
 
 pub use shared_log::{SharedLog, SharedLogError};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shared::client::ErrorCode;
+use shared::pattern::ChannelPattern;
 use shared::replica::{LocalOutcome, LocalWrite, NeedSnapshot, ReplicaError};
 use shared::store::Store;
 use shared::sync::{Input, Node, Output, Persist, Role, SyncConfig};
@@ -70,6 +71,11 @@ pub enum CoreError {
     Replica(#[from] ReplicaError),
     #[error("storage unavailable: {0}")]
     Storage(String),
+    #[error("{0}")]
+    TooMany(String),
+    /// Asked of a node that does not serve it (a namespace subscription on an edge).
+    #[error("{0}")]
+    NotHere(String),
 }
 
 impl CoreError {
@@ -78,6 +84,8 @@ impl CoreError {
             CoreError::Replica(ReplicaError::Op(_)) => ErrorCode::BadRequest,
             CoreError::Replica(_) => ErrorCode::Internal,
             CoreError::Storage(_) => ErrorCode::StorageUnavailable,
+            CoreError::TooMany(_) => ErrorCode::TooManySubscriptions,
+            CoreError::NotHere(_) => ErrorCode::BadRequest,
         }
     }
 }
@@ -492,10 +500,71 @@ impl Core {
         since: &VersionVector,
     ) -> Replay {
         let mut g = self.lock();
-        if let Err(e) = self.ensure(&mut g, channel) {
+        self.subscribe_locked(&mut g, channel, conn, since)
+    }
+
+    /// A namespace subscription (cloud and coordinators, which hold every channel):
+    /// subscribes `conn` to every stored or resident channel `pattern` matches, from
+    /// its token in `since` or else from the start, and registers the pattern so that
+    /// channels created later are subscribed at their first op — all under the core
+    /// lock, so no channel falls between the two. Fails (subscribing nothing) when more
+    /// than `max` channels match.
+    pub fn subscribe_pattern(
+        &self,
+        pattern: &ChannelPattern,
+        conn: &ConnHandle,
+        since: &BTreeMap<ChannelName, VersionVector>,
+        max: usize,
+    ) -> Result<Vec<(ChannelName, Replay)>, CoreError> {
+        let mut g = self.lock();
+        if g.node.role() == Role::Edge {
+            return Err(CoreError::NotHere(
+                "namespace subscriptions are served by the cloud and its coordinators, which hold every channel; an edge holds only those in use here".into(),
+            ));
+        }
+        let mut names: BTreeSet<ChannelName> = self
+            .storage()?
+            .channel_names_with_prefix(pattern.prefix())?
+            .into_iter()
+            .filter(|c| pattern.matches(c))
+            .collect();
+        names.extend(
+            g.node
+                .channels()
+                .map(|c| c.channel())
+                .filter(|c| pattern.matches(c))
+                .cloned(),
+        );
+        if names.len() > max {
+            return Err(CoreError::TooMany(format!(
+                "pattern {pattern} matches {} channels; at most {max} per namespace subscription",
+                names.len()
+            )));
+        }
+        let empty = VersionVector::default();
+        let replays = names
+            .into_iter()
+            .map(|c| {
+                let from = since.get(&c).unwrap_or(&empty);
+                let replay = self.subscribe_locked(&mut g, &c, conn, from);
+                (c, replay)
+            })
+            .collect();
+        self.fanout.add_pattern(conn, pattern.clone(), max);
+        Ok(replays)
+    }
+
+    fn subscribe_locked(
+        &self,
+        g: &mut Inner,
+        channel: &ChannelName,
+        conn: &ConnHandle,
+        since: &VersionVector,
+    ) -> Replay {
+        if let Err(e) = self.ensure(g, channel) {
             tracing::error!(%channel, error = %e, "cannot load a channel to subscribe");
         }
-        Self::touch(&mut g, channel);
+        Self::touch(g, channel);
         let (replay, first) = match g.node.channel(channel) {
             Some(r) => {
                 let truncated = matches!(r.ops_since(since, 0), Err(NeedSnapshot { .. }));
@@ -510,7 +579,7 @@ impl Core {
             tracing::debug!(%channel, "first local subscriber: interest on");
             g.node
                 .handle(now_ms(), Input::Interest(channel.clone(), true));
-            if let Err(e) = self.drain(&mut g) {
+            if let Err(e) = self.drain(g) {
                 tracing::error!(error = %e, "storage failure on subscribe");
             }
         }

@@ -10,6 +10,7 @@ use std::time::Instant;
 use futures_util::stream::FuturesOrdered;
 use serde::Deserialize;
 use shared::client::{self, dot_string, ClientMsg, ErrorCode, ServerMsg};
+use shared::pattern::ChannelPattern;
 use shared::replica::{LocalOutcome, LocalWrite};
 use shared::ChannelName;
 
@@ -26,6 +27,9 @@ pub(super) struct Conn {
     pub(super) handle: Option<ConnHandle>,
     pub(super) queue: Option<SendQueueRx>,
     subs: HashSet<ChannelName>,
+    /// Namespace subscriptions: the channels each subscribed when it started (those it
+    /// adopted later the fan-out keeps).
+    patterns: HashMap<String, Vec<ChannelName>>,
     /// Subscriptions waiting for the edge to fetch their channel: the attempt number
     /// each waits as (an unsubscribe or a new subscribe meanwhile supersedes it).
     pending_subs: HashMap<ChannelName, u64>,
@@ -57,6 +61,7 @@ impl Conn {
             handle: None,
             queue: None,
             subs: HashSet::new(),
+            patterns: HashMap::new(),
             pending_subs: HashMap::new(),
             attempts: 0,
             acks: FuturesOrdered::new(),
@@ -87,6 +92,10 @@ impl Conn {
 
     pub(super) fn cleanup(&mut self) {
         if let Some(h) = &self.handle {
+            self.patterns.clear();
+            for ch in self.state.core.fanout.remove_patterns(h.id, None) {
+                self.subs.insert(ch);
+            }
             for ch in self.subs.drain() {
                 self.state.core.unsubscribe(&ch, h.id);
             }
@@ -212,6 +221,20 @@ impl Conn {
                     }
                 }
                 Ok(vec![ServerMsg::Unsubscribed { id, channel }])
+            }
+            ClientMsg::SubscribePattern { id, pattern, since } => self
+                .subscribe_pattern(&pattern, since.unwrap_or_default(), id)
+                .map_err(|e| (id, e)),
+            ClientMsg::UnsubscribePattern { id, pattern } => {
+                if let Some(h) = self.handle.clone() {
+                    let mut gone = self.patterns.remove(&pattern).unwrap_or_default();
+                    gone.extend(self.state.core.fanout.remove_patterns(h.id, Some(&pattern)));
+                    for ch in gone {
+                        self.subs.remove(&ch);
+                        self.state.core.unsubscribe(&ch, h.id);
+                    }
+                }
+                Ok(vec![ServerMsg::UnsubscribedPattern { id, pattern }])
             }
             ClientMsg::Publish {
                 id,
@@ -454,6 +477,64 @@ impl Conn {
         Ok(self.register(&ch, &h, &since, id))
     }
 
+    /// A namespace subscription: each matching channel's replay and `subscribed`, then
+    /// `subscribed_pattern`.
+    fn subscribe_pattern(
+        &mut self,
+        text: &str,
+        since: std::collections::BTreeMap<String, String>,
+        id: Option<u64>,
+    ) -> Result<Vec<ServerMsg>, ApiError> {
+        let p = self.principal.as_ref().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "send {\"type\":\"connect\",\"token\":...} first",
+            )
+        })?;
+        let pattern = ChannelPattern::new(text)
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+        p.require_pattern(&pattern, Action::Subscribe, now_secs())?;
+        let mut from = std::collections::BTreeMap::new();
+        for (name, tok) in &since {
+            let ch = channel(name)?;
+            if !pattern.matches(&ch) {
+                return Err(ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!("since names {ch}, which pattern {pattern} does not match"),
+                ));
+            }
+            from.insert(ch, super::views::since(Some(tok))?);
+        }
+        let Some(h) = self.handle.clone() else {
+            return Err(ApiError::new(ErrorCode::Unauthorized, "connect first"));
+        };
+        if self.patterns.contains_key(text) {
+            return Err(ApiError::new(
+                ErrorCode::BadState,
+                format!("already subscribed to pattern {pattern}: unsubscribe_pattern first"),
+            ));
+        }
+        let max = self.state.cfg.limits.max_channels_per_pattern;
+        let replays = self
+            .state
+            .core
+            .subscribe_pattern(&pattern, &h, &from, max)?;
+        let mut out = Vec::new();
+        let mut names = Vec::with_capacity(replays.len());
+        for (ch, replay) in replays {
+            out.extend(replayed(&ch, replay, None));
+            self.subs.insert(ch.clone());
+            names.push(ch);
+        }
+        out.push(ServerMsg::SubscribedPattern {
+            id,
+            pattern: pattern.to_string(),
+            channels: names.len(),
+        });
+        self.patterns.insert(text.to_owned(), names);
+        Ok(out)
+    }
+
     /// A waiting request's turn: its reply, or a subscription that can register now.
     pub(super) fn finish(&mut self, later: Later) -> Vec<ServerMsg> {
         match later {
@@ -491,18 +572,23 @@ impl Conn {
     ) -> Vec<ServerMsg> {
         let replay = self.state.core.subscribe(ch, h, since);
         self.subs.insert(ch.clone());
-        let mut out: Vec<ServerMsg> = replay
-            .ops
-            .iter()
-            .map(|(op, t)| client::op_message(ch.as_str(), op, t.clone()))
-            .collect();
-        out.push(ServerMsg::Subscribed {
-            id,
-            channel: ch.to_string(),
-            token: replay.token,
-            replayed: replay.ops.len(),
-            truncated: replay.truncated,
-        });
-        out
+        replayed(ch, replay, id)
     }
+}
+
+/// A subscription's replayed ops, then its `subscribed`.
+fn replayed(ch: &ChannelName, replay: crate::fanout::Replay, id: Option<u64>) -> Vec<ServerMsg> {
+    let mut out: Vec<ServerMsg> = replay
+        .ops
+        .iter()
+        .map(|(op, t)| client::op_message(ch.as_str(), op, t.clone()))
+        .collect();
+    out.push(ServerMsg::Subscribed {
+        id,
+        channel: ch.to_string(),
+        token: replay.token,
+        replayed: replay.ops.len(),
+        truncated: replay.truncated,
+    });
+    out
 }

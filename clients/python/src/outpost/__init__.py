@@ -13,7 +13,7 @@ read and write state, presence and history — against edges and the cloud alike
     asyncio.run(main())
 """
 
-from .client import AsyncClient, Subscription, channel_path
+from .client import AsyncClient, PatternSubscription, Subscription, channel_path
 from .errors import (
     BadChannel,
     BadRequest,
@@ -43,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
     "Subscription",
+    "PatternSubscription",
     "publish",
     "channel_path",
     "Ack",

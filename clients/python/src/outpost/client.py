@@ -29,8 +29,9 @@ import inspect
 import json
 import logging
 import random
+import re
 import uuid
-from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, Union
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, TypeVar, Union
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
@@ -54,6 +55,7 @@ log = logging.getLogger("outpost")
 
 TokenSource = Union[str, Callable[[], Union[str, Awaitable[str]]]]
 Item = Union[Op, Truncated, Ephemeral, PresenceChange]
+_S = TypeVar("_S", bound="Subscription")
 
 # Close codes (docs/PROTOCOL.md).
 _GOING_AWAY = 4101
@@ -162,8 +164,14 @@ class Subscription:
             return self._finish()
         if isinstance(item, (Op, Truncated)):
             # Your position moves when you take the item, not when it arrives.
-            self.token = item.token
+            self._took(item)
         return item
+
+    def _took(self, item: Union[Op, Truncated]) -> None:
+        self.token = item.token
+
+    def _queued(self, item: Union[Op, Truncated]) -> None:
+        self._position = item.token
 
     def _finish(self) -> Item:
         if self._error is not None:
@@ -217,7 +225,7 @@ class Subscription:
             if not (put.done() and not put.cancelled()):
                 return
         if isinstance(item, (Op, Truncated)):
-            self._position = item.token
+            self._queued(item)
 
     def _end(self, error: Optional[BaseException] = None) -> None:
         self._error = error
@@ -226,6 +234,45 @@ class Subscription:
             self._queue.put_nowait(None)  # wakes a consumer waiting on an empty queue
         except asyncio.QueueFull:
             pass  # the consumer is behind: it finds the queue empty and ended later
+
+
+class PatternSubscription(Subscription):
+    """A namespace subscription: the ops of every channel ``pattern`` matches
+    (``meeting:*/commands``; ``*`` is one or more characters other than ``/``),
+    channels created later included: ``async for``. Served by the cloud and its
+    coordinators (they hold every channel); an edge refuses it.
+
+    Yields :class:`Op` and :class:`Truncated`, each with its ``channel``, in order per
+    channel. ``tokens`` maps each channel to the token of the last item you took: keep
+    it and pass it as ``since`` to resume after a restart (a channel missing from it
+    is replayed from the start of its retained history).
+    """
+
+    def __init__(self, client: "AsyncClient", pattern: str, since: Optional[Dict[str, str]], *, queue_size: int, dedup_window: int):
+        super().__init__(client, pattern, None, ephemeral=False, presence=False, queue_size=queue_size, dedup_window=dedup_window)
+        self.pattern = pattern
+        self.tokens: Dict[str, str] = dict(since or {})
+        self._positions: Dict[str, str] = dict(since or {})
+        self._regex = re.compile("".join("[^/]+" if part == "*" else re.escape(part) for part in re.split(r"(\*)", pattern)))
+        #: Channels that matched when the subscription last (re)started.
+        self.channels = 0
+
+    def matches(self, channel: str) -> bool:
+        return self._regex.fullmatch(channel) is not None
+
+    def _took(self, item: Union[Op, Truncated]) -> None:
+        self.tokens[item.channel] = item.token
+
+    def _queued(self, item: Union[Op, Truncated]) -> None:
+        self._positions[item.channel] = item.token
+
+    async def _deliver(self, m: Dict[str, Any]) -> None:
+        kind, channel = m.get("type"), m.get("channel", "")
+        if kind == "op":
+            if self._dots.add(f"{channel} {m.get('dot', '')}"):
+                await self._put(Op.from_json(m))
+        elif kind == "subscribed" and m.get("truncated"):
+            await self._put(Truncated(channel, m.get("token", "")))
 
 
 class AsyncClient:
@@ -460,7 +507,18 @@ class AsyncClient:
         if channel in self._subs:
             raise ValueError(f"already subscribed to {channel!r}")
         sub = Subscription(self, channel, since, ephemeral=ephemeral, presence=presence, queue_size=self.queue_size, dedup_window=self.dedup_window)
-        self._subs[channel] = sub
+        return await self._start(sub)
+
+    async def subscribe_pattern(self, pattern: str, *, since: Optional[Dict[str, str]] = None) -> PatternSubscription:
+        """A namespace subscription (see :class:`PatternSubscription`): connect to the
+        cloud or a coordinator. ``since``: the ``tokens`` of an earlier one."""
+        if pattern in self._subs:
+            raise ValueError(f"already subscribed to {pattern!r}")
+        sub = PatternSubscription(self, pattern, since, queue_size=self.queue_size, dedup_window=self.dedup_window)
+        return await self._start(sub)
+
+    async def _start(self, sub: _S) -> _S:
+        self._subs[sub.channel] = sub
         try:
             while True:
                 await self._wait_online()
@@ -472,7 +530,7 @@ class AsyncClient:
                 except _Dropped:
                     continue
         except BaseException:
-            self._subs.pop(channel, None)
+            self._subs.pop(sub.channel, None)
             sub._end()
             raise
         return sub
@@ -483,18 +541,27 @@ class AsyncClient:
         del self._subs[sub.channel]
         sub._end()
         if self._online.is_set():
+            msg = {"type": "unsubscribe_pattern", "pattern": sub.channel} if isinstance(sub, PatternSubscription) else {"type": "unsubscribe", "channel": sub.channel}
             try:
-                await self._request_once({"type": "unsubscribe", "channel": sub.channel})
+                await self._request_once(msg)
             except (OutpostError, _Dropped):
                 pass
 
     async def _register(self, sub: Subscription) -> None:
         """Subscribes on the current connection from the subscription's position: the
         token of the last item queued (what you have not taken yet is not asked again)."""
+        generation = self._generation
+        if isinstance(sub, PatternSubscription):
+            pmsg: Dict[str, Any] = {"type": "subscribe_pattern", "pattern": sub.pattern}
+            if sub._positions:
+                pmsg["since"] = dict(sub._positions)
+            reply = await self._request_once(pmsg)
+            sub._generation = generation
+            sub.channels = int(reply.get("channels", 0))
+            return
         msg: Dict[str, Any] = {"type": "subscribe", "channel": sub.channel}
         if sub._position:
             msg["since"] = sub._position
-        generation = self._generation
         reply = await self._request_once(msg)
         sub._generation = generation
         sub.replayed = int(reply.get("replayed", 0))
@@ -664,7 +731,12 @@ class AsyncClient:
         if kind == "error":
             log.warning("outpost: %s: %s", m.get("code"), m.get("message"))
             return
-        sub = self._subs.get(m.get("channel", ""))
+        channel = m.get("channel", "")
+        sub = self._subs.get(channel)
+        if sub is None:
+            # A namespace subscription's channel (subscriptions are keyed by channel or
+            # by pattern; a channel name never holds '*').
+            sub = next((p for p in self._subs.values() if isinstance(p, PatternSubscription) and p.active and p.matches(channel)), None)
         if sub is not None and sub.active:
             await sub._deliver(m)
 
