@@ -119,3 +119,89 @@ def run_flow_service(flow: str, endpoints: str, out: Path) -> subprocess.Popen:
     env = {**os.environ, "OUTPOST_ENDPOINTS": endpoints, "OUTPOST_API_KEY": API_KEY}
     env.pop("OUTPOST_TOKEN", None)
     return subprocess.Popen([sys.executable, str(FLOW / "service.py"), flow, "0.02"], env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT)
+
+
+MEETING = REPO / "examples" / "meeting-commands"
+
+
+def run_meeting_service(endpoints: str, positions: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "OUTPOST_ENDPOINTS": endpoints, "OUTPOST_API_KEY": API_KEY}
+    env.pop("OUTPOST_TOKEN", None)
+    return subprocess.Popen([sys.executable, str(MEETING / "service.py"), str(positions)], env=env, stdout=open(out, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(what: str, cond, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_meeting_commands_reach_one_service_with_who_sent_them_across_a_service_kill(fleet: Fleet, tmp_path: Path, channel: str):
+    """examples/meeting-commands: two participants on two edges, one service on the
+    cloud subscribed to every meeting's commands. Ada pauses (both pages show who did);
+    the service is killed with SIGKILL; Grace turns recording on while it is down; the
+    restarted service resumes from its saved positions and acts on it; every command
+    is acted on exactly once."""
+    import json
+    import shutil
+
+    import pytest
+
+    from .conftest import token
+
+    node = shutil.which("node")
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if node is None or not Path(chromium).exists() or not (REPO / "tests" / "browser" / "node_modules" / "playwright-core").exists():
+        pytest.skip("needs node, Chromium and tests/browser/node_modules (scripts/test installs them)")
+    meeting = "meeting:" + channel.split(":", 1)[1]
+    rights = ["subscribe", "publish", "presence"]
+    cfg = {
+        "page": str(MEETING / "page.html"),
+        "meeting": meeting,
+        "people": [
+            {"endpoint": fleet["a"].url, "token": token([meeting + "*"], actions=rights, sub="ada"), "name": "Ada"},
+            {"endpoint": fleet["b"].url, "token": token([meeting + "*"], actions=rights, sub="grace"), "name": "Grace"},
+        ],
+        "timeoutMs": 30000,
+    }
+    positions = tmp_path / "meeting.positions"
+    outs = [tmp_path / "service-1.out", tmp_path / "service-2.out"]
+    service = run_meeting_service(fleet["cloud"].url, positions, outs[0])
+    browser = subprocess.Popen([node, str(REPO / "tests" / "browser" / "meeting.mjs"), json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert browser.stdin is not None and browser.stdout is not None
+
+    def step(**s: object) -> dict:
+        browser.stdin.write(json.dumps(s) + "\n")
+        browser.stdin.flush()
+        r = json.loads(browser.stdout.readline())
+        assert r["ok"], (s, r, [o.read_text() for o in outs if o.exists()])
+        return r
+
+    try:
+        wait_for("the service", lambda: "listening" in outs[0].read_text())
+        assert json.loads(browser.stdout.readline()).get("ready"), "the pages did not connect"
+        step(wait="members")
+        step(send=0, command="pause")
+        r = step(until={"status": "paused", "by": "ada"})
+        assert r["texts"] == ["paused (by ada)"] * 2
+        commands = f"{meeting}/commands"
+        wait_for("the saved position", lambda: positions.exists() and commands in json.loads(positions.read_text()))
+        service.kill()  # SIGKILL
+        service.wait()
+        step(send=1, command="configure", data={"record": True})
+        service = run_meeting_service(fleet["cloud"].url, positions, outs[1])
+        step(until={"record": True, "by": "grace"})
+        step(send=0, command="stop", sentAtLeast=2)
+        step(until={"status": "ended", "by": "ada"})
+        browser.stdin.close()  # the driver closes the browser and exits
+        assert browser.wait(30) == 0
+    finally:
+        for p in (browser, service):
+            if p.poll() is None:
+                p.kill()
+    first, second = (o.read_text() for o in outs)
+    assert "from the saved positions" in second, second
+    acted = (first + second).splitlines()
+    for line in (f"{meeting} pause by ada -> paused", f"{meeting} configure by grace -> {{'record': True}}", f"{meeting} stop by ada -> ended"):
+        assert acted.count(line) == 1, (line, first, second)
