@@ -110,6 +110,9 @@ export declare class Outpost {
   on(event: 'disconnect', fn: (info: { code: number; reason: string }) => void): Off;
   on(event: 'error', fn: (e: OutpostError) => void): Off;
   channel(name: string): Channel;
+  /** A namespace subscription (the cloud or a coordinator): every channel `pattern`
+   * matches (`*` = one or more characters other than `/`), new ones included. */
+  pattern(pattern: string): PatternSubscription;
   queued(): number;
   close(): void;
 }
@@ -141,4 +144,20 @@ export declare class Channel {
   everyone(): Member[];
   on(event: 'peer', fn: (m: { client: string; open: boolean }) => void): Off;
   on(event: 'subscribed' | 'online', fn: (m: unknown) => void): Off;
+}
+
+export declare class PatternSubscription {
+  readonly pattern: string;
+  /** Your position per channel; pass `Object.fromEntries(tokens)` as `since` to resume. */
+  tokens: Map<string, string>;
+  matches(channel: string): boolean;
+  /** Starts (or resumes from `since`: channel -> token; a channel missing from it is
+   * replayed from the start of its retained history). */
+  subscribe(opts?: { since?: Record<string, string> }): Promise<PatternSubscription>;
+  unsubscribe(): Promise<void>;
+  /** A durable op of one of the matching channels (`m.channel`), once per dot. */
+  on(event: 'op', fn: (m: OpMessage) => void): Off;
+  on(event: 'truncated', fn: (m: { channel: string; token: string }) => void): Off;
+  on(event: 'subscribed', fn: (m: { pattern: string; channels: number }) => void): Off;
+  on(event: 'error', fn: (e: OutpostError) => void): Off;
 }

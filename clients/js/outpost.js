@@ -384,6 +384,7 @@ export class Outpost extends Emitter {
       ...opts.env,
     };
     this.channels = new Map();
+    this.patterns = new Map(); // pattern -> PatternSubscription
     this.pending = new Map(); // id -> {resolve, reject, write}
     this.outbox = []; // writes not yet acknowledged, in order: {msg, resolve, reject, keyed}
     this.nextId = 1;
@@ -420,6 +421,17 @@ export class Outpost extends Emitter {
   channel(name) {
     if (!this.channels.has(name)) this.channels.set(name, new Channel(this, name));
     return this.channels.get(name);
+  }
+
+  /**
+   * A namespace subscription (for services and dashboards; served by the cloud and its
+   * coordinators, which hold every channel): the ops of every channel `pattern`
+   * matches (`meeting:*\/commands`; `*` is one or more characters other than `/`),
+   * channels created later included. One object per pattern; call `subscribe()`.
+   */
+  pattern(pattern) {
+    if (!this.patterns.has(pattern)) this.patterns.set(pattern, new PatternSubscription(this, pattern));
+    return this.patterns.get(pattern);
   }
 
   close() {
@@ -519,8 +531,8 @@ export class Outpost extends Emitter {
       });
     }, this.opts.pingInterval);
     // Resubscribe every channel from its token, then resend what was not acknowledged.
-    const subs = [...this.channels.values()].filter((c) => c.subscribed);
-    await Promise.all(subs.map((c) => c._resubscribe().catch(() => {})));
+    const subs = [...this.channels.values(), ...this.patterns.values()].filter((c) => c.subscribed);
+    await Promise.all(subs.map((c) => c._resubscribe().catch((e) => c.emit('error', e))));
     if (this.transport !== t) return;
     this._flush();
     for (const c of subs) c._online();
@@ -609,7 +621,72 @@ export class Outpost extends Emitter {
       return;
     }
     const ch = m.channel && this.channels.get(m.channel);
-    if (ch) ch._onMessage(m);
+    if (ch) return ch._onMessage(m);
+    // A namespace subscription's channel (a channel name never holds '*').
+    for (const p of this.patterns.values()) {
+      if (p.subscribed && m.channel && p.matches(m.channel)) return p._onMessage(m);
+    }
+  }
+}
+
+/**
+ * The ops of every channel a pattern matches. Events: `op` (each with its `channel`,
+ * once per dot), `truncated` (a channel's history was compacted past your token:
+ * re-read its state), `subscribed` (started or resumed: `{channels}` matched).
+ * `tokens` maps each channel to your position in it: save `Object.fromEntries(p.tokens)`
+ * and pass it to `subscribe({since})` to resume after a reload; a channel missing from
+ * it is replayed from the start of its retained history.
+ */
+export class PatternSubscription extends Emitter {
+  constructor(client, pattern) {
+    super();
+    this.client = client;
+    this.pattern = pattern;
+    this.subscribed = false;
+    this.tokens = new Map();
+    this.dots = new DotWindow(client.opts.dedupWindow);
+    const re = pattern
+      .split('*')
+      .map((part) => part.replace(/[.*+?^${}()|[\]\\]/g, '\\$&'))
+      .join('[^/]+');
+    this.regex = new RegExp(`^${re}$`);
+  }
+
+  matches(channel) {
+    return this.regex.test(channel);
+  }
+
+  async subscribe({ since } = {}) {
+    for (const [ch, t] of Object.entries(since || {})) this.tokens.set(ch, t);
+    this.subscribed = true;
+    if (this.client.status.online) await this._resubscribe();
+    return this;
+  }
+
+  async unsubscribe() {
+    this.subscribed = false;
+    if (this.client.status.online) await this.client._request({ type: 'unsubscribe_pattern', pattern: this.pattern }, { retry: false }).catch(() => {});
+  }
+
+  async _resubscribe() {
+    const msg = { type: 'subscribe_pattern', pattern: this.pattern };
+    if (this.tokens.size) msg.since = Object.fromEntries(this.tokens);
+    const r = await this.client._request(msg, { retry: false });
+    this.emit('subscribed', r);
+  }
+
+  _online() {}
+
+  _onMessage(m) {
+    if (m.type === 'op') {
+      if (m.token) this.tokens.set(m.channel, m.token);
+      if (this.dots.add(`${m.channel} ${m.dot}`)) this.emit('op', m);
+    } else if (m.type === 'subscribed') {
+      if (m.truncated) {
+        if (m.token) this.tokens.set(m.channel, m.token);
+        this.emit('truncated', m);
+      }
+    }
   }
 }
 

@@ -41,7 +41,17 @@ class FakeNet {
   /** Tokens are just the count of ops the subscriber has, as a string. */
   handle(t, msg) {
     if (t.closed || this.silent === t.endpoint) return;
-    if (msg.type === 'subscribe') {
+    if (msg.type === 'subscribe_pattern') {
+      const re = new RegExp(`^${msg.pattern.split('*').join('[^/]+')}$`);
+      const chans = [...this.ops.keys()].filter((c) => re.test(c)).sort();
+      for (const ch of chans) {
+        const ops = this.ops.get(ch);
+        const from = msg.since?.[ch] ? Number(msg.since[ch]) : 0;
+        for (const op of ops.slice(Math.max(0, from - 1))) t.onMessage(op);
+        t.onMessage({ type: 'subscribed', id: null, channel: ch, token: String(ops.length), replayed: ops.length - from, truncated: false });
+      }
+      t.onMessage({ type: 'subscribed_pattern', id: msg.id, pattern: msg.pattern, channels: chans.length });
+    } else if (msg.type === 'subscribe') {
       const ops = this.ops.get(msg.channel) || [];
       const from = msg.since ? Number(msg.since) : 0;
       // Re-deliver the last op before the token too: at-least-once duplicates.
@@ -333,5 +343,37 @@ test('an endpoint that stops answering is dropped after a ping timeout, and the 
   await until(() => c.status.online && c.status.endpoint === 'http://b', 'failover to b', 3000);
   const took = Date.now() - t0;
   assert.ok(took < 1000, `noticed after ${took} ms (interval 40 + timeout 60)`);
+  c.close();
+});
+
+test('a pattern subscription gets every matching channel, new ones too, and resumes each from its token', async () => {
+  const net = new FakeNet();
+  const publish = (channel, event) => net.broadcast(net.append(channel, { type: 'publish', event }));
+  net.append('meeting:1/commands', { type: 'publish', event: 'pause' });
+  net.append('meeting:1/commands', { type: 'publish', event: 'resume' });
+  net.append('meeting:1/chat', { type: 'publish', event: 'hi' });
+  const c = client(net);
+  const p = c.pattern('meeting:*/commands');
+  assert.equal(c.pattern('meeting:*/commands'), p, 'one object per pattern');
+  const seen = [];
+  p.on('op', (m) => seen.push(`${m.channel} ${m.event}`));
+  let started = null;
+  p.on('subscribed', (r) => (started = r));
+  await p.subscribe();
+  await until(() => started, 'subscribed');
+  assert.equal(started.channels, 1);
+  publish('meeting:2/commands', 'stop'); // a channel created later
+  publish('meeting:2/chat', 'no');
+  assert.deepEqual(seen, ['meeting:1/commands pause', 'meeting:1/commands resume', 'meeting:2/commands stop']);
+  assert.deepEqual(Object.fromEntries(p.tokens), { 'meeting:1/commands': '2', 'meeting:2/commands': '1' });
+  // The endpoint dies; the next one is asked from every channel's token, and the
+  // op it re-delivers before each token is dropped by dot.
+  net.kill('http://a');
+  await until(() => c.status.online && c.status.endpoint === 'http://b', 'failover');
+  await until(() => net.log.some((l) => l.endpoint === 'http://b' && l.msg.type === 'subscribe_pattern'), 'resubscribe');
+  const again = net.log.find((l) => l.endpoint === 'http://b' && l.msg.type === 'subscribe_pattern').msg;
+  assert.deepEqual(again.since, { 'meeting:1/commands': '2', 'meeting:2/commands': '1' });
+  publish('meeting:3/commands', 'configure');
+  assert.deepEqual(seen.slice(3), ['meeting:3/commands configure']);
   c.close();
 });

@@ -179,3 +179,46 @@ async def test_the_sdk_receives_commands_across_channels_and_resumes_after_the_c
         assert sub.channels == 3
         item = await sub.get(timeout=20)
         assert isinstance(item, outpost.Op) and (item.channel, item.data) == (f"meeting:{u}-2/commands", 5)
+
+
+def test_the_browser_sdk_follows_a_pattern_on_the_cloud(fleet: Fleet, tmp_path: Any) -> None:
+    """clients/js (the browser SDK, run by node with its WebSocket): `pattern()`."""
+    import shutil
+    import subprocess
+
+    from .conftest import REPO
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("needs node")
+    u = f"j{time.monotonic_ns() % 10**9}"
+    script = tmp_path / "follow.mjs"
+    script.write_text(
+        f"import {{ Outpost }} from '{REPO / 'clients' / 'js' / 'outpost.js'}';\n"
+        "const [endpoint, token, pattern] = process.argv.slice(2);\n"
+        "const c = new Outpost({ endpoints: [endpoint], token, transports: ['websocket'] });\n"
+        "const p = c.pattern(pattern);\n"
+        "p.on('op', (m) => console.log(JSON.stringify({ channel: m.channel, event: m.event, by: m.by })));\n"
+        "p.on('subscribed', (r) => console.log(JSON.stringify({ started: r.channels })));\n"
+        "p.on('error', (e) => console.log(JSON.stringify({ error: e.code })));\n"
+        "await p.subscribe();\n"
+    )
+    ops_token = token([f"room:{u}-*"], actions=["subscribe"], sub="dashboard")
+    proc = subprocess.Popen(
+        [node, "--experimental-websocket", "--no-warnings", str(script), fleet["cloud"].url, ops_token, f"room:{u}-*/commands"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline()) == {"started": 0}
+        ada = token([f"room:{u}-*"], sub="ada")
+        outpost.publish(fleet["a"].url, f"room:{u}-1/commands", "pause", None, token=ada)
+        outpost.publish(fleet["b"].url, f"room:{u}-2/commands", "stop", None, token=ada)
+        got = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        assert sorted((g["channel"], g["event"], g["by"]) for g in got) == [
+            (f"room:{u}-1/commands", "pause", "ada"),
+            (f"room:{u}-2/commands", "stop", "ada"),
+        ]
+    finally:
+        proc.kill()
