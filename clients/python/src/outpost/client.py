@@ -430,8 +430,7 @@ class AsyncClient:
         msg: Dict[str, Any] = {"type": "publish", "channel": channel, "event": event, "data": data}
         if ephemeral:
             msg["ephemeral"] = True
-            await self._wait_online()
-            await self._send(msg)
+            await self._send_when_online(msg)
             return Ack(dot=None)
         msg["key"] = key or f"py-{uuid.uuid4().hex}"
         reply = await self._write(msg)
@@ -772,6 +771,24 @@ class AsyncClient:
                 await conn.send(json.dumps(msg, separators=(",", ":")))
         except websockets.exceptions.ConnectionClosed:
             raise _Dropped() from None
+
+    async def _send_when_online(self, msg: Dict[str, Any]) -> None:
+        """Sends without waiting for an answer; a connection that drops under it is
+        replaced and the message sent on the next (``Timeout`` after
+        ``request_timeout``)."""
+
+        async def attempt() -> None:
+            while True:
+                await self._wait_online()
+                try:
+                    return await self._send(msg)
+                except _Dropped:
+                    continue
+
+        try:
+            await asyncio.wait_for(attempt(), self.request_timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"{msg['type']}: not sent within {self.request_timeout} s") from None
 
     async def _request_once(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         """Sends on the current connection and waits for the answer (``_Dropped`` if
