@@ -298,6 +298,13 @@ impl Fanout {
         self.has_patterns.store(true, Ordering::Relaxed);
     }
 
+    /// Whether `conn` subscribes to `channel` here.
+    pub fn is_subscribed(&self, channel: &ChannelName, conn: ConnId) -> bool {
+        self.lock()
+            .get(channel)
+            .is_some_and(|c| c.subs.contains_key(&conn))
+    }
+
     /// Ends a connection's namespace subscriptions (`pattern`, or all of them); returns
     /// the channels they adopted, for the caller to unsubscribe.
     pub fn remove_patterns(&self, conn: ConnId, pattern: Option<&str>) -> Vec<ChannelName> {

@@ -222,3 +222,37 @@ def test_the_browser_sdk_follows_a_pattern_on_the_cloud(fleet: Fleet, tmp_path: 
         ]
     finally:
         proc.kill()
+
+
+async def test_a_channel_subscribed_by_name_keeps_its_own_subscription(fleet: Fleet) -> None:
+    u = f"n{time.monotonic_ns() % 10**9}"
+    named, other = f"desk:{u}-1/commands", f"desk:{u}-2/commands"
+    ada = token([f"desk:{u}-*"], sub="ada")
+    outpost.publish(fleet["cloud"].url, named, "one", None, token=ada)
+    outpost.publish(fleet["cloud"].url, other, "two", None, token=ada)
+    ws = await connect(ws_url(fleet["cloud"].url), **{"X-Api-Key": API_KEY})
+    try:
+        await ws.send(json.dumps({"type": "subscribe", "id": 1, "channel": named}))
+        msgs = await recv_until(ws, lambda g: any(m.get("id") == 1 for m in g))
+        assert [m["data"] for m in msgs if m["type"] == "op"] == [None] and msgs[-1]["replayed"] == 1
+        await ws.send(json.dumps({"type": "subscribe_pattern", "id": 2, "pattern": f"desk:{u}-*/commands"}))
+        msgs = await recv_until(ws, lambda g: any(m.get("id") == 2 for m in g))
+        # Only the other channel is the pattern's (and replayed); the named one is not again.
+        assert msgs[-1]["channels"] == 1, msgs
+        assert ops_of(msgs) == [(other, "two", None, "ada")]
+        outpost.publish(fleet["cloud"].url, named, "three", None, token=ada)
+        msgs = await recv_until(ws, lambda g: any(m["type"] == "op" for m in g))
+        assert ops_of(msgs) == [(named, "three", None, "ada")]
+        # Ending the pattern leaves the named subscription.
+        await ws.send(json.dumps({"type": "unsubscribe_pattern", "id": 3, "pattern": f"desk:{u}-*/commands"}))
+        await recv_until(ws, lambda g: any(m.get("id") == 3 for m in g))
+        outpost.publish(fleet["cloud"].url, named, "four", None, token=ada)
+        msgs = await recv_until(ws, lambda g: any(m["type"] == "op" for m in g))
+        assert ops_of(msgs) == [(named, "four", None, "ada")]
+        try:
+            extra = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
+            assert extra["type"] != "op", extra
+        except asyncio.TimeoutError:
+            pass
+    finally:
+        await ws.close()

@@ -535,6 +535,9 @@ impl Core {
                 .filter(|c| pattern.matches(c))
                 .cloned(),
         );
+        // A channel the connection already subscribes to by name stays that
+        // subscription (its own position; `unsubscribe_pattern` leaves it).
+        names.retain(|c| !self.fanout.is_subscribed(c, conn.id));
         if names.len() > max {
             return Err(CoreError::TooMany(format!(
                 "pattern {pattern} matches {} channels; at most {max} per namespace subscription",
