@@ -142,6 +142,11 @@ impl Started {
         self.http.local_addr()
     }
 
+    /// `https` with `[tls]`, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        self.running.scheme()
+    }
+
     /// Serves the client API until shutdown.
     pub async fn serve(self) -> Result<(), CloudError> {
         edge::serve_with(&self.running, self.http, admin::router(self.admin)).await?;

@@ -98,7 +98,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let shutdown = CancellationToken::new();
         let started = cloud::start(cfg, http, shutdown.clone()).await?;
-        println!("outpost-cloud listening on http://{}", started.http_addr()?);
+        println!(
+            "outpost-cloud listening on {}://{}",
+            started.scheme(),
+            started.http_addr()?
+        );
         println!("outpost-cloud quic on {}", started.quic_addr);
         println!("outpost-cloud certificate sha256 {}", started.fingerprint);
         let stop = shutdown.clone();

@@ -440,6 +440,23 @@ pub struct TestingConfig {
     pub websocket_echo: bool,
 }
 
+/// TLS on the client listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain (PEM): the server's certificate first, then intermediates.
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// How often to look for renewed files, in seconds (0: only on SIGHUP).
+    #[serde(default = "default_tls_reload_secs")]
+    pub reload_secs: u64,
+}
+
+fn default_tls_reload_secs() -> u64 {
+    30
+}
+
 /// The whole edge configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -459,6 +476,9 @@ pub struct EdgeConfig {
     pub shutdown_drain_ms: u64,
     /// How long shutdown waits for clients to be told to move, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// HTTPS and WSS on `listen` (with HTTP/2 by ALPN); without it, plain HTTP (for
+    /// loopback development, or behind a TLS-terminating proxy).
+    pub tls: Option<TlsConfig>,
     pub storage: StorageConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
@@ -511,6 +531,7 @@ impl Default for EdgeConfig {
             sse_heartbeat_secs: 15,
             shutdown_drain_ms: 1_000,
             shutdown_grace_ms: 2_000,
+            tls: None,
             storage: StorageConfig::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
@@ -536,6 +557,7 @@ const ENV_KEYS: &[&str] = &[
     "sse_heartbeat_secs",
     "shutdown_drain_ms",
     "shutdown_grace_ms",
+    "tls",
     "storage",
     "auth",
     "limits",
@@ -1035,6 +1057,13 @@ sse_heartbeat_secs = 15
 # listener closes and open requests get shutdown_grace_ms to finish.
 shutdown_drain_ms = 1000
 shutdown_grace_ms = 2000
+
+# HTTPS and WSS on `listen`, HTTP/2 by ALPN. Renewed files are picked up without a
+# restart (on SIGHUP, and when they change). Without [tls]: plain HTTP.
+# [tls]
+# cert = "/etc/outpost/tls/fullchain.pem"
+# key = "/etc/outpost/tls/privkey.pem"
+# reload_secs = 30
 
 [storage]
 # "fsync": ack after a group-committed flush. "os": ack once the OS has the write.

@@ -1,4 +1,4 @@
-//! The gateway's HTTP accept loop. `axum::serve` sets no header-read timeout and no
+//! The gateway's HTTP accept loop (over TLS with `[tls]`, see `crate::https`). `axum::serve` sets no header-read timeout and no
 //! cap on open sockets, so a slowloris client or a connection flood could hold file
 //! descriptors forever. This loop (hyper's HTTP/1 server with upgrades):
 //!
@@ -17,13 +17,15 @@ use std::time::{Duration, Instant};
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
+
+use crate::https::ClientTls;
 
 /// Socket-level limits of the accept loop.
 #[derive(Clone, Copy, Debug)]
@@ -42,11 +44,37 @@ pub struct Stopping {
     pub grace: Duration,
 }
 
-/// Serves `app` on `listener` until `shutdown` (and `stopping.drain` after it).
+/// Runs one connection: until it ends, or until shutdown (then gracefully). A
+/// connection accepted while draining gets `grace` in all.
+macro_rules! drive {
+    ($conn:expr, $draining:expr, $stopping:expr, $stop:expr, $addr:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        if $draining {
+            let _ = tokio::time::timeout($stopping.grace, conn.as_mut()).await;
+        } else {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::trace!(peer = %$addr, error = %e, "connection ended");
+                    }
+                }
+                () = $stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        }
+    }};
+}
+
+/// Serves `app` on `listener` until `shutdown` (and `stopping.drain` after it); over
+/// TLS when `tls` is set.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<ClientTls>,
     shutdown: CancellationToken,
     stopping: Stopping,
 ) {
@@ -95,29 +123,69 @@ pub async fn serve(
         let stop = shutdown.clone();
         // Accepted while draining: one request, then the connection closes.
         let draining = shutdown.is_cancelled();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .keep_alive(!draining)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            if draining {
-                let _ = tokio::time::timeout(stopping.grace, conn.as_mut()).await;
+            let h1 = || {
+                let mut b = http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_timeout)
+                    .keep_alive(!draining);
+                b
+            };
+            let Some(tls) = tls else {
+                drive!(
+                    h1().serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades(),
+                    draining,
+                    stopping,
+                    stop,
+                    addr
+                );
                 drop(permit);
                 return;
-            }
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::trace!(peer = %addr, error = %e, "connection ended");
-                    }
+            };
+            // The handshake is bounded like the request headers (slowloris).
+            let stream = match tokio::time::timeout(
+                limits.header_timeout,
+                tls.acceptor.accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    metrics::counter!("outpost_tls_handshake_failures_total").increment(1);
+                    tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                    drop(permit);
+                    return;
                 }
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                Err(_) => {
+                    metrics::counter!("outpost_tls_handshake_failures_total").increment(1);
+                    drop(permit);
+                    return;
                 }
+            };
+            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                // HTTP/2: a page's SSE streams and REST calls share this connection.
+                // (WebSockets go over HTTP/1.1 connections: browsers open one when the
+                // server does not offer extended CONNECT.)
+                let mut b = http2::Builder::new(TokioExecutor::new());
+                b.timer(TokioTimer::new());
+                drive!(
+                    b.serve_connection(TokioIo::new(stream), svc),
+                    draining,
+                    stopping,
+                    stop,
+                    addr
+                );
+            } else {
+                drive!(
+                    h1().serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades(),
+                    draining,
+                    stopping,
+                    stop,
+                    addr
+                );
             }
             drop(permit);
         });

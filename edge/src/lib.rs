@@ -16,6 +16,7 @@ pub mod core;
 pub mod fanout;
 pub mod gateway;
 pub mod http;
+pub mod https;
 pub mod link;
 pub mod startup;
 pub mod storage;
@@ -42,6 +43,8 @@ pub enum RunError {
     Auth(String),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    #[error("[tls]: {0}")]
+    Tls(String),
 }
 
 /// A started server, for callers that embed it (the cloud, tests).
@@ -49,6 +52,19 @@ pub enum RunError {
 pub struct Running {
     pub core: Arc<Core>,
     pub state: Arc<AppState>,
+    /// `[tls]`: the listener serves HTTPS and WSS.
+    pub tls: Option<https::ClientTls>,
+}
+
+impl Running {
+    /// `https` with `[tls]`, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 /// Opens storage and builds the gateway state for a replica in `role`.
@@ -68,6 +84,13 @@ pub fn build_with_log(
     shared_log: Option<Arc<dyn core::SharedLog>>,
     shutdown: CancellationToken,
 ) -> Result<Running, RunError> {
+    // Certificates first: a bad [tls] section fails before anything starts.
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(https::ClientTls::new)
+        .transpose()
+        .map_err(|e| RunError::Tls(e.to_string()))?;
     let cfg = Arc::new(cfg);
     // The recorder first: opening storage already records (e.g. a repair).
     let _ = gateway::metrics_handle();
@@ -97,7 +120,7 @@ pub fn build_with_log(
             }
         }
     });
-    Ok(Running { core, state })
+    Ok(Running { core, state, tls })
 }
 
 /// Serves the client gateway on `listener` until `shutdown` fires, then closes
@@ -125,7 +148,21 @@ pub async fn serve_with(
         drain: Duration::from_millis(state.cfg.shutdown_drain_ms),
         grace,
     };
-    http::serve(listener, app, limits, shutdown, stopping).await;
+    if let Some(tls) = &running.tls {
+        running
+            .core
+            .tasks
+            .spawn(tls.clone().watch(shutdown.clone()));
+    }
+    http::serve(
+        listener,
+        app,
+        limits,
+        running.tls.clone(),
+        shutdown,
+        stopping,
+    )
+    .await;
     // Give connection tasks a moment to send their close frames, wait for every
     // background task (each stops on `shutdown`; the group committer flushes last),
     // then make sure everything acknowledged is on disk.

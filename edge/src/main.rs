@@ -130,7 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Storage first (it fails if another process holds the data dir): "listening"
         // means this edge is about to serve.
         let running = edge::start(cfg, shutdown.clone())?;
-        println!("outpost-edge listening on http://{addr}");
+        println!("outpost-edge listening on {}://{addr}", running.scheme());
         if let Some(t) = &dev_token {
             println!("dev token (all rights, 24 h): {t}");
             println!("try: curl -s -X POST http://{addr}/v1/channels/project:1/events -H 'Authorization: Bearer {t}' -H 'content-type: application/json' -d '{{\"event\":\"ingest.job.created\",\"data\":{{\"job\":1}}}}'");

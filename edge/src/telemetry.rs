@@ -138,6 +138,20 @@ pub const SERIES: &[Series] = &[
         "failed accept calls (out of file descriptors)",
     ),
     s(
+        "outpost_tls_handshake_failures_total",
+        Counter,
+        Every,
+        &[],
+        "TLS handshakes on the client listener that failed or timed out",
+    ),
+    s(
+        "outpost_tls_reloads_total",
+        Counter,
+        Every,
+        &["result"],
+        "reloads of the client listener's certificate, by result",
+    ),
+    s(
         "outpost_channels",
         Gauge,
         Every,
