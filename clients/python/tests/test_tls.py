@@ -181,3 +181,31 @@ async def test_a_renewed_certificate_is_served_without_a_restart(tls_edge: Any) 
     assert presented(p.port, ca) == der_of(certs / "third.pem")
     assert "TLS certificate not reloaded" in p.log_tail()
     await ws.close()
+
+
+def test_a_browser_loads_the_page_and_connects_over_https_wss_and_http2(tls_edge: Any) -> None:
+    """Headless Chromium with its own fetch, WebSocket and EventSource."""
+    import base64
+    import hashlib
+    import shutil
+
+    from .conftest import REPO, token
+
+    p, ca, certs = tls_edge
+    node = shutil.which("node")
+    if node is None or not Path(os.environ.get("CHROMIUM", "/usr/bin/chromium")).exists() or not (REPO / "tests" / "browser" / "node_modules" / "playwright-core").exists():
+        pytest.skip("needs node, Chromium and tests/browser/node_modules (scripts/test installs them)")
+    spki = subprocess.run(["openssl", "x509", "-in", str(certs / "first.pem"), "-pubkey", "-noout"], check=True, capture_output=True).stdout
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "der"], input=spki, check=True, capture_output=True).stdout
+    cfg = {
+        "origin": f"https://localhost:{p.port}",
+        "token": token(["*"]),
+        "channel": CHANNEL + "-browser",
+        "spki": base64.b64encode(hashlib.sha256(der).digest()).decode(),
+    }
+    out = subprocess.run([node, str(REPO / "tests" / "browser" / "tls.mjs"), json.dumps(cfg)], capture_output=True, text=True, timeout=90)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["ok"], (r, out.stderr)
+    assert (r["page"], r["protocol"], r["ready"]) == (200, "h2", 200), r
+    assert r["ws"] == "connected" and r["streams"] == ["subscribed", "subscribed"], r
+    assert r["protocols"] and all(x == "h2" for x in r["protocols"]), r
