@@ -1,13 +1,14 @@
 // Drives the cloud's dashboard in headless Chromium (Debian's, through playwright-core):
 // both edges appear connected, a reconciliation entry is shown, then the given edge
 // process is killed and the dashboard must show it disconnected. Screenshots go to
-// the given directory and are checked not to be blank.
+// the given directory and are checked not to be blank. The reconciliation entry's key
+// is hostile markup: it must appear as text and never run.
 //
-//   node dashboard.mjs <cloud url> <operator key> <pid of edge-b> <screenshot dir>
+//   node dashboard.mjs <cloud url> <operator key> <pid of edge-b> <screenshot dir> <hostile key>
 import { launch } from "./chromium.mjs";
 import { statSync } from "node:fs";
 
-const [url, key, pid, outDir] = process.argv.slice(2);
+const [url, key, pid, outDir, hostile] = process.argv.slice(2);
 if (!url || !key || !pid || !outDir) {
   console.error("usage: node dashboard.mjs <cloud url> <operator key> <edge pid> <screenshot dir>");
   process.exit(2);
@@ -23,6 +24,16 @@ try {
   await page.waitForSelector("li.conflict", { timeout: 20000 });
   const conflict = await page.textContent("li.conflict");
   if (!conflict.includes("won") || !conflict.includes("lost")) throw new Error(`conflict entry: ${conflict}`);
+  if (hostile) {
+    const shown = await page.textContent("li.conflict code");
+    if (shown !== hostile) throw new Error(`the key is shown as ${JSON.stringify(shown)}, not as the text ${JSON.stringify(hostile)}`);
+    if ((await page.$$("li.conflict img")).length) throw new Error("the key became markup (an <img> in the report)");
+    const title = await page.title();
+    if (title === "pwned") throw new Error("the key's script ran in the operator's browser");
+  }
+  const csp = (await page.goto(`${url}/dashboard`, { waitUntil: "domcontentloaded" }).catch(() => null))?.headers()["content-security-policy"] || "";
+  if (!csp.includes("script-src 'self'")) throw new Error(`no Content-Security-Policy on the dashboard: ${csp}`);
+  await page.waitForSelector(`tr[data-edge="edge-a"] .badge.connected`, { timeout: 20000 });
   await page.waitForTimeout(2500); // a few samples for the sparklines
   const shot1 = `${outDir}/dashboard.png`;
   await page.screenshot({ path: shot1, fullPage: true });

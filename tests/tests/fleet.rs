@@ -626,10 +626,21 @@ async fn the_dashboard_shows_the_fleet_a_dead_edge_and_the_reconciliation_report
     let http = reqwest::Client::new();
     connected(&http, &f.cloud, 2.0).await?;
     let t = admin_token();
-    // A partition with a concurrent write, so the report has an entry.
+    // A partition with a concurrent write, so the report has an entry — under a key
+    // a hostile client chose: the dashboard must show it as text, never run it.
+    const HOSTILE: &str = "<img src=x onerror=\"document.title='pwned'\">";
+    let key: String = HOSTILE
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
     f.cloud.kill9();
     for (edge, v) in [(&f.a, "left"), (&f.b, "right")] {
-        http.put(edge.url("/v1/channels/project:dash/state/layout"))
+        http.put(edge.url(&format!("/v1/channels/project:dash/state/{key}")))
             .bearer_auth(&t)
             .json(&json!({"value": v}))
             .send()
@@ -654,6 +665,7 @@ async fn the_dashboard_shows_the_fleet_a_dead_edge_and_the_reconciliation_report
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/dashboard.mjs"))
         .args([f.cloud.url("").as_str(), OPERATOR_KEY, pid.as_str()])
         .arg(&docs)
+        .arg(HOSTILE)
         .output()
         .await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
