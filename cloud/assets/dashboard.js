@@ -5,10 +5,20 @@ const $ = (id) => document.getElementById(id);
 // client with the `state` right, timeline details): always HTML-escaped before it is
 // put into markup, and the page's Content-Security-Policy refuses inline script.
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-function keyFromPage() {
+// The operator key is traded once for a session cookie (HttpOnly, SameSite=Strict):
+// the page keeps no key and puts none in URLs. `#key=` (for links from scripts) is
+// read, traded and removed from the address bar at once.
+async function login(key) {
+  const r = await fetch("/v1/admin/session", { method: "POST", headers: { Authorization: `Bearer ${key}` } });
+  return r.ok;
+}
+async function signedIn() {
   const m = location.hash.match(/key=([^&]+)/);
-  if (m) { localStorage.setItem("outpost-operator-key", decodeURIComponent(m[1])); history.replaceState(null, "", location.pathname); }
-  return localStorage.getItem("outpost-operator-key");
+  if (m) {
+    history.replaceState(null, "", location.pathname);
+    if (await login(decodeURIComponent(m[1]))) return true;
+  }
+  return (await fetch("/v1/admin/edges")).ok;
 }
 function ago(ms) {
   const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
@@ -73,12 +83,16 @@ function render(s) {
     cf.appendChild(li);
   }
 }
-function start(key) {
+function start() {
   $("login").hidden = true; $("app").hidden = false;
-  const es = new EventSource(`/v1/admin/stream?key=${encodeURIComponent(key)}`);
+  const es = new EventSource("/v1/admin/stream");
   es.addEventListener("fleet", (m) => render(JSON.parse(m.data)));
   es.onerror = () => { $("status").textContent = "reconnecting…"; };
 }
-const key = keyFromPage();
-if (key) start(key); else { $("login").hidden = false; $("status").textContent = "operator key needed"; }
-$("go").onclick = () => { localStorage.setItem("outpost-operator-key", $("key").value); start($("key").value); };
+function askKey(why) { $("login").hidden = false; $("status").textContent = why; }
+signedIn().then((ok) => (ok ? start() : askKey("operator key needed")), () => askKey("cannot reach the cloud"));
+$("go").onclick = async () => {
+  const key = $("key").value;
+  $("key").value = "";
+  if (await login(key)) start(); else askKey("that key was refused");
+};

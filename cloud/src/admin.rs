@@ -18,6 +18,7 @@ use shared::client::ErrorCode;
 use shared::ReplicaId;
 
 use crate::fleet::Fleet;
+use crate::session::Sessions;
 use crate::shared_fleet::{self, FleetCommand, SharedFleet};
 
 /// Edges whose credentials an operator revoked at run time (persisted).
@@ -67,6 +68,8 @@ pub struct Admin {
     pub revoked: Arc<Revocations>,
     /// Clustered: the fleet state shared with the other coordinators.
     pub shared: Option<Arc<SharedFleet>>,
+    /// The dashboard's sessions (cookie instead of the key).
+    pub sessions: Arc<Sessions>,
 }
 
 impl Admin {
@@ -86,18 +89,58 @@ impl Admin {
     }
 }
 
+/// The operator a request comes from: its key (`Authorization: Bearer`, `X-Api-Key`)
+/// or its dashboard session cookie.
 fn operator(admin: &Admin, headers: &HeaderMap) -> Result<String, ApiError> {
+    let key = credential(headers, None);
+    if key.is_none() {
+        if let Some(who) = admin.sessions.operator(headers) {
+            return Ok(who);
+        }
+    }
     admin
         .state
         .auth
-        .verify_operator(credential(headers, None).as_deref())
+        .verify_operator(key.as_deref())
         .map_err(ApiError::from)
+}
+
+/// Trades the operator key (in a header, never in the URL) for a session cookie.
+async fn open_session(State(a): State<Admin>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let key = credential(&headers, None);
+    let who = a
+        .state
+        .auth
+        .verify_operator(key.as_deref())
+        .map_err(ApiError::from)?;
+    let cookie = a
+        .sessions
+        .open(&who, a.state.cfg.tls.is_some())
+        .ok_or_else(|| ApiError::new(ErrorCode::Internal, "no randomness for a session id"))?;
+    Ok((
+        axum::http::StatusCode::NO_CONTENT,
+        [(axum::http::header::SET_COOKIE, cookie)],
+    )
+        .into_response())
+}
+
+async fn close_session(State(a): State<Admin>, headers: HeaderMap) -> Response {
+    let cookie = a.sessions.close(&headers);
+    (
+        axum::http::StatusCode::NO_CONTENT,
+        [(axum::http::header::SET_COOKIE, cookie)],
+    )
+        .into_response()
 }
 
 pub fn router(admin: Admin) -> Router {
     Router::new()
         .route("/dashboard", get(dashboard))
         .route("/dashboard.js", get(dashboard_js))
+        .route(
+            "/v1/admin/session",
+            post(open_session).delete(close_session),
+        )
         .route("/v1/admin/stream", get(stream))
         .route("/v1/admin/edges", get(edges))
         .route("/v1/admin/channels", get(channels))
@@ -114,7 +157,8 @@ pub fn router(admin: Admin) -> Router {
 /// origin only, never framed.
 const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// The dashboard page (it asks for the operator key and keeps it in the browser).
+/// The dashboard page (it asks for the operator key once and trades it for a session
+/// cookie, `crate::session`).
 async fn dashboard() -> Response {
     use axum::http::header;
     (
@@ -141,11 +185,6 @@ async fn dashboard_js() -> Response {
         include_str!("../assets/dashboard.js"),
     )
         .into_response()
-}
-
-#[derive(Debug, Deserialize)]
-struct KeyQuery {
-    key: Option<String>,
 }
 
 /// Everything the dashboard shows, as one JSON value.
@@ -185,16 +224,8 @@ fn snapshot(a: &Admin) -> serde_json::Value {
 
 /// `GET /v1/admin/stream?key=...`: the dashboard's live feed, a `fleet` event per
 /// second (server-sent events; EventSource cannot send headers, hence the query key).
-async fn stream(
-    State(a): State<Admin>,
-    headers: HeaderMap,
-    Query(q): Query<KeyQuery>,
-) -> Result<Response, ApiError> {
-    let key = credential(&headers, q.key.as_deref());
-    a.state
-        .auth
-        .verify_operator(key.as_deref())
-        .map_err(ApiError::from)?;
+async fn stream(State(a): State<Admin>, headers: HeaderMap) -> Result<Response, ApiError> {
+    operator(&a, &headers)?;
     let shutdown = a.state.shutdown.clone();
     let s = futures_util::stream::unfold((a, true), move |(a, first)| {
         let shutdown = shutdown.clone();

@@ -8,6 +8,7 @@ pub mod accept;
 pub mod admin;
 pub mod fleet;
 pub mod jetstream;
+pub mod session;
 pub mod shared_fleet;
 
 use std::net::SocketAddr;
@@ -126,6 +127,7 @@ pub async fn start(
         fleet: fleet.clone(),
         revoked,
         shared: shared_fleet,
+        sessions: Arc::default(),
     };
     Ok(Started {
         quic_addr,

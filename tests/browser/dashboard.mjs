@@ -31,6 +31,11 @@ try {
     const title = await page.title();
     if (title === "pwned") throw new Error("the key's script ran in the operator's browser");
   }
+  // The key was traded for an HttpOnly session cookie: nothing in the page holds it.
+  const held = await page.evaluate(() => JSON.stringify({ ...localStorage }) + document.cookie + location.href);
+  if (held.includes(key)) throw new Error(`the page holds the operator key: ${held}`);
+  const byUrl = await fetch(`${url}/v1/admin/stream?key=${encodeURIComponent(key)}`);
+  if (byUrl.status !== 401) throw new Error(`a key in the URL was accepted (${byUrl.status})`);
   const csp = (await page.goto(`${url}/dashboard`, { waitUntil: "domcontentloaded" }).catch(() => null))?.headers()["content-security-policy"] || "";
   if (!csp.includes("script-src 'self'")) throw new Error(`no Content-Security-Policy on the dashboard: ${csp}`);
   await page.waitForSelector(`tr[data-edge="edge-a"] .badge.connected`, { timeout: 20000 });
