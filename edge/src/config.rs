@@ -130,6 +130,10 @@ pub struct LimitsConfig {
     pub max_sockets: usize,
     /// A connection must send a request's headers within this time (slowloris).
     pub header_timeout_secs: u64,
+    /// Reverse proxies (addresses or networks) whose `X-Forwarded-For` / `Forwarded`
+    /// headers name the client for per-IP limits and logs; from anyone else those
+    /// headers are ignored. Empty: the socket's peer is the client.
+    pub trusted_proxies: Vec<crate::proxy::Network>,
 }
 
 impl Default for LimitsConfig {
@@ -146,6 +150,7 @@ impl Default for LimitsConfig {
             idle_timeout_secs: 90,
             max_sockets: 19_000,
             header_timeout_secs: 10,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -1103,6 +1108,9 @@ send_queue = 1024
 idle_timeout_secs = 90
 max_sockets = 19000            # open HTTP sockets (REST, SSE, before upgrade); extra ones are closed
 header_timeout_secs = 10       # request headers must arrive within this (slowloris)
+# Behind nginx / an ingress: the proxies whose X-Forwarded-For (or Forwarded) names the
+# client for per-IP limits and logs. Headers from anyone else are ignored.
+# trusted_proxies = ["127.0.0.1", "10.0.0.0/8"]
 
 [history.default]
 max_ops = 10000

@@ -26,12 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use crate::https::ClientTls;
+use crate::proxy::{client_addr, Network};
 
 /// Socket-level limits of the accept loop.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct HttpLimits {
     pub max_sockets: usize,
     pub header_timeout: Duration,
+    /// Proxies whose forwarding headers name the client (`crate::proxy`).
+    pub trusted_proxies: Arc<[Network]>,
 }
 
 /// How the accept loop stops: `drain` after `shutdown` fires it stops accepting (in
@@ -115,8 +118,13 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let trusted = limits.trusted_proxies.clone();
         let svc = service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
+            // Handlers see the client's address: behind a trusted proxy, the one its
+            // forwarding headers name.
+            let client = client_addr(addr, req.headers(), &trusted);
+            req.extensions_mut()
+                .insert(ConnectInfo::<SocketAddr>(client));
             let mut app = app.clone();
             async move { app.call(req).await }
         });
@@ -124,11 +132,12 @@ pub async fn serve(
         // Accepted while draining: one request, then the connection closes.
         let draining = shutdown.is_cancelled();
         let tls = tls.clone();
+        let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
             let h1 = || {
                 let mut b = http1::Builder::new();
                 b.timer(TokioTimer::new())
-                    .header_read_timeout(limits.header_timeout)
+                    .header_read_timeout(header_timeout)
                     .keep_alive(!draining);
                 b
             };

@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod http;
 pub mod https;
 pub mod link;
+pub mod proxy;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
@@ -142,6 +143,7 @@ pub async fn serve_with(
     let limits = http::HttpLimits {
         max_sockets: state.cfg.limits.max_sockets,
         header_timeout: Duration::from_secs(state.cfg.limits.header_timeout_secs),
+        trusted_proxies: state.cfg.limits.trusted_proxies.clone().into(),
     };
     // WebSocket connections see the token and close themselves with 4101.
     let stopping = http::Stopping {
