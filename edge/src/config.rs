@@ -445,6 +445,19 @@ pub struct TestingConfig {
     pub websocket_echo: bool,
 }
 
+/// The operations listener: `/metrics` (and on the cloud the operator API and the
+/// dashboard) on their own address, off the client listener.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// Serve them here instead of on `listen` (e.g. an address only the monitoring
+    /// network reaches). Unset: on `listen`.
+    pub listen: Option<SocketAddr>,
+    /// SHA-256 (hex) of a bearer token `/metrics` requires (`Authorization: Bearer`).
+    /// Unset: `/metrics` is open to whoever reaches it.
+    pub metrics_token_sha256: Option<String>,
+}
+
 /// TLS on the client listener.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -484,6 +497,7 @@ pub struct EdgeConfig {
     /// HTTPS and WSS on `listen` (with HTTP/2 by ALPN); without it, plain HTTP (for
     /// loopback development, or behind a TLS-terminating proxy).
     pub tls: Option<TlsConfig>,
+    pub ops: OpsConfig,
     pub storage: StorageConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
@@ -537,6 +551,7 @@ impl Default for EdgeConfig {
             shutdown_drain_ms: 1_000,
             shutdown_grace_ms: 2_000,
             tls: None,
+            ops: OpsConfig::default(),
             storage: StorageConfig::default(),
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
@@ -563,6 +578,7 @@ const ENV_KEYS: &[&str] = &[
     "shutdown_drain_ms",
     "shutdown_grace_ms",
     "tls",
+    "ops",
     "storage",
     "auth",
     "limits",
@@ -788,6 +804,20 @@ impl EdgeConfig {
             bad(
                 "limits.max_subscriptions_per_connection",
                 "must be at least 1",
+            );
+        }
+        if let Some(h) = &self.ops.metrics_token_sha256 {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bad(
+                    "ops.metrics_token_sha256",
+                    "must be 64 hex digits (outpost-edge hash-key <token> prints them)",
+                );
+            }
+        }
+        if self.ops.listen.is_some_and(|a| a == self.listen) {
+            bad(
+                "ops.listen",
+                "must differ from listen (leave it unset to serve on listen)",
             );
         }
         if l.max_channels_per_pattern == 0 {
@@ -1069,6 +1099,12 @@ shutdown_grace_ms = 2000
 # cert = "/etc/outpost/tls/fullchain.pem"
 # key = "/etc/outpost/tls/privkey.pem"
 # reload_secs = 30
+
+# /metrics (and on the cloud the operator API and dashboard) on their own address, and
+# a bearer token for /metrics. Unset: /metrics is on `listen`, open.
+# [ops]
+# listen = "10.0.0.5:9100"
+# metrics_token_sha256 = "<outpost-edge hash-key <token>>"
 
 [storage]
 # "fsync": ack after a group-committed flush. "os": ack once the OS has the write.

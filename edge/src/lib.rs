@@ -138,7 +138,19 @@ pub async fn serve_with(
 ) -> Result<(), RunError> {
     let state = running.state.clone();
     let shutdown = state.shutdown.clone();
-    let app = extra.merge(gateway::router(state.clone()));
+    // `extra` (the cloud's operator API and dashboard) and `/metrics` go to the
+    // operations listener when there is one.
+    let (app, ops) = match state.cfg.ops.listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "operations listener (metrics, operator API)");
+            (
+                gateway::router(state.clone()),
+                Some((listener, extra.merge(gateway::ops_router(state.clone())))),
+            )
+        }
+        None => (extra.merge(gateway::router(state.clone())), None),
+    };
     let grace = Duration::from_millis(state.cfg.shutdown_grace_ms);
     let limits = http::HttpLimits {
         max_sockets: state.cfg.limits.max_sockets,
@@ -156,15 +168,24 @@ pub async fn serve_with(
             .tasks
             .spawn(tls.clone().watch(shutdown.clone()));
     }
-    http::serve(
-        listener,
-        app,
-        limits,
-        running.tls.clone(),
-        shutdown,
-        stopping,
-    )
-    .await;
+    let tls = running.tls.clone();
+    match ops {
+        Some((ops_listener, ops_app)) => {
+            let ops_limits = limits.clone();
+            tokio::join!(
+                http::serve(
+                    listener,
+                    app,
+                    limits,
+                    tls.clone(),
+                    shutdown.clone(),
+                    stopping
+                ),
+                http::serve(ops_listener, ops_app, ops_limits, tls, shutdown, stopping),
+            );
+        }
+        None => http::serve(listener, app, limits, tls, shutdown, stopping).await,
+    }
     // Give connection tasks a moment to send their close frames, wait for every
     // background task (each stops on `shutdown`; the group committer flushes last),
     // then make sure everything acknowledged is on disk.

@@ -307,6 +307,15 @@ pub fn now_secs() -> u64 {
     crate::core::now_ms() / 1000
 }
 
+/// The operations listener's router (`[ops] listen`): `/metrics` and the probes.
+pub fn ops_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(rest::metrics))
+        .route("/healthz", get(rest::healthz))
+        .route("/readyz", get(rest::readyz))
+        .with_state(state)
+}
+
 /// The whole client-facing router.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.cfg.limits.max_message_bytes;
@@ -316,10 +325,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/rtc/offer", axum::routing::post(rtc::offer))
         .route("/healthz", get(rest::healthz))
         .route("/readyz", get(rest::readyz))
-        .route("/metrics", get(rest::metrics))
         .route("/", get(rest::index))
         .route("/demo/app.js", get(rest::demo_app))
         .route("/sdk/outpost.js", get(rest::sdk));
+    // `/metrics` here unless the operations listener serves it (`ops_router`).
+    let r = if state.cfg.ops.listen.is_none() {
+        r.route("/metrics", get(rest::metrics))
+    } else {
+        r
+    };
     let r = if state.cfg.testing.websocket_echo {
         r.route("/v1/test/echo", get(ws::echo))
     } else {

@@ -298,7 +298,18 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Prometheus text exposition.
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+pub async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(want) = &state.cfg.ops.metrics_token_sha256 {
+        let given = super::credential(&headers, None).unwrap_or_default();
+        if !crate::auth::api_key_hash(&given).eq_ignore_ascii_case(want) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "/metrics needs Authorization: Bearer <the metrics token>\n",
+            )
+                .into_response();
+        }
+    }
     let (channels, outbox) = state
         .core
         .with_node(|n| (n.channels().count(), n.outbox_len()));
