@@ -184,10 +184,63 @@ pub struct Claims {
     pub rights: Vec<Right>,
 }
 
+/// A key that verifies tokens of one algorithm (`kid`: the key id tokens name).
+struct TokenKey {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// PEM text, or the path of a PEM file.
+fn pem_text(v: &str, what: &str) -> Result<String, String> {
+    if v.contains("-----BEGIN") {
+        Ok(v.to_owned())
+    } else {
+        std::fs::read_to_string(v).map_err(|e| format!("{what}: cannot read {v}: {e}"))
+    }
+}
+
+impl TokenKey {
+    fn new(cfg: &crate::config::JwtKeyConfig) -> Result<Self, String> {
+        use std::str::FromStr;
+        let what = format!("auth.jwt_keys ({})", cfg.kid.as_deref().unwrap_or("no kid"));
+        let alg = Algorithm::from_str(&cfg.alg)
+            .map_err(|_| format!("{what}: unknown alg {:?}", cfg.alg))?;
+        let bad = |e: jsonwebtoken::errors::Error| format!("{what}: not a {:?} key: {e}", alg);
+        let key = match alg {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+                if cfg.key.len() < 32 {
+                    return Err(format!("{what}: an HS secret needs at least 32 characters"));
+                }
+                DecodingKey::from_secret(cfg.key.as_bytes())
+            }
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => {
+                DecodingKey::from_rsa_pem(pem_text(&cfg.key, &what)?.as_bytes()).map_err(bad)?
+            }
+            Algorithm::ES256 | Algorithm::ES384 => {
+                DecodingKey::from_ec_pem(pem_text(&cfg.key, &what)?.as_bytes()).map_err(bad)?
+            }
+            Algorithm::EdDSA => {
+                DecodingKey::from_ed_pem(pem_text(&cfg.key, &what)?.as_bytes()).map_err(bad)?
+            }
+        };
+        Ok(Self {
+            kid: cfg.kid.clone(),
+            alg,
+            key,
+        })
+    }
+}
+
 /// Verifies tokens and API keys.
 pub struct Authenticator {
-    hs256: Option<DecodingKey>,
-    eddsa: Option<DecodingKey>,
+    /// Every token key: `hs256_secret`, `ed25519_public_key` and `jwt_keys`.
+    keys: Vec<TokenKey>,
     audience: Option<String>,
     issuer: Option<String>,
     leeway: u64,
@@ -199,8 +252,7 @@ pub struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("hs256", &self.hs256.is_some())
-            .field("eddsa", &self.eddsa.is_some())
+            .field("token_keys", &self.keys.len())
             .field("api_keys", &self.api_keys.len())
             .finish()
     }
@@ -211,21 +263,26 @@ pub const API_KEY_PREFIX: &str = "opk_";
 
 impl Authenticator {
     pub fn new(cfg: &AuthConfig) -> Result<Self, String> {
-        let eddsa = match &cfg.ed25519_public_key {
-            None => None,
-            Some(v) => {
-                let pem = if v.contains("-----BEGIN") {
-                    v.clone()
-                } else {
-                    std::fs::read_to_string(v)
-                        .map_err(|e| format!("auth.ed25519_public_key: cannot read {v}: {e}"))?
-                };
-                Some(
-                    DecodingKey::from_ed_pem(pem.as_bytes())
-                        .map_err(|e| format!("auth.ed25519_public_key: {e}"))?,
-                )
-            }
-        };
+        let mut keys = Vec::new();
+        if let Some(s) = &cfg.hs256_secret {
+            keys.push(TokenKey {
+                kid: None,
+                alg: Algorithm::HS256,
+                key: DecodingKey::from_secret(s.as_bytes()),
+            });
+        }
+        if let Some(v) = &cfg.ed25519_public_key {
+            let pem = pem_text(v, "auth.ed25519_public_key")?;
+            keys.push(TokenKey {
+                kid: None,
+                alg: Algorithm::EdDSA,
+                key: DecodingKey::from_ed_pem(pem.as_bytes())
+                    .map_err(|e| format!("auth.ed25519_public_key: {e}"))?,
+            });
+        }
+        for k in &cfg.jwt_keys {
+            keys.push(TokenKey::new(k)?);
+        }
         let mut api_keys = HashMap::new();
         for k in &cfg.api_keys {
             let bytes = hex::decode(&k.sha256)
@@ -248,11 +305,7 @@ impl Authenticator {
             operator_keys.insert(bytes, k.name.clone());
         }
         Ok(Self {
-            hs256: cfg
-                .hs256_secret
-                .as_ref()
-                .map(|s| DecodingKey::from_secret(s.as_bytes())),
-            eddsa,
+            keys,
             audience: cfg.audience.clone(),
             issuer: cfg.issuer.clone(),
             leeway: cfg.leeway_secs,
@@ -313,23 +366,38 @@ impl Authenticator {
         let unauthorized = |m: String| AuthError::new(ErrorCode::Unauthorized, m);
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| unauthorized(format!("malformed token: {e}")))?;
-        // Each algorithm has its own key; a token never chooses which key checks it
-        // beyond its family (no HS/RS confusion, no `none`).
-        let key = match header.alg {
-            Algorithm::HS256 => self.hs256.as_ref(),
-            Algorithm::EdDSA => self.eddsa.as_ref(),
-            other => {
-                return Err(unauthorized(format!(
-                    "token algorithm {other:?} is not accepted (use HS256 or EdDSA)"
-                )))
-            }
-        }
-        .ok_or_else(|| {
-            unauthorized(format!(
+        // A key verifies tokens of its own algorithm only (no HS/RS confusion, no
+        // `none`); among those, the token's `kid` picks the key, and a token without a
+        // known `kid` is tried against the keys configured without one.
+        let same_alg: Vec<&TokenKey> = self.keys.iter().filter(|k| k.alg == header.alg).collect();
+        if same_alg.is_empty() {
+            return Err(unauthorized(format!(
                 "token algorithm {:?} is not configured on this server",
                 header.alg
-            ))
-        })?;
+            )));
+        }
+        let named: Vec<&TokenKey> = match &header.kid {
+            Some(kid) => same_alg
+                .iter()
+                .copied()
+                .filter(|k| k.kid.as_deref() == Some(kid.as_str()))
+                .collect(),
+            None => Vec::new(),
+        };
+        let candidates: Vec<&TokenKey> = if !named.is_empty() {
+            named
+        } else if header.kid.is_some() {
+            same_alg.into_iter().filter(|k| k.kid.is_none()).collect()
+        } else {
+            same_alg
+        };
+        if candidates.is_empty() {
+            return Err(unauthorized(format!(
+                "token key id {:?} is not configured on this server for {:?}",
+                header.kid.unwrap_or_default(),
+                header.alg
+            )));
+        }
         let mut v = Validation::new(header.alg);
         v.leeway = self.leeway;
         v.validate_exp = true;
@@ -349,7 +417,21 @@ impl Authenticator {
             required.push("iss");
         }
         v.set_required_spec_claims(&required);
-        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
+        // Several candidates (keys without a `kid`): the first whose signature
+        // verifies decides.
+        let mut result = None;
+        for k in &candidates {
+            let r = jsonwebtoken::decode::<Claims>(token, &k.key, &v);
+            let bad_signature = matches!(&r, Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature);
+            result = Some(r);
+            if !bad_signature {
+                break;
+            }
+        }
+        let Some(result) = result else {
+            return Err(unauthorized("no key to verify the token".into()));
+        };
+        let data = result.map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::ExpiredSignature => {

@@ -66,6 +66,9 @@ pub struct AuthConfig {
     pub hs256_secret: Option<String>,
     /// Ed25519 public key (PEM text, or a path to a PEM file) for EdDSA tokens.
     pub ed25519_public_key: Option<String>,
+    /// More token keys, chosen by the token's `kid` (several at once: rotation), for
+    /// HS256/384/512, RS256/384/512, PS256/384/512, ES256/384 and EdDSA.
+    pub jwt_keys: Vec<JwtKeyConfig>,
     /// Required `aud` claim, if set.
     pub audience: Option<String>,
     /// Required `iss` claim, if set.
@@ -77,6 +80,19 @@ pub struct AuthConfig {
     pub api_keys: Vec<ApiKeyConfig>,
     /// Operator keys (the cloud's `/v1/admin` API and the `outpost` CLI).
     pub operator_keys: Vec<OperatorKey>,
+}
+
+/// A key that verifies client tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKeyConfig {
+    /// The `kid` tokens signed with it carry (identity providers set one; optional).
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// `HS256`, `RS256`, `PS256`, `ES256`, `EdDSA`, … (the key is used for this one only).
+    pub alg: String,
+    /// The public key (PEM text, or a path to a PEM file); for HS* the shared secret.
+    pub key: String,
 }
 
 /// A key for the operator API; only its SHA-256 is stored.
@@ -92,6 +108,7 @@ impl Default for AuthConfig {
         Self {
             hs256_secret: None,
             ed25519_public_key: None,
+            jwt_keys: Vec::new(),
             audience: None,
             issuer: None,
             leeway_secs: 5,
@@ -887,12 +904,13 @@ impl EdgeConfig {
         let a = &self.auth;
         if a.hs256_secret.is_none()
             && a.ed25519_public_key.is_none()
+            && a.jwt_keys.is_empty()
             && a.api_keys.is_empty()
             && !a.allow_anonymous
         {
             bad(
                 "auth",
-                "no way to authenticate: set auth.hs256_secret, auth.ed25519_public_key or auth.api_keys (or auth.allow_anonymous for development)",
+                "no way to authenticate: set auth.hs256_secret, auth.ed25519_public_key, auth.jwt_keys or auth.api_keys (or auth.allow_anonymous for development)",
             );
         }
         if let Some(s) = &a.hs256_secret {
@@ -1131,6 +1149,12 @@ anonymous_rights = [{ channels = "*", actions = ["subscribe", "publish", "state"
 # name = "ingest"
 # sha256 = "<64 hex digits>"
 # rights = [{ channels = "project:*", actions = ["publish", "state"] }]
+
+# Token keys chosen by the token's `kid` (several at once while rotating):
+# [[auth.jwt_keys]]
+# kid = "2026-12"
+# alg = "ES256"                  # RS256/384/512, PS256/384/512, ES256/384, EdDSA, HS256/384/512
+# key = "/etc/outpost/jwt/2026-12.pub.pem"
 
 [limits]
 max_message_bytes = 65536

@@ -1,0 +1,107 @@
+"""Token keys as identity providers issue them (`[[auth.jwt_keys]]`): RS256 and ES256
+tokens made by PyJWT, several keys at once chosen by `kid` (overlapping rotation), and
+the refusals: a `kid` that names another key, an unknown `kid`, a token re-signed with
+HS256 using the public key as the secret, `alg: none`."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import httpx
+import jwt
+import pytest
+
+from .conftest import BIN, SECRET, Proc, free_port
+
+
+def openssl(*args: str) -> bytes:
+    return subprocess.run(["openssl", *args], check=True, capture_output=True).stdout
+
+
+def keypair(d: Path, name: str, *algo: str) -> "tuple[str, Path]":
+    """(private PEM text, public PEM file)."""
+    private = openssl("genpkey", *algo).decode()
+    (d / f"{name}.key").write_text(private)
+    pub = d / f"{name}.pub"
+    pub.write_bytes(openssl("pkey", "-in", str(d / f"{name}.key"), "-pubout"))
+    return private, pub
+
+
+def hs256_by_hand(payload: Dict[str, Any], secret: bytes) -> str:
+    """An HS256 token signed with any bytes (PyJWT refuses a PEM key as a secret)."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(payload).encode())
+    return head + "." + b64(hmac.new(secret, head.encode(), hashlib.sha256).digest())
+
+
+def claims(sub: str) -> Dict[str, Any]:
+    return {"sub": sub, "exp": int(time.time()) + 600, "rights": [{"channels": "*", "actions": ["subscribe", "publish"]}]}
+
+
+@pytest.fixture
+def edge(tmp_path: Path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    rsa_old, rsa_pub = keypair(keys, "rsa-old", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048")
+    ec_new, ec_pub = keypair(keys, "ec-new", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
+    d = tmp_path / "edge"
+    d.mkdir()
+    port = free_port()
+    (d / "node.toml").write_text(
+        f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n'
+        f'[auth]\nhs256_secret = "{SECRET}"\n'
+        f'[[auth.jwt_keys]]\nkid = "2026-11"\nalg = "RS256"\nkey = "{rsa_pub}"\n'
+        f'[[auth.jwt_keys]]\nkid = "2026-12"\nalg = "ES256"\nkey = """{ec_pub.read_text()}"""\n'
+    )
+    p = Proc("jwt-edge", [str(BIN / "outpost-edge"), "--config", str(d / "node.toml")], d, port)
+    p.start()
+    p.wait_ready()
+    try:
+        yield p, {"rsa": rsa_old, "ec": ec_new, "rsa_pub": rsa_pub.read_text()}
+    finally:
+        p.stop()
+
+
+def publish(p: Proc, token: str) -> httpx.Response:
+    return httpx.post(p.url + "/v1/channels/project:jwt/events", json={"event": "e"}, headers={"Authorization": f"Bearer {token}"}, timeout=5)
+
+
+def test_rs256_and_es256_keys_rotate_by_kid(edge: Any) -> None:
+    p, k = edge
+    ok = [
+        jwt.encode(claims("ada"), k["rsa"], algorithm="RS256", headers={"kid": "2026-11"}),
+        jwt.encode(claims("grace"), k["ec"], algorithm="ES256", headers={"kid": "2026-12"}),
+        jwt.encode(claims("noor"), k["rsa"], algorithm="RS256"),  # no kid: tried on the RS256 keys
+        jwt.encode(claims("lin"), SECRET, algorithm="HS256", headers={"kid": "anything"}),  # legacy secret
+    ]
+    for t in ok:
+        r = publish(p, t)
+        assert r.status_code == 200, (jwt.get_unverified_header(t), r.text)
+    page = httpx.get(p.url + "/v1/channels/project:jwt/history", headers={"Authorization": f"Bearer {ok[0]}"}).json()
+    assert [o["by"] for o in page["ops"]] == ["ada", "grace", "noor", "lin"]
+
+    refused: List["tuple[str, Optional[str]]"] = [
+        # Signed by the RS256 key but naming the ES256 key's id: no RS256 key has it.
+        (jwt.encode(claims("x"), k["rsa"], algorithm="RS256", headers={"kid": "2026-12"}), "key id"),
+        # An id nobody configured, for an algorithm only named keys have.
+        (jwt.encode(claims("x"), k["ec"], algorithm="ES256", headers={"kid": "2027-01"}), "key id"),
+        # The public key used as an HMAC secret (algorithm confusion).
+        (hs256_by_hand(claims("x"), k["rsa_pub"].encode()), "signature"),
+        (jwt.encode(claims("x"), None, algorithm="none"), None),
+    ]
+    for t, why in refused:
+        r = publish(p, t)
+        assert r.status_code == 401, (jwt.get_unverified_header(t), r.text)
+        assert r.json()["error"]["code"] == "unauthorized"
+        if why:
+            assert why in r.json()["error"]["message"], r.text
