@@ -293,6 +293,9 @@ class SseTransport {
           } catch {}
         };
         for (const t of ['op', 'subscribed', 'ephemeral', 'presence', 'uplink']) es.addEventListener(t, fwd);
+        // The token expired: the stream ends, and EventSource would come back with the
+        // same URL and be refused. Reconnect (the token function is asked again).
+        es.addEventListener('token_expired', () => this.fail('token expired'));
         // EventSource reconnects by itself with Last-Event-ID; a dead endpoint shows
         // as an error while not open: fail over instead of retrying here forever.
         es.onerror = () => {

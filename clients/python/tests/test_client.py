@@ -402,3 +402,31 @@ async def test_a_service_receives_a_command_with_the_senders_identity(fleet: Fle
         await ada.delete(commands, "mode")
         ops = await take_ops(sub, 2)
         assert [(o.kind, o.key, o.by) for o in ops] == [("set", "mode", "ada"), ("delete", "mode", "ada")]
+
+
+async def test_an_sse_stream_ends_with_token_expired_when_its_token_expires(fleet: Fleet, channel: str):
+    """A plain SSE client (httpx): the stream says `token_expired` and ends at the
+    token's `exp`, instead of running on with a dead credential."""
+    import json as _json
+
+    short = token([channel], actions=["subscribe"], ttl=2)
+    url = f"{fleet['a'].url}/v1/channels/{outpost.channel_path(channel)}/events?token={short}"
+    events: List[str] = []
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(timeout=20) as http:
+        async with http.stream("GET", url, headers={"Accept": "text/event-stream"}) as r:
+            assert r.status_code == 200
+            data = None
+            async for line in r.aiter_lines():
+                if line.startswith("event:"):
+                    events.append(line.split(":", 1)[1].strip())
+                elif line.startswith("data:") and events and events[-1] == "token_expired":
+                    data = _json.loads(line.split(":", 1)[1])
+    took = time.monotonic() - t0
+    assert events[0] == "subscribed" and events[-1] == "token_expired", events
+    assert data is not None and data["code"] == "token_expired", data
+    assert 1.0 < took < 8.0, f"the stream ended after {took:.1f} s for a 2 s token"
+    # Reconnecting with the same token is refused.
+    async with httpx.AsyncClient(timeout=5) as http:
+        r = await http.get(url, headers={"Accept": "text/event-stream"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "token_expired"

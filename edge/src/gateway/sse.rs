@@ -14,7 +14,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
-use shared::client::{self, ServerMsg, UplinkState};
+use shared::client::{self, ErrorCode, ServerMsg, UplinkState};
 use shared::ChannelName;
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +44,24 @@ struct Live {
     kill: CancellationToken,
     shutdown: CancellationToken,
     draining: CancellationToken,
+    /// When the credential expires (a token's `exp`); the stream says so and ends.
+    expires: Option<tokio::time::Instant>,
+    expired: bool,
     _guard: SubGuard,
+}
+
+/// The event that ends a stream whose token expired: `token_expired`, with the same
+/// JSON as the WebSocket's error. `EventSource` would reconnect with the old token (and
+/// be refused): open a new one with a fresh token.
+fn expired_event() -> Event {
+    Event::default().event("token_expired").data(
+        serde_json::to_string(&ServerMsg::error(
+            None,
+            ErrorCode::TokenExpired,
+            "token expired; open a new stream with a fresh token",
+        ))
+        .unwrap_or_default(),
+    )
 }
 
 fn event(p: &Push) -> Event {
@@ -115,6 +132,11 @@ pub async fn stream(
         kill: conn.kill.clone(),
         shutdown: state.shutdown.clone(),
         draining: state.core.draining.clone(),
+        expires: p.expires_at.map(|exp| {
+            let left = exp.saturating_sub(now_secs()) + 1;
+            tokio::time::Instant::now() + Duration::from_secs(left)
+        }),
+        expired: false,
         _guard: SubGuard {
             state: state.clone(),
             channel: ch,
@@ -126,9 +148,22 @@ pub async fn stream(
         if let Some(e) = live.replay.pop_front() {
             return Some((Ok::<Event, Infallible>(e), live));
         }
+        if live.expired {
+            return None;
+        }
+        let expiry = async {
+            match live.expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = live.kill.cancelled() => None,
+            () = expiry => {
+                live.expired = true;
+                Some((Ok(expired_event()), live))
+            }
             _ = live.shutdown.cancelled() => None,
             _ = live.draining.cancelled() => None,
             p = live.rx.recv() => Some((Ok(event(&p)), live)),
