@@ -245,7 +245,8 @@ pub struct Authenticator {
     issuer: Option<String>,
     leeway: u64,
     anonymous: Option<Vec<Right>>,
-    api_keys: HashMap<[u8; 32], (String, Vec<Right>)>,
+    /// SHA-256 of the key -> (name, rights, expiry in Unix seconds).
+    api_keys: HashMap<[u8; 32], (String, Vec<Right>, Option<u64>)>,
     operator_keys: HashMap<[u8; 32], String>,
 }
 
@@ -289,7 +290,7 @@ impl Authenticator {
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
                 .ok_or_else(|| format!("auth.api_keys.{}: sha256 must be 64 hex digits", k.name))?;
-            api_keys.insert(bytes, (k.name.clone(), k.rights.clone()));
+            api_keys.insert(bytes, (k.name.clone(), k.rights.clone(), k.expires_at));
         }
         let mut operator_keys = HashMap::new();
         for k in &cfg.operator_keys {
@@ -353,11 +354,15 @@ impl Authenticator {
     fn verify_api_key(&self, key: &str) -> Result<Principal, AuthError> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         match self.api_keys.get(&digest) {
-            Some((name, rights)) => Ok(Principal {
-                subject: format!("apikey:{name}"),
-                rights: rights.clone(),
-                expires_at: None,
-            }),
+            Some((name, rights, expires_at)) => {
+                let p = Principal {
+                    subject: format!("apikey:{name}"),
+                    rights: rights.clone(),
+                    expires_at: *expires_at,
+                };
+                p.check_fresh(crate::core::now_ms() / 1000)?;
+                Ok(p)
+            }
             None => Err(AuthError::new(ErrorCode::Unauthorized, "unknown API key")),
         }
     }
@@ -484,14 +489,29 @@ mod tests {
     fn auth() -> Authenticator {
         Authenticator::new(&AuthConfig {
             hs256_secret: Some(SECRET.into()),
-            api_keys: vec![crate::config::ApiKeyConfig {
-                name: "ingest".into(),
-                sha256: api_key_hash("opk_test"),
-                rights: vec![Right {
-                    channels: "project:1*".into(),
-                    actions: vec![Action::Publish],
-                }],
-            }],
+            api_keys: vec![
+                crate::config::ApiKeyConfig {
+                    name: "ingest".into(),
+                    sha256: api_key_hash("opk_test"),
+                    rights: vec![Right {
+                        channels: "project:1*".into(),
+                        actions: vec![Action::Publish],
+                    }],
+                    expires_at: None,
+                },
+                crate::config::ApiKeyConfig {
+                    name: "old".into(),
+                    sha256: api_key_hash("opk_old"),
+                    rights: vec![],
+                    expires_at: Some(1_000),
+                },
+                crate::config::ApiKeyConfig {
+                    name: "until".into(),
+                    sha256: api_key_hash("opk_until"),
+                    rights: vec![],
+                    expires_at: Some(now() + 3600),
+                },
+            ],
             ..AuthConfig::default()
         })
         .expect("auth")
@@ -579,5 +599,20 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn an_api_key_past_its_expiry_is_refused_and_one_before_carries_it() {
+        let a = auth();
+        let e = a.verify(Some("opk_old")).err().map(|e| e.code);
+        assert_eq!(e, Some(ErrorCode::TokenExpired));
+        let p = a
+            .verify(Some("opk_until"))
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        assert!(p.expires_at.is_some_and(|t| t > now()));
+        let p = a
+            .verify(Some("opk_test"))
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!(p.expires_at, None);
     }
 }

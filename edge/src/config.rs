@@ -57,6 +57,10 @@ pub struct ApiKeyConfig {
     /// Hex SHA-256 of the key; the key itself is never stored.
     pub sha256: String,
     pub rights: Vec<Right>,
+    /// When the key stops working (Unix seconds): refused from then on, and open
+    /// connections made with it close then (WebSocket 4001, SSE `token_expired`).
+    #[serde(default)]
+    pub expires_at: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1149,6 +1153,7 @@ anonymous_rights = [{ channels = "*", actions = ["subscribe", "publish", "state"
 # name = "ingest"
 # sha256 = "<64 hex digits>"
 # rights = [{ channels = "project:*", actions = ["publish", "state"] }]
+# expires_at = 1798761600        # optional: Unix seconds; open connections close then
 
 # Token keys chosen by the token's `kid` (several at once while rotating):
 # [[auth.jwt_keys]]

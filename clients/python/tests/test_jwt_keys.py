@@ -5,6 +5,7 @@ HS256 using the public key as the secret, `alg: none`."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from pathlib import Path
@@ -105,3 +106,37 @@ def test_rs256_and_es256_keys_rotate_by_kid(edge: Any) -> None:
         assert r.json()["error"]["code"] == "unauthorized"
         if why:
             assert why in r.json()["error"]["message"], r.text
+
+
+async def test_an_api_key_with_an_expiry_ends_its_connections_then(tmp_path: Path) -> None:
+    import json as _json
+
+    import websockets
+
+    from .conftest import sha256
+
+    key = "opk_expiring_service_key_0123456789"
+    d = tmp_path / "edge"
+    d.mkdir()
+    port = free_port()
+    expires = int(time.time()) + 3
+    (d / "node.toml").write_text(
+        f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n[auth]\n'
+        f'[[auth.api_keys]]\nname = "batch"\nsha256 = "{sha256(key)}"\nexpires_at = {expires}\n'
+        'rights = [{ channels = "*", actions = ["subscribe", "publish"] }]\n'
+    )
+    p = Proc("key-edge", [str(BIN / "outpost-edge"), "--config", str(d / "node.toml")], d, port)
+    p.start()
+    try:
+        p.wait_ready()
+        async with websockets.connect(f"ws://127.0.0.1:{port}/v1/ws", additional_headers={"X-Api-Key": key}) as ws:
+            assert _json.loads(await ws.recv())["type"] == "connected"
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001, closed.value
+        assert time.time() >= expires - 1
+        r = httpx.post(p.url + "/v1/channels/project:1/events", json={"event": "late"}, headers={"X-Api-Key": key})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "token_expired", r.text
+    finally:
+        p.stop()
