@@ -205,3 +205,90 @@ def test_meeting_commands_reach_one_service_with_who_sent_them_across_a_service_
     acted = (first + second).splitlines()
     for line in (f"{meeting} pause by ada -> paused", f"{meeting} configure by grace -> {{'record': True}}", f"{meeting} stop by ada -> ended"):
         assert acted.count(line) == 1, (line, first, second)
+
+
+JOBS = REPO / "examples" / "job-events"
+
+
+def test_job_events_reach_their_project_page_in_order_across_an_edge_kill(fleet: Fleet, tmp_path: Path):
+    """examples/job-events: a FastAPI service (uvicorn) runs a job for each of two
+    projects; project A's page reads from edge a, which is killed mid-job and restarted;
+    the page ends with every step of its job, in order, none twice, nothing of B's."""
+    import json
+    import random
+    import shutil
+    import socket
+
+    import httpx
+    import pytest
+
+    from .conftest import SECRET
+
+    node = shutil.which("node")
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if node is None or not Path(chromium).exists() or not (REPO / "tests" / "browser" / "node_modules" / "playwright-core").exists():
+        pytest.skip("needs node, Chromium and tests/browser/node_modules (scripts/test installs them)")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "OUTPOST_ENDPOINTS": f"{fleet['b'].url},{fleet['cloud'].url}",
+        "OUTPOST_API_KEY": API_KEY,
+        "OUTPOST_JWT_SECRET": SECRET,
+        "OUTPOST_PAGE_ENDPOINT": fleet["a"].url,
+        "JOB_STEP_SECONDS": "0.15",
+    }
+    env.pop("OUTPOST_TOKEN", None)
+    service = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(JOBS), "app:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=open(tmp_path / "service.out", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    browser = None
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert service.poll() is None, (tmp_path / "service.out").read_text()
+            try:
+                if httpx.get(base + "/", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "service.out").read_text()
+            time.sleep(0.1)
+        mine, other = f"p{random.randrange(10**8)}", f"q{random.randrange(10**8)}"
+        sys.path.insert(0, str(JOBS))
+        try:
+            import app as jobs_app  # the example's own list of steps
+        finally:
+            sys.path.remove(str(JOBS))
+        expect = [e for e, _ in jobs_app.steps("x")]
+        cfg = {"url": f"{base}/?project={mine}", "expect": len(expect), "timeoutMs": 60000}
+        browser = subprocess.Popen([node, str(REPO / "tests" / "browser" / "jobs.mjs"), json.dumps(cfg)], stdout=subprocess.PIPE, text=True)
+        assert browser.stdout is not None
+        assert json.loads(browser.stdout.readline()).get("ready"), "the page did not subscribe"
+        job = httpx.post(f"{base}/projects/{mine}/jobs").json()["job"]
+        httpx.post(f"{base}/projects/{other}/jobs").raise_for_status()
+        time.sleep(0.8)  # part of the job has been shown
+        fleet["a"].kill()
+        time.sleep(0.5)
+        fleet["a"].start()
+        fleet["a"].wait_ready()
+        out = json.loads(browser.stdout.readline())
+        assert browser.wait(30) == 0
+        assert out["ok"], (out, (tmp_path / "service.out").read_text())
+        events = out["events"]
+        assert [e["event"] for e in events] == expect, [e["event"] for e in events]
+        assert {e["data"]["job"] for e in events} == {job}, "another project's events reached the page"
+        assert len({e["dot"] for e in events}) == len(events) == out["rows"], "an event shown twice"
+        assert out["opens"] >= 2, f"the page never lost its edge: {out}"
+    finally:
+        for p in (browser, service):
+            if p is not None and p.poll() is None:
+                p.kill()
+        fleet.wait_linked("a")
