@@ -51,6 +51,10 @@ def claims(sub: str) -> Dict[str, Any]:
 
 @pytest.fixture
 def edge(tmp_path: Path):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl to make the test keys")
     keys = tmp_path / "keys"
     keys.mkdir()
     rsa_old, rsa_pub = keypair(keys, "rsa-old", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048")
