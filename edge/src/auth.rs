@@ -237,10 +237,51 @@ impl TokenKey {
     }
 }
 
+impl TokenKey {
+    /// A key of a JWKS document; `None` for keys not meant for signatures or whose
+    /// algorithm cannot be told or is not supported.
+    fn from_jwk(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Self> {
+        use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, PublicKeyUse};
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            return None;
+        }
+        let alg = match jwk.common.key_algorithm {
+            Some(a) => {
+                use std::str::FromStr;
+                // The JWK `alg` names the same algorithms as a token header's.
+                let name = serde_json::to_value(a).ok()?;
+                Algorithm::from_str(name.as_str()?).ok()?
+            }
+            // Providers often leave `alg` out: the key type tells the usual one.
+            None => match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                AlgorithmParameters::EllipticCurve(p) => match p.curve {
+                    EllipticCurve::P256 => Algorithm::ES256,
+                    EllipticCurve::P384 => Algorithm::ES384,
+                    _ => return None,
+                },
+                AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
+                AlgorithmParameters::OctetKey(_) => return None,
+            },
+        };
+        Some(Self {
+            kid: jwk.common.key_id.clone(),
+            alg,
+            key: DecodingKey::from_jwk(jwk).ok()?,
+        })
+    }
+}
+
 /// Verifies tokens and API keys.
 pub struct Authenticator {
-    /// Every token key: `hs256_secret`, `ed25519_public_key` and `jwt_keys`.
+    /// Every token key from config: `hs256_secret`, `ed25519_public_key`, `jwt_keys`.
     keys: Vec<TokenKey>,
+    /// The keys of the last JWKS document fetched (`crate::jwks`).
+    jwks: std::sync::RwLock<Vec<TokenKey>>,
+    /// Set when a JWKS URL is configured: a token with an unknown `kid` asks for a
+    /// refresh.
+    jwks_configured: bool,
+    pub jwks_wanted: tokio::sync::Notify,
     audience: Option<String>,
     issuer: Option<String>,
     leeway: u64,
@@ -307,6 +348,9 @@ impl Authenticator {
         }
         Ok(Self {
             keys,
+            jwks: std::sync::RwLock::new(Vec::new()),
+            jwks_configured: cfg.jwks_url.is_some(),
+            jwks_wanted: tokio::sync::Notify::new(),
             audience: cfg.audience.clone(),
             issuer: cfg.issuer.clone(),
             leeway: cfg.leeway_secs,
@@ -314,6 +358,14 @@ impl Authenticator {
             api_keys,
             operator_keys,
         })
+    }
+
+    /// Replaces the JWKS keys; returns (keys used, keys skipped).
+    pub fn set_jwks(&self, set: &jsonwebtoken::jwk::JwkSet) -> (usize, usize) {
+        let keys: Vec<TokenKey> = set.keys.iter().filter_map(TokenKey::from_jwk).collect();
+        let n = keys.len();
+        *self.jwks.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        (n, set.keys.len() - n)
     }
 
     /// Verifies a credential: an API key (`opk_...`), a JWT, or none (anonymous, when
@@ -374,7 +426,26 @@ impl Authenticator {
         // A key verifies tokens of its own algorithm only (no HS/RS confusion, no
         // `none`); among those, the token's `kid` picks the key, and a token without a
         // known `kid` is tried against the keys configured without one.
-        let same_alg: Vec<&TokenKey> = self.keys.iter().filter(|k| k.alg == header.alg).collect();
+        let jwks = self.jwks.read().unwrap_or_else(|p| p.into_inner());
+        if self.jwks_configured {
+            if let Some(kid) = &header.kid {
+                if !self
+                    .keys
+                    .iter()
+                    .chain(jwks.iter())
+                    .any(|k| k.kid.as_deref() == Some(kid))
+                {
+                    // A provider may have rotated: fetch its keys again soon.
+                    self.jwks_wanted.notify_one();
+                }
+            }
+        }
+        let same_alg: Vec<&TokenKey> = self
+            .keys
+            .iter()
+            .chain(jwks.iter())
+            .filter(|k| k.alg == header.alg)
+            .collect();
         if same_alg.is_empty() {
             return Err(unauthorized(format!(
                 "token algorithm {:?} is not configured on this server",

@@ -73,6 +73,10 @@ pub struct AuthConfig {
     /// More token keys, chosen by the token's `kid` (several at once: rotation), for
     /// HS256/384/512, RS256/384/512, PS256/384/512, ES256/384 and EdDSA.
     pub jwt_keys: Vec<JwtKeyConfig>,
+    /// An identity provider's JWKS document (http or https): its keys verify tokens
+    /// too, refreshed every `jwks_refresh_secs` and soon after an unknown `kid`.
+    pub jwks_url: Option<String>,
+    pub jwks_refresh_secs: u64,
     /// Required `aud` claim, if set.
     pub audience: Option<String>,
     /// Required `iss` claim, if set.
@@ -113,6 +117,8 @@ impl Default for AuthConfig {
             hs256_secret: None,
             ed25519_public_key: None,
             jwt_keys: Vec::new(),
+            jwks_url: None,
+            jwks_refresh_secs: 300,
             audience: None,
             issuer: None,
             leeway_secs: 5,
@@ -909,12 +915,13 @@ impl EdgeConfig {
         if a.hs256_secret.is_none()
             && a.ed25519_public_key.is_none()
             && a.jwt_keys.is_empty()
+            && a.jwks_url.is_none()
             && a.api_keys.is_empty()
             && !a.allow_anonymous
         {
             bad(
                 "auth",
-                "no way to authenticate: set auth.hs256_secret, auth.ed25519_public_key, auth.jwt_keys or auth.api_keys (or auth.allow_anonymous for development)",
+                "no way to authenticate: set auth.hs256_secret, auth.ed25519_public_key, auth.jwt_keys, auth.jwks_url or auth.api_keys (or auth.allow_anonymous for development)",
             );
         }
         if let Some(s) = &a.hs256_secret {
@@ -1155,6 +1162,9 @@ anonymous_rights = [{ channels = "*", actions = ["subscribe", "publish", "state"
 # rights = [{ channels = "project:*", actions = ["publish", "state"] }]
 # expires_at = 1798761600        # optional: Unix seconds; open connections close then
 
+# An identity provider's keys (JWKS), refreshed; tokens name them by `kid`:
+# jwks_url = "https://auth.example.com/.well-known/jwks.json"
+# jwks_refresh_secs = 300
 # Token keys chosen by the token's `kid` (several at once while rotating):
 # [[auth.jwt_keys]]
 # kid = "2026-12"

@@ -17,6 +17,7 @@ pub mod fanout;
 pub mod gateway;
 pub mod http;
 pub mod https;
+pub mod jwks;
 pub mod link;
 pub mod proxy;
 pub mod startup;
@@ -105,6 +106,14 @@ pub fn build_with_log(
         cfg.clone(),
         shutdown.clone(),
     ));
+    if let Some(url) = &cfg.auth.jwks_url {
+        core.tasks.spawn(jwks::refresh(
+            state.auth.clone(),
+            url.clone(),
+            Duration::from_secs(cfg.auth.jwks_refresh_secs.max(1)),
+            shutdown.clone(),
+        ));
+    }
     // Presence expiry.
     let hub_state = state.clone();
     let stop = shutdown.clone();

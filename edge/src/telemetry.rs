@@ -145,6 +145,13 @@ pub const SERIES: &[Series] = &[
         "TLS handshakes on the client listener that failed or timed out",
     ),
     s(
+        "outpost_jwks_refreshes_total",
+        Counter,
+        Every,
+        &["result"],
+        "fetches of the JWKS document ([auth] jwks_url), by result",
+    ),
+    s(
         "outpost_tls_reloads_total",
         Counter,
         Every,

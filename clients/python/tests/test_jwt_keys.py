@@ -144,3 +144,75 @@ async def test_an_api_key_with_an_expiry_ends_its_connections_then(tmp_path: Pat
         assert r.status_code == 401 and r.json()["error"]["code"] == "token_expired", r.text
     finally:
         p.stop()
+
+
+def test_keys_from_a_jwks_url_rotate_and_survive_an_unreachable_provider(tmp_path: Path) -> None:
+    """An identity provider's JWKS document (a local HTTP server): its keys verify
+    PyJWT-made tokens; a token naming a new `kid` makes the edge fetch the document
+    again (rotation); when the provider is unreachable the last keys stay in use."""
+    import http.server
+    import json as _json
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    jwk_rsa = {**_json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key())), "kid": "k1", "alg": "RS256", "use": "sig"}
+    jwk_ec = {**_json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key())), "kid": "k2"}  # no alg: told by the curve
+    served: Dict[str, Any] = {"keys": [jwk_rsa]}
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = _json.dumps(served).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    d = tmp_path / "edge"
+    d.mkdir()
+    port = free_port()
+    (d / "node.toml").write_text(
+        f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n[auth]\n'
+        f'jwks_url = "http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"\njwks_refresh_secs = 3600\n'
+    )
+    p = Proc("jwks-edge", [str(BIN / "outpost-edge"), "--config", str(d / "node.toml")], d, port)
+    p.start()
+
+    def accepted_within(token: str, secs: float) -> bool:
+        deadline = time.monotonic() + secs
+        while time.monotonic() < deadline:
+            if publish(p, token).status_code == 200:
+                return True
+            time.sleep(0.3)
+        return False
+
+    try:
+        p.wait_ready()
+        t1 = jwt.encode(claims("ada"), rsa_key, algorithm="RS256", headers={"kid": "k1"})
+        assert accepted_within(t1, 10), p.log_tail()
+        # Rotation: the provider now publishes k2 only.
+        served["keys"] = [jwk_ec]
+        t2 = jwt.encode(claims("grace"), ec_key, algorithm="ES256", headers={"kid": "k2"})
+        assert accepted_within(t2, 15), f"a token naming the new kid was never accepted: {p.log_tail()}"
+        assert publish(p, t1).status_code == 401, "a key the provider dropped still verifies"
+        # The provider goes away: the keys of the last good fetch stay.
+        server.shutdown()
+        server.server_close()
+        t3 = jwt.encode(claims("x"), ec_key, algorithm="ES256", headers={"kid": "k3"})
+        assert publish(p, t3).status_code == 401  # unknown kid: asks for a fetch, which fails
+        deadline = time.monotonic() + 15
+        while "JWKS not refreshed" not in p.log_tail():
+            assert time.monotonic() < deadline, p.log_tail()
+            time.sleep(0.3)
+        assert publish(p, t2).status_code == 200
+    finally:
+        p.stop()
+        server.server_close()

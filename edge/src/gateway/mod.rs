@@ -32,7 +32,7 @@ use crate::core::Core;
 /// Everything a request handler needs.
 pub struct AppState {
     pub core: Arc<Core>,
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     pub cfg: Arc<EdgeConfig>,
     pub conns: Arc<ConnLimiter>,
     pub shutdown: CancellationToken,
@@ -72,7 +72,7 @@ impl AppState {
             )),
             rtc_peers: Arc::new(tokio::sync::Semaphore::new(cfg.webrtc.max_peers)),
             core,
-            auth,
+            auth: Arc::new(auth),
             cfg,
             shutdown,
             metrics: metrics_handle(),
