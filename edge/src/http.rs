@@ -134,45 +134,43 @@ pub async fn serve(
         let tls = tls.clone();
         let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
-            let h1 = || {
-                let mut b = http1::Builder::new();
-                b.timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .keep_alive(!draining);
-                b
-            };
+            // HTTP/1.1 with upgrades (WebSockets), over TCP or TLS.
+            macro_rules! serve_h1 {
+                ($io:expr) => {{
+                    let mut b = http1::Builder::new();
+                    b.timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .keep_alive(!draining);
+                    drive!(
+                        b.serve_connection(TokioIo::new($io), svc).with_upgrades(),
+                        draining,
+                        stopping,
+                        stop,
+                        addr
+                    );
+                }};
+            }
             let Some(tls) = tls else {
-                drive!(
-                    h1().serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades(),
-                    draining,
-                    stopping,
-                    stop,
-                    addr
-                );
+                serve_h1!(stream);
                 drop(permit);
                 return;
             };
             // The handshake is bounded like the request headers (slowloris).
-            let stream = match tokio::time::timeout(
-                limits.header_timeout,
-                tls.acceptor.accept(stream),
-            )
-            .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    metrics::counter!("outpost_tls_handshake_failures_total").increment(1);
-                    tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
-                    drop(permit);
-                    return;
-                }
-                Err(_) => {
-                    metrics::counter!("outpost_tls_handshake_failures_total").increment(1);
-                    drop(permit);
-                    return;
-                }
-            };
+            let stream =
+                match tokio::time::timeout(header_timeout, tls.acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        metrics::counter!("outpost_tls_handshake_failures_total").increment(1);
+                        tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                        drop(permit);
+                        return;
+                    }
+                    Err(_) => {
+                        metrics::counter!("outpost_tls_handshake_failures_total").increment(1);
+                        drop(permit);
+                        return;
+                    }
+                };
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 // HTTP/2: a page's SSE streams and REST calls share this connection.
                 // (WebSockets go over HTTP/1.1 connections: browsers open one when the
@@ -187,14 +185,7 @@ pub async fn serve(
                     addr
                 );
             } else {
-                drive!(
-                    h1().serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades(),
-                    draining,
-                    stopping,
-                    stop,
-                    addr
-                );
+                serve_h1!(stream);
             }
             drop(permit);
         });

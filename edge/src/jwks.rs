@@ -46,19 +46,10 @@ async fn get(url: &str) -> Result<Bytes, String> {
         .body(Empty::<Bytes>::new())
         .map_err(|e| format!("{url}: {e}"))?;
     let res = if https {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-        let cfg = rustls::ClientConfig::builder_with_provider(crate::link::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         let name =
             rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
                 .map_err(|e| format!("{url}: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        let tls = tokio_rustls::TlsConnector::from(client_config()?)
             .connect(name, tcp)
             .await
             .map_err(|e| format!("{url}: TLS: {e}"))?;
@@ -75,6 +66,27 @@ async fn get(url: &str) -> Result<Bytes, String> {
         .await
         .map_err(|e| format!("{url}: body: {e}"))?;
     Ok(body.to_bytes())
+}
+
+/// The TLS client setup with the system's roots, read once per process (not at every
+/// refresh).
+fn client_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: std::sync::OnceLock<Result<Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            let cfg = rustls::ClientConfig::builder_with_provider(crate::link::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(Arc::new(cfg))
+        })
+        .clone()
 }
 
 async fn send<I>(

@@ -133,6 +133,18 @@ class Proc:
             return ""
 
 
+def start_node(root: Path, name: str, binary: str, config: str, proc: type = Proc) -> Proc:
+    """Starts `binary` in `root/name` with its own data dir and HTTP port and the rest
+    of `config` (not waiting for it to be ready)."""
+    d = root / name
+    d.mkdir()
+    port = free_port()
+    (d / "node.toml").write_text(f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n' + config)
+    p = proc(name, [str(BIN / binary), "--config", str(d / "node.toml")], d, port)
+    p.start()
+    return p
+
+
 class Fleet:
     """cloud, edge a and edge b."""
 
@@ -178,14 +190,7 @@ class Fleet:
             self.wait_linked(e)
 
     def node(self, name: str, binary: str, config: str) -> Proc:
-        """Starts `binary` with its own data dir and HTTP port and the rest of `config`."""
-        d = self.root / name
-        d.mkdir()
-        port = free_port()
-        (d / "node.toml").write_text(f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n' + config)
-        p = Proc(name, [str(BIN / binary), "--config", str(d / "node.toml")], d, port)
-        p.start()
-        return p
+        return start_node(self.root, name, binary, config)
 
     def __getitem__(self, name: str) -> Proc:
         return self.procs[name]

@@ -15,7 +15,7 @@ import httpx
 import jwt
 import pytest
 
-from .conftest import BIN, SECRET, Proc, free_port
+from .conftest import SECRET, Proc, start_node
 
 
 def openssl(*args: str) -> bytes:
@@ -59,17 +59,14 @@ def edge(tmp_path: Path):
     keys.mkdir()
     rsa_old, rsa_pub = keypair(keys, "rsa-old", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048")
     ec_new, ec_pub = keypair(keys, "ec-new", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
-    d = tmp_path / "edge"
-    d.mkdir()
-    port = free_port()
-    (d / "node.toml").write_text(
-        f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n'
+    p = start_node(
+        tmp_path,
+        "jwt-edge",
+        "outpost-edge",
         f'[auth]\nhs256_secret = "{SECRET}"\n'
         f'[[auth.jwt_keys]]\nkid = "2026-11"\nalg = "RS256"\nkey = "{rsa_pub}"\n'
-        f'[[auth.jwt_keys]]\nkid = "2026-12"\nalg = "ES256"\nkey = """{ec_pub.read_text()}"""\n'
+        f'[[auth.jwt_keys]]\nkid = "2026-12"\nalg = "ES256"\nkey = """{ec_pub.read_text()}"""\n',
     )
-    p = Proc("jwt-edge", [str(BIN / "outpost-edge"), "--config", str(d / "node.toml")], d, port)
-    p.start()
     p.wait_ready()
     try:
         yield p, {"rsa": rsa_old, "ec": ec_new, "rsa_pub": rsa_pub.read_text()}
@@ -120,17 +117,15 @@ async def test_an_api_key_with_an_expiry_ends_its_connections_then(tmp_path: Pat
     from .conftest import sha256
 
     key = "opk_expiring_service_key_0123456789"
-    d = tmp_path / "edge"
-    d.mkdir()
-    port = free_port()
     expires = int(time.time()) + 3
-    (d / "node.toml").write_text(
-        f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n[auth]\n'
-        f'[[auth.api_keys]]\nname = "batch"\nsha256 = "{sha256(key)}"\nexpires_at = {expires}\n'
-        'rights = [{ channels = "*", actions = ["subscribe", "publish"] }]\n'
+    p = start_node(
+        tmp_path,
+        "key-edge",
+        "outpost-edge",
+        f'[auth]\n[[auth.api_keys]]\nname = "batch"\nsha256 = "{sha256(key)}"\nexpires_at = {expires}\n'
+        'rights = [{ channels = "*", actions = ["subscribe", "publish"] }]\n',
     )
-    p = Proc("key-edge", [str(BIN / "outpost-edge"), "--config", str(d / "node.toml")], d, port)
-    p.start()
+    port = p.port
     try:
         p.wait_ready()
         async with websockets.connect(f"ws://127.0.0.1:{port}/v1/ws", additional_headers={"X-Api-Key": key}) as ws:
@@ -176,15 +171,12 @@ def test_keys_from_a_jwks_url_rotate_and_survive_an_unreachable_provider(tmp_pat
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    d = tmp_path / "edge"
-    d.mkdir()
-    port = free_port()
-    (d / "node.toml").write_text(
-        f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n[auth]\n'
-        f'jwks_url = "http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"\njwks_refresh_secs = 3600\n'
+    p = start_node(
+        tmp_path,
+        "jwks-edge",
+        "outpost-edge",
+        f'[auth]\njwks_url = "http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"\njwks_refresh_secs = 3600\n',
     )
-    p = Proc("jwks-edge", [str(BIN / "outpost-edge"), "--config", str(d / "node.toml")], d, port)
-    p.start()
 
     def accepted_within(token: str, secs: float) -> bool:
         deadline = time.monotonic() + secs

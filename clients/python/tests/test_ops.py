@@ -10,23 +10,22 @@ from typing import List
 import httpx
 import pytest
 
-from .conftest import BIN, SECRET, Proc, free_port, free_udp_port, sha256
+from .conftest import SECRET, Proc, free_port, free_udp_port, sha256, start_node
 
 METRICS_TOKEN = "metrics-token-0123456789abcdef"
 OPERATOR_KEY = "opk_ops_listener_test_key_0123456789"
 
 
 def node(tmp_path: Path, name: str, binary: str, extra: str) -> "tuple[Proc, str]":
-    d = tmp_path / name
-    d.mkdir()
-    port, ops = free_port(), free_port()
-    (d / "node.toml").write_text(
-        f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n{extra}\n'
+    ops = free_port()
+    p = start_node(
+        tmp_path,
+        name,
+        binary,
+        f"{extra}\n"
         f'[ops]\nlisten = "127.0.0.1:{ops}"\nmetrics_token_sha256 = "{sha256(METRICS_TOKEN)}"\n'
-        f'[auth]\nhs256_secret = "{SECRET}"\noperator_keys = [{{ name = "ops", sha256 = "{sha256(OPERATOR_KEY)}" }}]\n'
+        f'[auth]\nhs256_secret = "{SECRET}"\noperator_keys = [{{ name = "ops", sha256 = "{sha256(OPERATOR_KEY)}" }}]\n',
     )
-    p = Proc(name, [str(BIN / binary), "--config", str(d / "node.toml")], d, port)
-    p.start()
     p.wait_ready()
     return p, f"http://127.0.0.1:{ops}"
 

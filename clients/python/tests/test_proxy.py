@@ -13,16 +13,11 @@ import httpx
 import pytest
 import websockets
 
-from .conftest import API_KEY, BIN, COMMON, Proc, free_port
+from .conftest import API_KEY, COMMON, Proc, start_node
 
 
 def edge(tmp_path: Path, name: str, extra: str) -> Proc:
-    d = tmp_path / name
-    d.mkdir()
-    port = free_port()
-    (d / "node.toml").write_text(f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n[limits]\nmax_connections_per_ip = 2\n{extra}\n' + COMMON)
-    p = Proc(name, [str(BIN / "outpost-edge"), "--config", str(d / "node.toml")], d, port)
-    p.start()
+    p = start_node(tmp_path, name, "outpost-edge", f"[limits]\nmax_connections_per_ip = 2\n{extra}\n" + COMMON)
     p.wait_ready()
     return p
 

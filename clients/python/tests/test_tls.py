@@ -20,7 +20,7 @@ import httpx
 import pytest
 import websockets
 
-from .conftest import API_KEY, BIN, COMMON, Proc, free_port
+from .conftest import API_KEY, COMMON, Proc, start_node
 
 CHANNEL = "project:tls"
 
@@ -80,16 +80,7 @@ def tls_edge(tmp_path: Path):
     live_cert, live_key = certs / "live.pem", certs / "live.key"
     live_cert.write_bytes(cert.read_bytes())
     live_key.write_bytes(key.read_bytes())
-    d = tmp_path / "edge"
-    d.mkdir()
-    port = free_port()
-    (d / "node.toml").write_text(
-        f'listen = "127.0.0.1:{port}"\ndata_dir = "{d}"\n'
-        + f'[tls]\ncert = "{live_cert}"\nkey = "{live_key}"\nreload_secs = 1\n'
-        + COMMON
-    )
-    p = TlsEdge("tls-edge", [str(BIN / "outpost-edge"), "--config", str(d / "node.toml")], d, port)
-    p.start()
+    p = start_node(tmp_path, "tls-edge", "outpost-edge", f'[tls]\ncert = "{live_cert}"\nkey = "{live_key}"\nreload_secs = 1\n' + COMMON, TlsEdge)
     deadline = time.monotonic() + 30
     while True:
         assert p.popen is not None and p.popen.poll() is None, p.log_tail()

@@ -149,14 +149,19 @@ impl Conn {
         }
     }
 
-    /// Checks the principal's right on a channel; returns the parsed channel.
-    fn authorize(&self, name: &str, action: Action) -> Result<(ChannelName, &Principal), ApiError> {
-        let p = self.principal.as_ref().ok_or_else(|| {
+    /// The connection's principal (`unauthorized` before `connect`).
+    fn principal(&self) -> Result<&Principal, ApiError> {
+        self.principal.as_ref().ok_or_else(|| {
             ApiError::new(
                 ErrorCode::Unauthorized,
                 "send {\"type\":\"connect\",\"token\":...} first",
             )
-        })?;
+        })
+    }
+
+    /// Checks the principal's right on a channel; returns the parsed channel.
+    fn authorize(&self, name: &str, action: Action) -> Result<(ChannelName, &Principal), ApiError> {
+        let p = self.principal()?;
         let ch = channel(name)?;
         p.require(&ch, action, now_secs())?;
         Ok((ch, p))
@@ -485,12 +490,7 @@ impl Conn {
         since: std::collections::BTreeMap<String, String>,
         id: Option<u64>,
     ) -> Result<Vec<ServerMsg>, ApiError> {
-        let p = self.principal.as_ref().ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::Unauthorized,
-                "send {\"type\":\"connect\",\"token\":...} first",
-            )
-        })?;
+        let p = self.principal()?;
         let pattern = ChannelPattern::new(text)
             .map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
         p.require_pattern(&pattern, Action::Subscribe, now_secs())?;
